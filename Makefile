@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# This machine has no GPU: pin the CPU build of torch (overridable, e.g. TORCH_SPEC="torch==2.13.0+cu126").
+TORCH_SPEC ?= torch==2.13.0
+# ONNX Runtime flavour: `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu).
+ORT_EXTRA ?= cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all serve bundle clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,$(ORT_EXTRA)]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+serve: $(STAMP)
+	$(BIN)/flowserve serve --repository model_repository --host 127.0.0.1 --port 8000
+
+bundle: $(STAMP)
+	$(BIN)/python -m models.bundle model_repository
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,30 @@
+"""Whole models built from a config: ``build(config, spec) -> DensityModel``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, TypeAdapter
+
+from ..density import DensityModel
+from ..spec import DataSpec
+from .glow import GlowConfig, RealNVPConfig, build_glow, build_realnvp
+from .vector import VectorFlowConfig, build_vector
+
+ArchitectureConfig = Annotated[GlowConfig | RealNVPConfig | VectorFlowConfig, Field(discriminator="name")]
+_ADAPTER: TypeAdapter = TypeAdapter(ArchitectureConfig)
+
+_BUILDERS = {"glow": build_glow, "realnvp": build_realnvp, "vector": build_vector}
+
+
+def parse_config(data: dict[str, Any]) -> Any:
+    """Validate an architecture config dict (``name`` selects the architecture)."""
+    return _ADAPTER.validate_python(data)
+
+
+def build(cfg: Any, spec: DataSpec) -> DensityModel:
+    """Build an untrained ``DensityModel`` for data described by ``spec``."""
+    return DensityModel(_BUILDERS[cfg.name](cfg, spec), spec)
+
+
+__all__ = ["ArchitectureConfig", "build", "parse_config"]

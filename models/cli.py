@@ -1,0 +1,142 @@
+"""The ``flowserve`` command line: train, evaluate, sample, serve.
+
+User errors (bad files, bad configs) print one line to stderr and exit with status 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import FlowserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train normalizing flows and serve their exact densities.")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``FlowserveError`` into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FlowserveError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+@user_errors
+def train(
+    config: Path = typer.Argument(..., help="YAML training config (see configs/)"),
+    out: Path = typer.Option(None, "--out", help="output directory (default runs/<config name>)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N steps"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides the config)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the config)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a flow; writes OUT/artifact, OUT/metrics.jsonl and OUT/samples.png."""
+    from .train import load_config, train as run
+
+    _logging(verbose)
+    cfg = load_config(config)
+    updates = {k: v for k, v in {"device": device, "seed": seed}.items() if v is not None}
+    if updates:
+        cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+    out = out or Path("runs") / config.stem
+    metrics = run(cfg, out, max_steps=max_steps, resume=resume, progress=sys.stderr.isatty())
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"artifact: {out / 'artifact'}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT"),
+    data: Optional[str] = typer.Option(None, "--data", help="data spec (default: the one the model was trained on)"),
+    split: str = typer.Option("test", "--split"),
+    iw_samples: int = typer.Option(1, "--iw-samples", min=1, help="importance-weighted bound with S samples"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="dequantization noise seed (default: the training run's)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Bits/dim and NLL (nats per example) of an artifact on a dataset split."""
+    from .artifact import load
+    from .data import load_dataset
+    from .errors import DataError
+    from .evaluate import evaluate as run
+
+    model = load(artifact_dir)
+    metrics = model.manifest.metrics
+    dataset = load_dataset(data or model.spec.source)
+    if dataset.spec.shape != model.spec.shape:
+        raise DataError(f"data {dataset.spec.source!r} has shape {dataset.spec.shape}, the model expects {model.spec.shape}")
+    result = run(
+        model,
+        dataset.split(split),
+        batch_size=batch_size or metrics.get("eval_batch", 512),
+        seed=seed if seed is not None else metrics.get("eval_seed", 0),
+        iw_samples=iw_samples,
+    )
+    result["split"] = split
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{split}: {result['bits_per_dim']:.4f} bits/dim, NLL {result['nll_nats']:.3f} nats "
+                   f"({result['bound']} bound, {result['examples']} examples)")
+
+
+@app.command()
+@user_errors
+def sample(
+    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT"),
+    n: int = typer.Option(64, "-n", min=1, max=100_000),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="FILE.png (image grid) or FILE.npy"),
+) -> None:
+    """Draw samples; a PNG grid for image models, or an NPY array."""
+    import numpy as np
+    import torch
+
+    from .artifact import load
+    from .errors import FlowserveError as Err
+
+    model = load(artifact_dir)
+    x = model.sample(n, temperature, torch.Generator().manual_seed(seed)).cpu().numpy()
+    if not np.isfinite(x).all():
+        raise Err("sampling produced non-finite values; try a lower temperature")
+    if out.suffix == ".npy":
+        np.save(out, x)
+    elif out.suffix == ".png":
+        if model.spec.kind != "image":
+            raise Err("PNG output needs an image model; use FILE.npy")
+        from .imageio import save_grid
+
+        save_grid(x, model.spec.levels or 256, out)
+    else:
+        raise Err(f"{out}: output must end in .png or .npy")
+    typer.echo(f"wrote {n} samples to {out}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

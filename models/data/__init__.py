@@ -1,0 +1,66 @@
+"""Datasets selected by a spec string (``digits``, ``mnist:DIR``, ``cifar10:DIR``, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..spec import DataSpec
+from . import images
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Arrays for each split plus the spec that describes one example."""
+
+    spec: DataSpec
+    splits: dict[str, np.ndarray]
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in self.splits:
+            raise DataError(f"unknown split {name!r}; choose one of {', '.join(self.splits)}")
+        return self.splits[name]
+
+
+def _image_dataset(spec: str, splits: dict[str, np.ndarray], levels: int = 256) -> Dataset:
+    shape = tuple(int(s) for s in splits["train"].shape[1:])
+    return Dataset(DataSpec(kind="image", shape=shape, levels=levels, source=spec), splits)
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a dataset from a spec string.
+
+    ``digits`` · ``mnist:DIR`` · ``cifar10:DIR`` · ``imagenet32:DIR`` · ``folder:DIR`` · ``npy:FILE``.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "digits":
+        return _image_dataset(spec, images.load_digits_images(), levels=17)
+    if not arg and kind in {"mnist", "cifar10", "imagenet32", "folder", "npy"}:
+        raise DataError(f"data spec {spec!r} needs a path, e.g. {kind}:/path/to/data")
+    path = Path(arg).expanduser()
+    if kind == "mnist":
+        return _image_dataset(spec, images.load_mnist(path))
+    if kind == "cifar10":
+        return _image_dataset(spec, images.load_cifar10(path))
+    if kind == "imagenet32":
+        return _image_dataset(spec, images.load_imagenet32(path))
+    if kind == "folder":
+        return _image_dataset(spec, images.load_folder(path))
+    if kind == "npy":
+        return _image_dataset(spec, images.split_fixed(images.load_npy(path)))
+    from . import records  # record formats live with the records module
+
+    if kind in records.LOADERS:
+        return records.LOADERS[kind](spec, arg)
+    known = "digits, mnist:DIR, cifar10:DIR, imagenet32:DIR, folder:DIR, npy:FILE, " + ", ".join(
+        f"{k}:PATH" for k in records.LOADERS
+    )
+    raise DataError(f"unknown data spec {spec!r}; known: {known}")
+
+
+__all__ = ["Dataset", "SPLITS", "load_dataset"]

@@ -1,0 +1,66 @@
+"""The bijector contract shared by every invertible layer.
+
+A bijector maps data to latent, ``forward(x) -> (z, logdet)``, where ``logdet`` is
+``log |det ∂z/∂x|`` per sample, shape ``(B,)``, in nats; ``inverse(z) -> x`` undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class Bijector(nn.Module):
+    """An invertible map ``x ↦ z`` with a tractable log-determinant."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum all dimensions but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+class Sequential(Bijector):
+    """Composition ``f_n ∘ … ∘ f_1``; log-determinants add."""
+
+    def __init__(self, layers: Iterable[Bijector]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: Tensor) -> Tensor:
+        for layer in reversed(self.layers):
+            z = layer.inverse(z)
+        return z
+
+
+class Flatten(Bijector):
+    """``(B, *shape) -> (B, prod(shape))``; volume preserving."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x.reshape(x.shape[0], -1), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z.reshape(z.shape[0], *self.shape)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Log-density of ``N(0, I)`` at ``z``: ``(B, ...) -> (B,)`` nats."""
+    return sum_except_batch(-0.5 * z.pow(2) - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype)))

@@ -1,0 +1,51 @@
+"""ActNorm (Glow): per-channel affine map with data-dependent initialisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Bijector
+
+
+def _channel_view(x: Tensor, v: Tensor) -> Tensor:
+    """Reshape a per-channel vector ``(C,)`` to broadcast against ``x`` of shape ``(B, C, ...)``."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ActNorm(Bijector):
+    """``z = (x + loc) · exp(log_scale)`` per channel.
+
+    Works on ``(B, C)`` vectors and ``(B, C, H, W)`` images. On the first forward pass in
+    training mode, ``loc`` and ``log_scale`` are set so the batch output has zero mean and
+    unit variance per channel. ``logdet = (numel per channel) · Σ_c log_scale_c``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.eps = eps
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, unbiased=False)
+        self.loc.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def _positions(self, x: Tensor) -> int:
+        return x[0, 0].numel()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        z = (x + _channel_view(x, self.loc)) * _channel_view(x, self.log_scale.exp())
+        logdet = self.log_scale.sum() * self._positions(x)
+        return z, logdet.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z * _channel_view(z, (-self.log_scale).exp()) - _channel_view(z, self.loc)

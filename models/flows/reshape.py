@@ -1,0 +1,33 @@
+"""Volume-preserving reshapes: 2×2 squeeze (space-to-depth) and its inverse."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import Bijector
+
+
+def squeeze2d(x: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B, 4C, H/2, W/2)``."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unsqueeze2d(x: Tensor) -> Tensor:
+    """``(B, 4C, H, W) -> (B, C, 2H, 2W)``; inverse of :func:`squeeze2d`."""
+    b, c, h, w = x.shape
+    x = x.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // 4, h * 2, w * 2)
+
+
+class Squeeze(Bijector):
+    """Space-to-depth by 2×2 blocks; log-det 0."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"Squeeze needs even height and width, got {tuple(x.shape[2:])}")
+        return squeeze2d(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return unsqueeze2d(z)

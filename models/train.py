@@ -1,0 +1,230 @@
+"""Training: pydantic-validated YAML configs, Adam with warm-up, clipping, EMA, best-checkpoint selection."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from . import artifact
+from .architectures import ArchitectureConfig, build
+from .data import load_dataset
+from .density import DensityModel
+from .errors import ConfigError, FlowserveError
+from .evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(FlowserveError):
+    """Training cannot go on (e.g. the loss stayed non-finite)."""
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall-clock budget")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    ema: float = Field(0.999, ge=0, lt=1, description="Polyak/EMA decay for evaluation and export")
+    init_batch: int = Field(256, ge=1, description="examples for data-dependent initialisation")
+    eval_every: int = Field(250, ge=1)
+    eval_batch: int = Field(512, ge=1)
+    max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
+
+
+class TrainConfig(BaseModel):
+    """A training run: data spec, architecture, optimisation."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = "digits"
+    model: ArchitectureConfig
+    train: OptimConfig = OptimConfig()
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML config; errors name the offending key in one line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return TrainConfig.model_validate(raw or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _lr_lambda(warmup: int):  # noqa: ANN202
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: AveragedModel, opt, sched, best: dict) -> None:  # noqa: ANN001
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+         "sched": sched.state_dict(), "best": best, "rng": torch.get_rng_state()},
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def sample_grid(model: DensityModel, path: Path, n: int = 64, temperature: float = 1.0, seed: int = 0) -> None:
+    """Write an ``n``-sample grid PNG (images only)."""
+    from .imageio import save_grid
+
+    x = model.sample(n, temperature, torch.Generator().manual_seed(seed)).cpu().numpy()
+    save_grid(x, model.spec.levels or 256, path)
+
+
+def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, select the best EMA weights by validation bits/dim, write the artifact to ``out/artifact``.
+
+    Returns the final metrics (validation and test bits/dim of the selected weights).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data)
+    train_x = data.split("train")
+    model = build(cfg.model, data.spec).to(device)
+    oc = cfg.train
+    steps = min(oc.steps, max_steps) if max_steps else oc.steps
+
+    rng = np.random.default_rng(cfg.seed)
+    init_idx = rng.choice(len(train_x), size=min(oc.init_batch, len(train_x)), replace=False)
+    model.train()
+    with torch.no_grad():
+        model.log_prob(torch.from_numpy(train_x[init_idx]).to(device))  # data-dependent init
+
+    opt = torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(oc.warmup))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(oc.ema), use_buffers=True)
+    best: dict[str, Any] = {"val_bits_per_dim": math.inf, "step": 0}
+    best_state: dict[str, torch.Tensor] | None = None
+    start_step = 0
+    ckpt_path = out / "checkpoint.pt"
+    metrics_path = out / "metrics.jsonl"
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # restricted unpickler
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        best = ck["best"]
+        torch.set_rng_state(ck["rng"])
+        start_step = ck["step"]
+        if (out / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best_state = load_file(str(out / "best.safetensors"))
+        log.info("resumed from step %d", start_step)
+    elif not resume:
+        metrics_path.unlink(missing_ok=True)
+
+    dims = data.spec.dims
+    nonfinite = skipped = 0
+    t0 = time.monotonic()
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress, dynamic_ncols=True)
+    step = start_step
+
+    def validate(step: int) -> None:
+        nonlocal best_state
+        ema_model: DensityModel = ema.module  # type: ignore[assignment]
+        val = evaluate(ema_model, data.split("val"), oc.eval_batch, seed=cfg.seed)
+        record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - t0, "skipped_steps": skipped}
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if val["bits_per_dim"] < best["val_bits_per_dim"]:
+            best.update(val_bits_per_dim=val["bits_per_dim"], step=step)
+            best_state = {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
+            from safetensors.torch import save_file
+
+            save_file(best_state, str(out / "best.safetensors"))
+        bar.set_postfix_str(f"val {val['bits_per_dim']:.3f} best {best['val_bits_per_dim']:.3f}", refresh=False)
+
+    for step in bar:
+        model.train()
+        idx = rng.integers(0, len(train_x), oc.batch_size)
+        x = torch.from_numpy(train_x[idx]).to(device)
+        bpd = model.bits_per_dim(x).mean()
+        if not torch.isfinite(bpd):
+            nonfinite += 1
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            if nonfinite >= oc.max_nonfinite:
+                raise TrainingError(f"loss was non-finite for {nonfinite} steps in a row at step {step}; lower the learning rate")
+            continue
+        nonfinite = 0
+        opt.zero_grad(set_to_none=True)
+        bpd.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+        if step % 10 == 0:
+            bar.set_description(f"loss {bpd.item() * dims * math.log(2):.2f} nats, {bpd.item():.3f} bpd")
+        out_of_time = oc.max_minutes is not None and time.monotonic() - t0 > 60 * oc.max_minutes
+        if (step + 1) % oc.eval_every == 0 or step + 1 == steps or out_of_time:
+            validate(step + 1)
+            _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best)
+        if out_of_time:
+            log.info("wall-clock budget of %.1f min reached at step %d", oc.max_minutes, step + 1)
+            break
+    bar.close()
+
+    final: DensityModel = copy.deepcopy(ema.module)  # type: ignore[arg-type]
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    final = final.cpu().eval()
+    test = evaluate(final, data.split("test"), oc.eval_batch, seed=cfg.seed)
+    val = evaluate(final, data.split("val"), oc.eval_batch, seed=cfg.seed)
+    metrics = {
+        "test_bits_per_dim": test["bits_per_dim"],
+        "test_nll_nats": test["nll_nats"],
+        "val_bits_per_dim": val["bits_per_dim"],
+        "bound": test["bound"],
+        "eval_seed": cfg.seed,
+        "eval_batch": oc.eval_batch,
+        "best_step": best["step"],
+        "steps": step + 1,
+        "skipped_steps": skipped,
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "parameters": sum(p.numel() for p in final.parameters()),
+        "data": cfg.data,
+    }
+    artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics)
+    if data.spec.kind == "image":
+        sample_grid(final, out / "samples.png")
+    with metrics_path.open("a") as f:
+        f.write(json.dumps({"final": metrics}) + "\n")
+    return metrics

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny configs and trained artifacts built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.train import TrainConfig, train
+
+TINY_GLOW = {
+    "data": "digits",
+    "model": {"name": "glow", "levels": 2, "steps": 2, "hidden": 16},
+    "train": {"steps": 40, "batch_size": 32, "eval_every": 20, "init_batch": 64, "ema": 0.9},
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_glow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Glow trained for a few steps on digits; returns the run directory."""
+    out = tmp_path_factory.mktemp("glow_run")
+    train(TrainConfig.model_validate(TINY_GLOW), out, progress=False)
+    return out

@@ -1,0 +1,99 @@
+"""The command line end to end, in fresh processes: train → evaluate → sample, and user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import TINY_GLOW
+
+
+def flowserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "models.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(r: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+def test_evaluate_in_fresh_process_matches_manifest(tiny_glow_run: Path) -> None:
+    art = tiny_glow_run / "artifact"
+    manifest = json.loads((art / "manifest.json").read_text())
+    r = flowserve("evaluate", str(art), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert abs(result["bits_per_dim"] - manifest["metrics"]["test_bits_per_dim"]) < 1e-3
+    assert result["bound"] == "variational"
+
+
+def test_sample_png_and_npy(tiny_glow_run: Path, tmp_path: Path) -> None:
+    art = str(tiny_glow_run / "artifact")
+    r = flowserve("sample", art, "-n", "16", "--temperature", "0.7", "--seed", "1", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0, r.stderr
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (16, 1, 8, 8) and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 16
+    r = flowserve("sample", art, "-n", "16", "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_cli_writes_artifact_and_metrics(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_GLOW))
+    r = flowserve("train", str(cfg), "--out", str(tmp_path / "run"), "--max-steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run/artifact/manifest.json").is_file()
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["final"]["steps"] == 5
+    assert (tmp_path / "run/samples.png").is_file()
+
+
+def test_missing_data_directory(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_GLOW, "data": f"mnist:{tmp_path / 'nope'}"}))
+    assert_user_error(flowserve("train", str(cfg), "--out", str(tmp_path / "o")), "data directory not found")
+
+
+def test_truncated_idx_file(tmp_path: Path) -> None:
+    from tests.test_data import write_idx
+
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((8, 28, 28)))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 28, 28)))
+    p = tmp_path / "t10k-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:100])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_GLOW, "data": f"mnist:{tmp_path}"}))
+    assert_user_error(flowserve("train", str(cfg), "--out", str(tmp_path / "o")), "truncated IDX file")
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_GLOW, "model": {**TINY_GLOW["model"], "hiddn": 3}}))
+    assert_user_error(flowserve("train", str(cfg)), "model.glow.hiddn: Extra inputs are not permitted")
+
+
+def test_tampered_weights(tiny_glow_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    art = tmp_path / "artifact"
+    shutil.copytree(tiny_glow_run / "artifact", art)
+    w = art / "weights.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    w.write_bytes(bytes(raw))
+    assert_user_error(flowserve("evaluate", str(art)), "checksum mismatch")
+
+
+@pytest.mark.parametrize("config", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_validate(config: Path) -> None:
+    from models.train import load_config
+
+    load_config(config)

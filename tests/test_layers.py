@@ -1,0 +1,109 @@
+"""The one shared test every invertible layer joins by being listed in ``LAYERS``.
+
+For each layer, on small float64 inputs: ``inverse(forward(x)) ≈ x``; the forward log-det
+equals ``log|det J|`` from autograd; the inverse's log-det is its negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from models import flows as F
+
+Factory = Callable[[], tuple[nn.Module, tuple[int, ...]]]
+
+
+def _with_random_params(layer: nn.Module) -> nn.Module:
+    """Move zero-initialised weights away from zero so the test sees a non-trivial map."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+def _vector_multiscale() -> tuple[nn.Module, tuple[int, ...]]:
+    inner = F.Sequential([F.AffineCoupling((2, 2, 2), hidden=8), F.Flatten((2, 2, 2))])
+    head = F.Sequential([F.Squeeze(), F.ActNorm(4)])
+    return F.MultiScale(head, (4, 2, 2), inner), (1, 4, 4)
+
+
+LAYERS: dict[str, Factory] = {
+    "actnorm_image": lambda: (F.ActNorm(3), (3, 2, 2)),
+    "actnorm_vector": lambda: (F.ActNorm(5), (5,)),
+    "invconv": lambda: (F.InvConv1x1(3), (3, 2, 2)),
+    "invconv_lu": lambda: (F.InvConv1x1LU(4), (4, 2, 2)),
+    "invlinear_lu": lambda: (F.InvConv1x1LU(6), (6,)),
+    "coupling_channel": lambda: (F.AffineCoupling((4, 2, 2), hidden=8), (4, 2, 2)),
+    "coupling_channel_odd": lambda: (F.AffineCoupling((3, 2, 2), hidden=8, parity=1), (3, 2, 2)),
+    "coupling_checkerboard": lambda: (F.AffineCoupling((2, 4, 4), hidden=8, mask="checkerboard", parity=1), (2, 4, 4)),
+    "coupling_vector": lambda: (F.AffineCoupling((5,), hidden=8), (5,)),
+    "squeeze": lambda: (F.Squeeze(), (1, 4, 4)),
+    "logit": lambda: (F.Logit(levels=17), (1, 2, 2)),
+    "gaussian_split": lambda: (F.GaussianSplit(4), (4, 2, 2)),
+    "multiscale": _vector_multiscale,
+}
+
+# Layers whose domain is bounded get inputs drawn from inside it.
+DOMAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logit": lambda x: torch.sigmoid(x) * 17.0,
+}
+
+
+def register(name: str, factory: Factory, domain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Add a layer to the shared test (used by test modules of later architectures)."""
+    LAYERS[name] = factory
+    if domain is not None:
+        DOMAIN[name] = domain
+
+
+def _inputs(name: str, shape: tuple[int, ...], batch: int = 3) -> torch.Tensor:
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return DOMAIN.get(name, lambda t: t)(x)
+
+
+def _layer(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    layer, shape = LAYERS[name]()
+    layer = _with_random_params(layer).double()
+    layer.train()
+    layer(_inputs(name, shape, batch=8))  # data-dependent init where a layer has one
+    return layer.eval(), shape
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_inverse_roundtrip(name: str) -> None:
+    layer, shape = _layer(name)
+    x = _inputs(name, shape)
+    z, logdet = layer(x)
+    assert logdet.shape == (x.shape[0],)
+    torch.testing.assert_close(layer.inverse(z), x, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_logdet_matches_autograd_jacobian(name: str) -> None:
+    layer, shape = _layer(name)
+    x = _inputs(name, shape)
+    _, logdet = layer(x)
+    for i in range(x.shape[0]):
+        def f(xi: torch.Tensor) -> torch.Tensor:
+            return layer(xi.unsqueeze(0))[0].reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(f, x[i])
+        jac = jac.reshape(jac.shape[0], -1)
+        expected = torch.linalg.slogdet(jac).logabsdet
+        torch.testing.assert_close(logdet[i], expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_inverse_logdet_is_negative_forward(name: str) -> None:
+    layer, shape = _layer(name)
+    x = _inputs(name, shape)
+    z, logdet = layer(x)
+    jac = torch.autograd.functional.jacobian(lambda zi: layer.inverse(zi.unsqueeze(0)).reshape(-1), z[0])
+    inv_logdet = torch.linalg.slogdet(jac.reshape(jac.shape[0], -1)).logabsdet
+    torch.testing.assert_close(inv_logdet, -logdet[0], atol=1e-6, rtol=1e-6)
