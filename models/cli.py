@@ -134,6 +134,22 @@ def sample(
     typer.echo(f"wrote {n} samples to {out}")
 
 
+@app.command()
+@user_errors
+def serve(
+    repository: Optional[Path] = typer.Option(None, "--repository", help="model repository root (FLOWSERVE_REPOSITORY)"),
+    host: Optional[str] = typer.Option(None, "--host", help="bind address (FLOWSERVE_HOST, default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, "--port", help="port (FLOWSERVE_PORT, default 8000)"),
+) -> None:
+    """Serve the models in a repository (<root>/<name>/<version>/) over HTTP."""
+    from service.server import serve as run
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in {"repository": repository, "host": host, "port": port}.items() if v is not None}
+    run(Settings(**overrides))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -34,7 +34,7 @@ def save_grid(images: np.ndarray, levels: int, path: str | Path, scale: int = 4)
     img = Image.fromarray(g[..., 0] if g.shape[2] == 1 else g)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def png_bytes(images: np.ndarray, levels: int) -> bytes:

@@ -1,0 +1,133 @@
+"""Turn request bodies into validated numpy batches for a model's ``DataSpec``.
+
+Every check names the field that failed: shape, dtype, NaN/inf, range, missing features.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+
+from models.errors import DataError
+from models.spec import DataSpec
+
+from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+NPY_TYPES = {"application/x-npy", "application/octet-stream", "application/npy"}
+IMAGE_TYPES = {"image/png", "image/jpeg"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) whether or not Content-Length is sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise BadRequest("request body is empty; send JSON")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+
+
+def media_type(request: Request) -> str:
+    """The body's media type; absent or curl's default form type count as JSON."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return "application/json" if ctype in ("", "application/x-www-form-urlencoded") else ctype
+
+
+def check_values(x: np.ndarray, spec: DataSpec, field: str) -> np.ndarray:
+    """Validate a ``(N, *shape)`` float array against ``spec``: finite, integer levels in range for images."""
+    if x.ndim == len(spec.shape) and x.shape == spec.shape:
+        x = x[None]
+    if spec.kind == "image" and len(spec.shape) == 3 and spec.shape[0] == 1 and x.shape[1:] == spec.shape[1:]:
+        x = x[:, None]  # (N, H, W) for one-channel images
+    if x.shape[1:] != tuple(spec.shape):
+        raise BadRequest(f"{field}: expected shape (N, {', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise BadRequest(f"{field}: no instances")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise BadRequest(f"{field}[{i}]: NaN or infinite value")
+    if spec.discrete:
+        hi = spec.levels - 1
+        out = (x < 0) | (x > hi) | (x != np.round(x))
+        if out.any():
+            idx = tuple(int(v) for v in np.argwhere(out)[0])
+            raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is not an integer level in 0..{hi}")
+    return x.astype(np.float32)
+
+
+def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarray:
+    """``[{feature: value}]`` → ``(N, D)`` in ``spec.feature_names`` order; unknown or missing features are errors."""
+    names = spec.feature_names or []
+    index = {n: i for i, n in enumerate(names)}
+    out = np.empty((len(records), len(names)), dtype=np.float64)
+    for r, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
+        unknown = set(rec) - set(index)
+        if unknown:
+            raise BadRequest(f"{field}[{r}]: unknown feature(s) {sorted(unknown)}; expected {names}")
+        missing = [n for n in names if n not in rec or rec[n] is None]
+        if missing:
+            raise BadRequest(f"{field}[{r}]: missing feature(s) {missing}")
+        for n, v in rec.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise BadRequest(f"{field}[{r}].{n}: expected a number, got {type(v).__name__}")
+            out[r, index[n]] = v
+    return out
+
+
+def instances_to_array(instances: Any, spec: DataSpec, field: str = "instances") -> np.ndarray:
+    """JSON instances → validated ``(N, *shape)`` float32."""
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest(f"{field}: expected a non-empty list")
+    if spec.kind == "record" and isinstance(instances[0], dict):
+        x = records_to_array(instances, spec, field)
+    else:
+        try:
+            x = np.asarray(instances, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise BadRequest(f"{field}: expected a rectangular array of numbers with shape (N, {', '.join(map(str, spec.shape))})") from None
+    return check_values(x, spec, field)
+
+
+def decode_upload(body: bytes, content_type: str, spec: DataSpec) -> np.ndarray:
+    """An uploaded PNG/JPEG (one image; 0..255 mapped onto the model's levels) or NPY batch."""
+    if content_type in IMAGE_TYPES:
+        if spec.kind != "image":
+            raise UnsupportedMediaType(f"{content_type} uploads need an image model")
+        from models.data.images import read_image
+
+        try:
+            img = read_image(body, "upload").astype(np.float64)
+        except DataError as e:
+            raise BadRequest(str(e)) from None
+        if spec.levels and spec.levels != 256:
+            img = np.round(img * (spec.levels - 1) / 255.0)
+        return check_values(img[None], spec, "upload")
+    if content_type in NPY_TYPES:
+        try:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BadRequest(f"upload: not a valid .npy array ({e})") from None
+        if arr.dtype.kind not in "biuf":
+            raise BadRequest(f"upload: dtype {arr.dtype} is not numeric")
+        return check_values(arr.astype(np.float64), spec, "upload")
+    raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use application/json, image/png or application/x-npy")

@@ -1,0 +1,139 @@
+"""v1 REST API: list/describe models, score (log-likelihood), sample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.imageio import png_bytes
+
+from .. import tasks
+from ..errors import BadRequest
+from .deps import require_key, state
+from .inputs import decode_upload, instances_to_array, media_type, parse_json, read_body
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+
+class ScoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list = Field(..., min_length=1, description="data-space instances, or records {feature: value}")
+    seed: int = Field(0, ge=0, description="seed of the dequantization noise")
+    iw_samples: int = Field(1, ge=1, description="importance-weighted bound with S samples (discrete data)")
+
+
+class SampleOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0, le=10)
+    seed: int = Field(0, ge=0)
+
+
+def validate(model: type[BaseModel], data: object) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BadRequest(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}") from None
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict:
+    repo = state(request).repository
+    return {"models": [e.describe() for e in repo.models.values()]}
+
+
+@router.get("/models/{name}")
+async def describe_model(name: str, request: Request) -> dict:
+    return state(request).repository.get(name).describe()
+
+
+async def score_rows(request: Request, name: str, x: np.ndarray, seed: int, iw_samples: int) -> tuple[np.ndarray, object]:
+    """Log-probabilities (nats, float64 ``(N,)``) of validated rows through the model's batcher."""
+    s = state(request)
+    entry = s.repository.get(name)
+    batcher = entry.batcher("score")
+    manifest = entry.manifest
+    spec = manifest.data_spec
+    if len(x) > s.settings.max_rows:
+        raise BadRequest(f"instances: {len(x)} rows exceed the limit of {s.settings.max_rows}")
+    if iw_samples > 1:
+        if not spec.discrete:
+            raise BadRequest("iw_samples: importance weighting applies to discrete (dequantized) data only")
+        if iw_samples > s.settings.max_iw_samples or len(x) * iw_samples > s.settings.max_rows * 8:
+            raise BadRequest(f"iw_samples: {iw_samples} × {len(x)} rows is over the limit (max {s.settings.max_iw_samples} samples)")
+        x = np.repeat(x, iw_samples, axis=0)
+    payload = {"x": x}
+    noise = tasks.dequantization_noise(manifest, len(x), seed)
+    if noise is not None:
+        payload["noise"] = noise
+    lp = await batcher.submit(payload, s.settings.request_timeout_s)
+    if iw_samples > 1:
+        lp = lp.reshape(-1, iw_samples)
+        m = lp.max(1, keepdims=True)
+        lp = (m + np.log(np.exp(lp - m).mean(1, keepdims=True)))[:, 0]
+    return lp, entry
+
+
+@router.post("/models/{name}/score", dependencies=[Depends(require_key)])
+async def score(name: str, request: Request) -> dict:
+    """Log-likelihood per instance: JSON ``{"instances": [...]}``, or a PNG/JPEG/NPY body."""
+    s = state(request)
+    entry = s.repository.get(name)
+    entry.batcher("score")
+    spec = entry.manifest.data_spec
+    body = await read_body(request, s.settings.max_body_bytes)
+    ctype = media_type(request)
+    if ctype == "application/json":
+        opts = validate(ScoreOptions, parse_json(body))
+        x = instances_to_array(opts.instances, spec)
+        seed, iw = opts.seed, opts.iw_samples
+    else:
+        x = decode_upload(body, ctype, spec)
+        seed = int(request.query_params.get("seed", 0))
+        iw = int(request.query_params.get("iw_samples", 1))
+    lp, entry = await score_rows(request, name, x, seed, iw)
+    d = spec.dims * math.log(2)
+    return {
+        "model": name,
+        "version": entry.version,
+        "unit": "nats",
+        "bound": ("iw" if iw > 1 else "variational") if spec.discrete else "exact",
+        "iw_samples": iw,
+        "results": [{"log_prob": float(v), "bits_per_dim": float(-v / d)} for v in lp],
+    }
+
+
+@router.post("/models/{name}/sample", dependencies=[Depends(require_key)])
+async def sample(name: str, request: Request) -> Response:
+    """``n`` samples at ``temperature`` from ``seed``: JSON, or a PNG grid with ``Accept: image/png``."""
+    s = state(request)
+    entry = s.repository.get(name)
+    batcher = entry.batcher("sample")
+    body = await read_body(request, s.settings.max_body_bytes)
+    opts = validate(SampleOptions, parse_json(body) if body else {})
+    if opts.n > s.settings.max_samples:
+        raise BadRequest(f"n: {opts.n} samples exceed the limit of {s.settings.max_samples}")
+    spec = entry.manifest.data_spec
+    z = tasks.latent(entry.manifest, opts.n, opts.temperature, opts.seed)
+    x = await batcher.submit({"z": z}, s.settings.request_timeout_s)
+    if "image/png" in request.headers.get("accept", ""):
+        if spec.kind != "image":
+            raise BadRequest("Accept: image/png needs an image model")
+        return Response(png_bytes(x, spec.levels or 256), media_type="image/png")
+    samples = x.astype(np.int64).tolist() if spec.discrete else x.tolist()
+    out: dict = {"model": name, "version": entry.version, "n": opts.n, "temperature": opts.temperature, "seed": opts.seed, "samples": samples}
+    if spec.kind == "record" and spec.feature_names:
+        out["records"] = [dict(zip(spec.feature_names, row)) for row in x.tolist()]
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(out)
+
+
+@router.post("/repository/reload", dependencies=[Depends(require_key)])
+async def reload(request: Request) -> dict:
+    """Load new or changed model versions, warm them, swap atomically, drain the old ones."""
+    return {"changes": await state(request).repository.reload()}

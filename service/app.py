@@ -1,0 +1,134 @@
+"""The FastAPI application factory: lifespan, routes, one place mapping errors to HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.artifact import flowserve_version
+from models.errors import FlowserveError
+
+from .api import v1, v2
+from .api.deps import ServiceState
+from .errors import ServiceError
+from .metrics import Metrics
+from .repository import ModelRepository
+from .settings import Settings
+from .workers import DeviceWorker, resolve_devices
+
+log = logging.getLogger(__name__)
+
+_ROUTE = re.compile(r"^/v(?P<api>[12])/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/(?P<endpoint>score|sample|anomaly|infer)$")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every non-2xx body is ``{"error": "..."}``."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(FlowserveError)
+    async def user_error(request: Request, exc: FlowserveError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        return _error(422, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__})")
+
+
+class MetricsMiddleware:
+    """Counts requests and latency for inference routes, and tracks in-flight work (pure ASGI)."""
+
+    def __init__(self, app, service: ServiceState) -> None:  # noqa: ANN001
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        m = _ROUTE.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if m is None:
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        metrics, t0 = self.service.metrics, time.perf_counter()
+        self.service.inflight += 1
+        metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.service.inflight -= 1
+            metrics.inflight.dec()
+            model, endpoint = m["model"], m["endpoint"]
+            metrics.requests.labels(model, endpoint, str(status["code"])).inc()
+            metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; models load in the background once it starts (``/v2/health/ready`` tells when)."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    metrics = Metrics()
+    workers = [DeviceWorker(d) for d in resolve_devices(settings.devices)]
+    service = ServiceState(settings, metrics, workers, ModelRepository(settings, workers, metrics))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        load = asyncio.create_task(service.repository.reload())
+        service.extras["initial_load"] = load
+        yield
+        service.draining = True
+        load.cancel()
+        await service.repository.close()
+        for w in workers:
+            w.shutdown()
+
+    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan,
+                  description="Exact log-likelihoods, anomaly scores and samples from normalizing flows.")
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(MetricsMiddleware, service=service)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        for w in workers:
+            mem = w.memory_allocated()
+            if mem is not None:
+                metrics.device_memory.labels(w.device).set(mem)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

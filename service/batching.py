@@ -1,0 +1,170 @@
+"""Dynamic batching per model and task.
+
+Requests put rows on a bounded queue (counted in rows; full → 503 with Retry-After). One
+consumer per replica closes a batch at ``max_batch_size`` rows or after ``max_queue_delay``,
+runs it on its device worker, and hands each request its own rows back. A request larger than
+``max_batch_size`` runs as a batch of its own. Every row's result depends only on that row
+(and its own noise), never on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import Unavailable
+from .metrics import Metrics
+from .workers import DeviceWorker
+
+log = logging.getLogger(__name__)
+
+Payload = dict[str, np.ndarray]
+Compute = Callable[[object, Payload], np.ndarray]
+
+
+@dataclass
+class _Item:
+    payload: Payload
+    rows: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Replica:
+    worker: DeviceWorker
+    runner: object
+
+
+class Batcher:
+    """Queue + consumers for one (model, task)."""
+
+    def __init__(
+        self,
+        model: str,
+        task: str,
+        compute: Compute,
+        replicas: list[Replica],
+        metrics: Metrics,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_rows: int,
+    ) -> None:
+        self.model, self.task, self.compute = model, task, compute
+        self.replicas = replicas
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_s
+        self.max_queue_rows = max_queue_rows
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._rows = 0
+        self._tasks: list[asyncio.Task] = []
+        self._mean_batch_s = 0.01
+        self._depth = metrics.queue_depth.labels(model, task)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._consume(r), name=f"batcher-{self.model}-{self.task}-{i}") for i, r in enumerate(self.replicas)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(Unavailable(f"model {self.model!r} was unloaded", "unloaded", 1))
+
+    @property
+    def idle(self) -> bool:
+        return self._rows == 0
+
+    async def submit(self, payload: Payload, timeout_s: float) -> np.ndarray:
+        """Queue ``payload`` (arrays with equal first dimension) and wait for its rows' results."""
+        rows = len(next(iter(payload.values())))
+        if self._rows + rows > self.max_queue_rows:
+            self.metrics.rejections.labels(self.model, "queue_full").inc()
+            wait = self._mean_batch_s * max(1.0, self._rows / self.max_batch_size)
+            raise Unavailable(f"queue for model {self.model!r} is full ({self._rows} rows waiting); retry later", "queue_full", wait)
+        item = _Item(payload, rows, asyncio.get_running_loop().create_future())
+        self._rows += rows
+        self._depth.set(self._rows)
+        self._queue.put_nowait(item)
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
+        except asyncio.TimeoutError:
+            item.future.cancel()
+            self.metrics.rejections.labels(self.model, "timeout").inc()
+            raise Unavailable(f"request to model {self.model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
+
+    def _take(self, item: _Item) -> bool:
+        """Account for an item leaving the queue; False if its client gave up already."""
+        self._rows -= item.rows
+        self._depth.set(self._rows)
+        return not item.future.done()
+
+    async def _consume(self, replica: Replica) -> None:
+        carry: _Item | None = None
+        while True:
+            first = carry or await self._queue.get()
+            carry = None
+            if not self._take(first):
+                continue
+            batch, rows = [first], first.rows
+            deadline = time.monotonic() + self.max_delay
+            while rows < self.max_batch_size:
+                try:
+                    nxt = self._queue.get_nowait() if self.max_delay == 0 else await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                if rows + nxt.rows > self.max_batch_size:
+                    carry = nxt  # stays counted in the queue until the next batch takes it
+                    break
+                if self._take(nxt):
+                    batch.append(nxt)
+                    rows += nxt.rows
+            await self._run(replica, batch, rows)
+
+    def _compute_halving_on_oom(self, replica: Replica, payload: Payload) -> np.ndarray:
+        """Run ``compute``; on CUDA out-of-memory, halve the batch and retry each half (counted)."""
+        try:
+            return self.compute(replica.runner, payload)
+        except torch.cuda.OutOfMemoryError:
+            rows = len(next(iter(payload.values())))
+            if rows <= 1:
+                raise
+            torch.cuda.empty_cache()
+            self.metrics.oom_retries.labels(self.model, replica.worker.device).inc()
+            half = rows // 2
+            parts = [{k: v[:half] for k, v in payload.items()}, {k: v[half:] for k, v in payload.items()}]
+            return np.concatenate([self._compute_halving_on_oom(replica, p) for p in parts])
+
+    async def _run(self, replica: Replica, batch: list[_Item], rows: int) -> None:
+        now = time.monotonic()
+        for item in batch:
+            self.metrics.queue_duration.labels(self.model, self.task).observe(now - item.enqueued)
+        keys = batch[0].payload.keys()
+        payload = {k: np.concatenate([it.payload[k] for it in batch]) for k in keys}
+        self.metrics.batch_size.labels(self.model, self.task).observe(rows)
+        t0 = time.perf_counter()
+        try:
+            out = await replica.worker.run(self._compute_halving_on_oom, replica, payload)
+        except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, never the consumer
+            log.exception("batch of %d rows for %s/%s failed", rows, self.model, self.task)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        dt = time.perf_counter() - t0
+        self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * dt
+        self.metrics.compute_duration.labels(self.model, self.task, replica.worker.device).observe(dt)
+        start = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(out[start : start + item.rows])
+            start += item.rows

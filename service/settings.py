@@ -1,0 +1,46 @@
+"""Service configuration from ``FLOWSERVE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _csv(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)  # type: ignore[arg-type]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each is also ``FLOWSERVE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWSERVE_", extra="ignore")
+
+    repository: Path = Field(Path("model_repository"), description="root of <name>/<version>/ artifact directories")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"], description="'auto', 'cpu', or e.g. 'cuda:0,cuda:1'")
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # batching
+    max_batch_size: int = Field(256, ge=1, description="rows per batch")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    max_queue_rows: int = Field(8192, ge=1, description="rows waiting per model and task; beyond → 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + compute; beyond → 503")
+    # limits
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(4096, ge=1, description="rows per score/anomaly request")
+    max_samples: int = Field(1024, ge=1, description="samples per sample request")
+    max_iw_samples: int = Field(256, ge=1)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")
+    drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU workers")
+
+    def model_post_init(self, __context: object) -> None:
+        for name in ("devices", "api_keys", "cors_origins"):
+            object.__setattr__(self, name, _csv(getattr(self, name)))

@@ -1,0 +1,72 @@
+"""What a batch computes, per task, and the per-request inputs those computations need.
+
+Tasks run on a device worker with a :class:`~service.runners.Runner`; their inputs are numpy
+arrays whose first dimension is rows. Randomness (dequantization noise, latent draws) is made
+per request from the request's seed, so results never depend on batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from models.artifact import Manifest
+
+from .runners import Runner
+
+Payload = dict[str, np.ndarray]
+
+
+def score(runner: Runner, payload: Payload) -> np.ndarray:
+    """``x (B, *shape)``, optional ``noise`` → ``log_prob (B,)`` nats."""
+    return runner.log_prob(payload["x"], payload.get("noise"))
+
+
+def sample(runner: Runner, payload: Payload) -> np.ndarray:
+    """``z (B, D)`` (temperature already applied) → samples ``(B, *shape)`` in data space."""
+    return runner.sample(payload["z"])
+
+
+def tasks_for(manifest: Manifest) -> dict[str, Callable[[Runner, Payload], np.ndarray]]:
+    """The tasks a model serves (anomaly scoring reuses ``score``)."""
+    return {"score": score, "sample": sample}
+
+
+def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | None:
+    """Noise the model's dequantizer consumes for ``n`` rows (``None`` for continuous data)."""
+    spec = manifest.data_spec
+    if not spec.discrete:
+        return None
+    rng = np.random.default_rng(seed)
+    if manifest.architecture.get("dequantization") == "variational":
+        return rng.standard_normal((n, *spec.shape), dtype=np.float32)
+    return rng.random((n, *spec.shape), dtype=np.float32)
+
+
+def latent(manifest: Manifest, n: int, temperature: float, seed: int) -> np.ndarray:
+    """``z ~ N(0, T² I)`` for ``n`` samples, float32 ``(n, D)``."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, manifest.data_spec.dims), dtype=np.float32) * np.float32(temperature))
+
+
+def random_valid_input(manifest: Manifest, n: int = 2, seed: int = 0) -> np.ndarray:
+    """``n`` random inputs inside the model's data domain (for warm-up)."""
+    spec = manifest.data_spec
+    rng = np.random.default_rng(seed)
+    if spec.discrete:
+        return rng.integers(0, spec.levels, (n, *spec.shape)).astype(np.float32)
+    if spec.ranges:
+        lo, hi = np.array(spec.ranges, dtype=np.float32).T
+        return (lo + (hi - lo) * rng.random((n, *spec.shape))).astype(np.float32)
+    return rng.standard_normal((n, *spec.shape)).astype(np.float32)
+
+
+def warm(runner: Runner) -> None:
+    """Run each task once so the first real request does not pay for lazy initialisation."""
+    m = runner.manifest
+    x = random_valid_input(m)
+    out = runner.log_prob(x, dequantization_noise(m, len(x), 0))
+    if not np.isfinite(out).all():
+        raise RuntimeError("warm-up scoring produced non-finite log-probabilities")
+    runner.sample(latent(m, 2, 1.0, 0))
