@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU workers")
 
-    def model_post_init(self, __context: object) -> None:
-        for name in ("devices", "api_keys", "cors_origins"):
-            object.__setattr__(self, name, _csv(getattr(self, name)))
+    @field_validator("devices", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> list[str]:
+        """Lists come from the environment as comma-separated strings."""
+        return _csv(value)

@@ -22,3 +22,23 @@ def tiny_glow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("glow_run")
     train(TrainConfig.model_validate(TINY_GLOW), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_glow_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with the tiny digits Glow as ``digits/1`` and a broken model."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(tiny_glow_run / "artifact", root / "digits" / "1")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "manifest.json").write_text("{not json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from tests.server import running_server
+
+    with running_server(repository, tmp_path_factory.mktemp("srv"), FLOWSERVE_MAX_QUEUE_DELAY_MS="5") as s:
+        yield s

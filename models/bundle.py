@@ -1,0 +1,36 @@
+"""Rebuild the bundled default models that ``make serve`` serves: ``python -m models.bundle ROOT``.
+
+Each entry trains one shipped config with its seed and writes ``ROOT/<name>/1/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .train import load_config, train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+BUNDLE: dict[str, str] = {
+    "digits": "glow_digits.yaml",
+}
+
+
+def build_bundle(root: Path, names: list[str] | None = None) -> None:
+    for name, config in BUNDLE.items():
+        if names and name not in names:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = train(load_config(CONFIGS / config), tmp, progress=False)
+            dest = root / name / "1"
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(Path(tmp) / "artifact", dest)
+        print(f"{name}: {config} -> {dest} (test {metrics['test_bits_per_dim']:.4f} bits/dim)")
+
+
+if __name__ == "__main__":
+    build_bundle(Path(sys.argv[1] if len(sys.argv) > 1 else "model_repository"), sys.argv[2:] or None)
