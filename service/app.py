@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -93,13 +94,18 @@ class MetricsMiddleware:
             metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
 
 
+def default_cpu_threads(workers: list[DeviceWorker]) -> int:
+    """Intra-op threads: leave one core to the event loop when the model computes on the CPU."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if any(w.device == "cpu" for w in workers) else max(1, min(4, cores))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load in the background once it starts (``/v2/health/ready`` tells when)."""
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     metrics = Metrics()
     workers = [DeviceWorker(d) for d in resolve_devices(settings.devices)]
+    torch.set_num_threads(settings.torch_threads or default_cpu_threads(workers))
     service = ServiceState(settings, metrics, workers, ModelRepository(settings, workers, metrics))
 
     @asynccontextmanager
@@ -113,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for w in workers:
             w.shutdown()
 
-    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan,
+    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan, default_response_class=ORJSONResponse,
                   description="Exact log-likelihoods, anomaly scores and samples from normalizing flows.")
     app.state.service = service
     install_error_handlers(app)

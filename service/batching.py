@@ -1,8 +1,10 @@
 """Dynamic batching per model and task.
 
 Requests put rows on a bounded queue (counted in rows; full → 503 with Retry-After). One
-consumer per replica closes a batch at ``max_batch_size`` rows or after ``max_queue_delay``,
-runs it on its device worker, and hands each request its own rows back. A request larger than
+consumer per replica takes everything that queued while its device was busy, up to
+``max_batch_size`` rows, waiting at most ``max_queue_delay`` for more (0 by default: batches form
+naturally under load and a lone request runs at once), runs the batch on its device worker,
+and hands each request its own rows back. A request larger than
 ``max_batch_size`` runs as a batch of its own. Every row's result depends only on that row
 (and its own noise), never on its batch-mates.
 """
@@ -96,9 +98,9 @@ class Batcher:
         self._depth.set(self._rows)
         self._queue.put_nowait(item)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
-        except asyncio.TimeoutError:
-            item.future.cancel()
+            async with asyncio.timeout(timeout_s):
+                return await item.future  # on timeout the future is cancelled; consumers skip it
+        except TimeoutError:
             self.metrics.rejections.labels(self.model, "timeout").inc()
             raise Unavailable(f"request to model {self.model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
 
@@ -119,9 +121,15 @@ class Batcher:
             deadline = time.monotonic() + self.max_delay
             while rows < self.max_batch_size:
                 try:
-                    nxt = self._queue.get_nowait() if self.max_delay == 0 else await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    break
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
                 if rows + nxt.rows > self.max_batch_size:
                     carry = nxt  # stays counted in the queue until the next batch takes it
                     break

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     # batching
     max_batch_size: int = Field(256, ge=1, description="rows per batch")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="how long a batch may wait to fill; 0 = take what queued while the device was busy")
     max_queue_rows: int = Field(8192, ge=1, description="rows waiting per model and task; beyond → 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + compute; beyond → 503")
     # limits

@@ -6,10 +6,10 @@ Every check names the field that failed: shape, dtype, NaN/inf, range, missing f
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import numpy as np
+import orjson
 from starlette.requests import Request
 
 from models.errors import DataError
@@ -39,8 +39,8 @@ def parse_json(body: bytes) -> Any:
     if not body:
         raise BadRequest("request body is empty; send JSON")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise BadRequest(f"malformed JSON: {e}") from None
 
 

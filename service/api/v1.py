@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.imageio import png_bytes
@@ -128,9 +129,7 @@ async def sample(name: str, request: Request) -> Response:
     out: dict = {"model": name, "version": entry.version, "n": opts.n, "temperature": opts.temperature, "seed": opts.seed, "samples": samples}
     if spec.kind == "record" and spec.feature_names:
         out["records"] = [dict(zip(spec.feature_names, row)) for row in x.tolist()]
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(out)
+    return ORJSONResponse(out)
 
 
 @router.post("/repository/reload", dependencies=[Depends(require_key)])
