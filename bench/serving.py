@@ -64,8 +64,8 @@ async def load_level(url: str, concurrency: int, seconds: float, rows: int, data
             "p99": np.percentile(arr, 99), "errors": errors, "requests": len(lat)}
 
 
-def batch_sizes(url: str) -> float:
-    """Mean rows per executed batch so far, from ``/metrics``."""
+def batch_totals(url: str) -> tuple[float, float]:
+    """(rows, batches) executed so far for scoring, from ``/metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics").text
@@ -77,11 +77,14 @@ def batch_sizes(url: str) -> float:
                     total += s.value
                 elif s.labels.get("task") == "score" and s.name.endswith("_count"):
                     count += s.value
-    return total / max(count, 1)
+    return total, count
 
 
 def in_process(batch: int, seconds: float, data: np.ndarray) -> float:
     """Rows/s of ``log_prob`` called directly at ``batch`` rows per call (noise drawn as the service does)."""
+    import os
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # the service's CPU worker default
     model = load(str(REPO / "digits" / "1"))
     x = torch.from_numpy(data[:batch].astype(np.float32))
     rng = np.random.default_rng(0)
@@ -101,10 +104,11 @@ def sweep(url: str, levels: list[int], seconds: float, rows: int, data: np.ndarr
     out = {}
     for c in levels:
         asyncio.run(load_level(url, c, 0.5, rows, data))  # warm
-        before = batch_sizes(url)
+        rows0, batches0 = batch_totals(url)
         out[c] = asyncio.run(load_level(url, c, seconds, rows, data))
-        out[c]["mean_batch"] = batch_sizes(url) if before == 0 else batch_sizes(url)
-        print(f"  c={c:4d} {out[c]['rows_per_s']:9.0f} rows/s  p50 {out[c]['p50']:7.1f} ms  p90 {out[c]['p90']:7.1f}  p99 {out[c]['p99']:7.1f}  errors {out[c]['errors']}", flush=True)
+        rows1, batches1 = batch_totals(url)
+        out[c]["mean_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
+        print(f"  c={c:4d} {out[c]['rows_per_s']:9.0f} rows/s  p50 {out[c]['p50']:7.1f} ms  p90 {out[c]['p90']:7.1f}  p99 {out[c]['p99']:7.1f}  mean batch {out[c]['mean_batch']:5.1f}  errors {out[c]['errors']}", flush=True)
     return out
 
 
@@ -122,14 +126,13 @@ def main() -> None:
             print(f"service, {label}, {args.rows} row(s) per request:", flush=True)
             with running_server(REPO, Path(tmp), **env) as s:
                 results[label] = sweep(s.url, levels, args.seconds, args.rows, data)
-                results[label + "_batch"] = batch_sizes(s.url)
     b, nb = results["batching"], results["max_batch_size=1"]
     sat = max(levels, key=lambda c: b[c]["rows_per_s"])
-    mean_batch = max(1, int(round(results["batching_batch"])))
+    mean_batch = max(1, int(round(b[sat]["mean_batch"])))
     inproc = in_process(mean_batch, args.seconds, data)
     inproc_1 = in_process(max(1, args.rows), args.seconds, data)
     print()
-    print(f"saturation (batching): {b[sat]['rows_per_s']:.0f} rows/s at concurrency {sat}; mean batch {results['batching_batch']:.1f} rows")
+    print(f"saturation (batching): {b[sat]['rows_per_s']:.0f} rows/s at concurrency {sat}; mean batch {b[sat]['mean_batch']:.1f} rows")
     print(f"in-process log_prob at batch {mean_batch}: {inproc:.0f} rows/s; at batch {args.rows}: {inproc_1:.0f} rows/s")
     print(f"ratio service/in-process at the service's mean batch size: {b[sat]['rows_per_s'] / inproc:.2f}")
     c64 = 64 if 64 in levels else levels[-1]
