@@ -1,16 +1,18 @@
 """Run the service under uvicorn with graceful draining and reload on SIGHUP.
 
 SIGTERM/SIGINT: readiness turns 503 at once and new inference requests are refused; in-flight
-requests finish (bounded by ``drain_timeout_s``); then uvicorn shuts down. SIGHUP reloads the
-model repository.
+requests finish (bounded by ``drain_timeout_s``); then uvicorn shuts down and, as uvicorn does,
+re-raises the signal (exit status −15 for SIGTERM). SIGHUP reloads the model repository.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -29,28 +31,38 @@ class DrainingServer(uvicorn.Server):
         self._draining_task: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
-        if sig == signal.SIGHUP:
-            asyncio.get_event_loop().create_task(self.service.repository.reload())
-            return
-        if self.service.draining:  # second signal: stop now
+        """SIGTERM/SIGINT: start draining; a second signal stops at once."""
+        if self.service.draining:
             return super().handle_exit(sig, frame)
         self.service.draining = True
         log.info("draining: readiness is 503, waiting up to %.0f s for %d in-flight requests",
                  self.service.settings.drain_timeout_s, self.service.inflight)
-        self._draining_task = asyncio.get_event_loop().create_task(self._drain_then_exit(sig, frame))
+        self._schedule(self._drain_then_exit(sig, frame))
+
+    def _on_sighup(self, sig: int, frame) -> None:  # noqa: ANN001
+        log.info("SIGHUP: reloading the model repository")
+        self._schedule(self.service.repository.reload())
+
+    def _schedule(self, coro) -> None:  # noqa: ANN001
+        """Run ``coro`` on the server's loop (signal handlers run between bytecodes of the main thread)."""
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: setattr(self, "_draining_task", loop.create_task(coro)))
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGTERM/SIGINT capture, plus SIGHUP for reload."""
+        with super().capture_signals():
+            previous = signal.signal(signal.SIGHUP, self._on_sighup)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
     async def _drain_then_exit(self, sig: int, frame) -> None:  # noqa: ANN001
         deadline = time.monotonic() + self.service.settings.drain_timeout_s
         while self.service.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
-
-    def install_signal_handlers(self) -> None:
-        super().install_signal_handlers()
-        try:
-            asyncio.get_event_loop().add_signal_handler(signal.SIGHUP, self.handle_exit, signal.SIGHUP, None)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
 
 
 def serve(settings: Settings) -> None:

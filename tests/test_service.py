@@ -210,3 +210,65 @@ def test_reload_swaps_in_new_version(repository: Path, tmp_path: Path) -> None:
         assert r.status_code == 200 and "version 2" in r.json()["changes"]["digits"]
         assert c.get("/v1/models/digits").json()["version"] == "2"
         assert score(c, TEST[:1]).status_code == 200
+        import signal
+        import time
+
+        shutil.copytree(repo / "digits" / "1", repo / "digits" / "3")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while c.get("/v1/models/digits").json()["version"] != "3":
+            assert time.monotonic() < deadline, "SIGHUP did not reload"
+            time.sleep(0.1)
+        assert score(c, TEST[:1]).status_code == 200
+
+
+def test_queue_full_and_timeout_answer_503_never_5xx(repository: Path, tmp_path: Path) -> None:
+    env = {"FLOWSERVE_MAX_QUEUE_ROWS": "8", "FLOWSERVE_MAX_BATCH_SIZE": "2"}
+    with running_server(repository, tmp_path, **env) as s:
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as ac:
+                return await asyncio.gather(*(ac.post("/v1/models/digits/score", json={"instances": TEST[:4].tolist(), "seed": i}) for i in range(60)))
+
+        res = asyncio.run(flood())
+        codes = [r.status_code for r in res]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
+        full = next(r for r in res if r.status_code == 503)
+        assert "queue" in full.json()["error"] and int(full.headers["retry-after"]) >= 1
+        with s.client() as c:
+            text = c.get("/metrics").text
+        rejected = [x for f in text_string_to_metric_families(text) if f.name == "flowserve_rejections" for x in f.samples
+                    if x.labels.get("reason") == "queue_full" and x.name.endswith("_total")]
+        assert rejected and rejected[0].value == codes.count(503)
+    with running_server(repository, tmp_path, FLOWSERVE_REQUEST_TIMEOUT_S="0.000001") as s, s.client() as c:
+        r = c.post("/v1/models/digits/score", json={"instances": TEST[:64].tolist()})
+        assert r.status_code == 503 and "timed out" in r.json()["error"]
+
+
+def test_sigterm_drains_in_flight_requests(repository: Path, tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    with running_server(repository, tmp_path, FLOWSERVE_MAX_BATCH_SIZE="8") as s:
+        results: list[int] = []
+
+        def client() -> None:
+            with s.client() as c:
+                results.append(c.post("/v1/models/digits/score", json={"instances": TEST[:200].tolist(), "iw_samples": 8}).status_code)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        import time
+
+        time.sleep(0.5)  # requests are queued and running
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        try:
+            ready = httpx.get(f"{s.url}/v2/health/ready", timeout=5)
+            assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
+        except httpx.ConnectError:
+            pass  # already drained and gone
+        for t in threads:
+            t.join(60)
+        assert results == [200, 200, 200, 200]
+        assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the captured signal
