@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 # This machine has no GPU: pin the CPU build of torch (overridable, e.g. TORCH_SPEC="torch==2.13.0+cu126").
 TORCH_SPEC ?= torch==2.13.0
+# Optional index for torch wheels (e.g. a CPU-only or a specific CUDA build); empty = the default index.
+TORCH_INDEX ?=
 # ONNX Runtime flavour: `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu).
 ORT_EXTRA ?= cpu
+# Extras to install: `dev` adds the test tools; images use `EXTRAS=$(ORT_EXTRA)` only.
+EXTRAS ?= dev,$(ORT_EXTRA)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -13,8 +17,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,$(ORT_EXTRA)]" "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
