@@ -1,6 +1,8 @@
 """Rebuild the bundled default models that ``make serve`` serves: ``python -m models.bundle ROOT``.
 
-Each entry trains one shipped config with its seed and writes ``ROOT/<name>/1/``.
+Each entry trains one shipped config with its seed, writes ``ROOT/<name>/1/``, adds the ONNX
+graphs and marks ONNX Runtime as the preferred backend (faster than eager PyTorch on CPU;
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .export import export_artifact
 from .train import load_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -29,6 +32,7 @@ def build_bundle(root: Path, names: list[str] | None = None) -> None:
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(Path(tmp) / "artifact", dest)
+        export_artifact(dest, prefer=True)
         print(f"{name}: {config} -> {dest} (test {metrics['test_bits_per_dim']:.4f} bits/dim)")
 
 

@@ -136,6 +136,25 @@ def sample(
 
 @app.command()
 @user_errors
+def export(
+    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT"),
+    opset: int = typer.Option(17, "--opset", min=13, help="ONNX opset"),
+    triton: Optional[Path] = typer.Option(None, "--triton", help="also write a Triton model repository here"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name in the Triton repository"),
+    prefer: bool = typer.Option(False, "--prefer-onnx", help="mark ONNX Runtime as this model's preferred backend"),
+) -> None:
+    """Add ONNX scoring and sampling graphs to an artifact (and optionally a Triton repository)."""
+    from .export import export_artifact, export_triton
+
+    _logging(False)
+    graphs = export_artifact(artifact_dir, opset=opset, prefer=prefer)
+    typer.echo(f"exported score.onnx and sample.onnx to {artifact_dir} (parity vs PyTorch: {graphs['parity']})")
+    if triton is not None:
+        typer.echo(f"Triton model repository: {export_triton(artifact_dir, triton, name)}")
+
+
+@app.command()
+@user_errors
 def serve(
     repository: Optional[Path] = typer.Option(None, "--repository", help="model repository root (FLOWSERVE_REPOSITORY)"),
     host: Optional[str] = typer.Option(None, "--host", help="bind address (FLOWSERVE_HOST, default 127.0.0.1)"),

@@ -83,5 +83,5 @@ class DensityModel(nn.Module):
         x = self.flow.inverse((z * temperature).to(self.device))
         x = x.reshape(n, *self.spec.shape)
         if self.spec.discrete:
-            x = torch.nan_to_num(x, nan=0.0).floor().clamp(0, self.spec.levels - 1)
+            x = torch.where(torch.isnan(x), torch.zeros_like(x), x).floor().clamp(0, self.spec.levels - 1)
         return x

@@ -114,7 +114,7 @@ class ModelRepository:
         t0 = time.perf_counter()
         try:
             entry.manifest = read_manifest(path)
-            runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings.backend) for w in self.workers))
+            runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings) for w in self.workers))
             for w, r in zip(self.workers, runners):
                 await w.run(tasks.warm, r)
             entry.runners = list(runners)

@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"], description="'auto', 'cpu', or e.g. 'cuda:0,cuda:1'")
-    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="auto: the manifest's preferred backend, else torch")
+    require_gpu: bool = Field(False, description="a model that would run on CPU is not ready")
+    ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: as torch)")
+    ort_cpu_arena: bool = Field(True, description="ONNX Runtime CPU memory arena")
     # batching
     max_batch_size: int = Field(256, ge=1, description="rows per batch")
     max_queue_delay_ms: float = Field(0.0, ge=0, description="how long a batch may wait to fill; 0 = take what queued while the device was busy")

@@ -24,24 +24,59 @@ def _random_rotation(c: int, generator: torch.Generator | None = None) -> Tensor
     return q.float()
 
 
-class InvConv1x1(Bijector):
+class _ChannelMixing(Bijector):
+    """Shared forward/inverse for ``z = W x``; subclasses define ``weight_matrix()`` and ``log_abs_det()``.
+
+    ``freeze()`` caches ``W``, ``W⁻¹`` and ``log|det W|`` (computed in float64) as constants, so
+    an exported graph holds plain matrices (ONNX has no LU, inverse or slogdet operators).
+    """
+
+    _frozen: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def weight_matrix(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_abs_det(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        w = self.weight_matrix().double()
+        self._frozen = (w.float(), torch.linalg.inv(w).float(), self.log_abs_det().double().float())
+
+    def _parts(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+        if self._frozen is not None:
+            w, w_inv, logdet = self._frozen
+            return w.to(dtype), w_inv.to(dtype), logdet.to(dtype)
+        return self.weight_matrix().to(dtype), None, self.log_abs_det().to(dtype)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        w, _, logdet = self._parts(x.dtype)
+        positions = x[0, 0].numel()
+        return _apply(x, w), (logdet * positions).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        _, w_inv, _ = self._parts(z.dtype)
+        if w_inv is None:
+            w_inv = torch.linalg.inv(self.weight_matrix().double()).to(z.dtype)
+        return _apply(z, w_inv)
+
+
+class InvConv1x1(_ChannelMixing):
     """Plain invertible 1×1 convolution; ``log|det W|`` computed in float64."""
 
     def __init__(self, num_channels: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(_random_rotation(num_channels))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logabsdet = torch.linalg.slogdet(self.weight.double()).logabsdet.to(x.dtype)
-        positions = x[0, 0].numel()
-        return _apply(x, self.weight.to(x.dtype)), (logabsdet * positions).expand(x.shape[0])
+    def weight_matrix(self) -> Tensor:
+        return self.weight
 
-    def inverse(self, z: Tensor) -> Tensor:
-        w_inv = torch.linalg.inv(self.weight.double()).to(z.dtype)
-        return _apply(z, w_inv)
+    def log_abs_det(self) -> Tensor:
+        return torch.linalg.slogdet(self.weight.double()).logabsdet
 
 
-class InvConv1x1LU(Bijector):
+class InvConv1x1LU(_ChannelMixing):
     """LU-parametrised 1×1 convolution: ``W = P L (U + diag(sign · exp(log_s)))``.
 
     ``P`` is a fixed permutation, ``L`` unit lower-triangular, ``U`` strictly upper.
@@ -59,17 +94,11 @@ class InvConv1x1LU(Bijector):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(torch.abs(s)))
 
-    def weight(self) -> Tensor:
+    def weight_matrix(self) -> Tensor:
         eye = torch.eye(self.perm.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * self.log_s.exp())
         return self.perm @ lower @ upper
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        positions = x[0, 0].numel()
-        logdet = self.log_s.sum() * positions
-        return _apply(x, self.weight().to(x.dtype)), logdet.to(x.dtype).expand(x.shape[0])
-
-    def inverse(self, z: Tensor) -> Tensor:
-        w_inv = torch.linalg.inv(self.weight().double()).to(z.dtype)
-        return _apply(z, w_inv)
+    def log_abs_det(self) -> Tensor:
+        return self.log_s.sum()
