@@ -4,7 +4,7 @@ Runs, side by side in one process tree:
   * the service with dynamic batching (defaults), swept over client concurrency;
   * the service with ``FLOWSERVE_MAX_BATCH_SIZE=1`` (no batching);
   * the same model called in-process at the batch size the service formed.
-Prints a table and the ratios. Usage: ``python bench/serving.py [--seconds 4] [--rows 1]``.
+Prints a table and the ratios. Usage: ``python bench/serving.py [--seconds 4] [--rows 1] [--backend auto|torch|onnxruntime]``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import load  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 from tests.server import running_server  # noqa: E402
 
@@ -80,23 +79,24 @@ def batch_totals(url: str) -> tuple[float, float]:
     return total, count
 
 
-def in_process(batch: int, seconds: float, data: np.ndarray) -> float:
-    """Rows/s of ``log_prob`` called directly at ``batch`` rows per call (noise drawn as the service does)."""
+def in_process(batch: int, seconds: float, data: np.ndarray, backend: str) -> float:
+    """Rows/s of the service's own runner (same backend, same threads) called directly at ``batch`` rows."""
     import os
 
+    from service.runners import open_runner
+    from service.settings import Settings
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # the service's CPU worker default
-    model = load(str(REPO / "digits" / "1"))
-    x = torch.from_numpy(data[:batch].astype(np.float32))
+    runner = open_runner(REPO / "digits" / "1", "cpu", Settings(backend=backend))
+    x = data[:batch].astype(np.float32)
     rng = np.random.default_rng(0)
     best = 0.0
-    with torch.inference_mode():
-        for _ in range(3):  # best of three: the steady state, as the service's sweep reports its best level
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 3:
-                noise = torch.from_numpy(rng.random((batch, 1, 8, 8), dtype=np.float32))
-                model.log_prob(x, noise)
-                n += batch
-            best = max(best, n / (time.perf_counter() - t0))
+    for _ in range(3):  # best of three: the steady state, as the service's sweep reports its best level
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            runner.log_prob(x, rng.random((batch, 1, 8, 8), dtype=np.float32))
+            n += batch
+        best = max(best, n / (time.perf_counter() - t0))
     return best
 
 
@@ -117,22 +117,25 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rows", type=int, default=1, help="rows per request")
     ap.add_argument("--levels", default="1,4,16,64,256")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="FLOWSERVE_BACKEND for the service and the in-process baseline")
     args = ap.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
     data = load_dataset("digits").split("test")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, env in (("batching", {}), ("max_batch_size=1", {"FLOWSERVE_MAX_BATCH_SIZE": "1"})):
+        base = {"FLOWSERVE_BACKEND": args.backend}
+        for label, env in (("batching", base), ("max_batch_size=1", {**base, "FLOWSERVE_MAX_BATCH_SIZE": "1"})):
             print(f"service, {label}, {args.rows} row(s) per request:", flush=True)
             with running_server(REPO, Path(tmp), **env) as s:
                 results[label] = sweep(s.url, levels, args.seconds, args.rows, data)
     b, nb = results["batching"], results["max_batch_size=1"]
     sat = max(levels, key=lambda c: b[c]["rows_per_s"])
     mean_batch = max(1, int(round(b[sat]["mean_batch"])))
-    inproc = in_process(mean_batch, args.seconds, data)
-    inproc_1 = in_process(max(1, args.rows), args.seconds, data)
+    inproc = in_process(mean_batch, args.seconds, data, args.backend)
+    inproc_1 = in_process(max(1, args.rows), args.seconds, data, args.backend)
     print()
     print(f"saturation (batching): {b[sat]['rows_per_s']:.0f} rows/s at concurrency {sat}; mean batch {b[sat]['mean_batch']:.1f} rows")
+    print(f"backend: {args.backend} (auto = the artifact's preferred backend)")
     print(f"in-process log_prob at batch {mean_batch}: {inproc:.0f} rows/s; at batch {args.rows}: {inproc_1:.0f} rows/s")
     print(f"ratio service/in-process at the service's mean batch size: {b[sat]['rows_per_s'] / inproc:.2f}")
     c64 = 64 if 64 in levels else levels[-1]

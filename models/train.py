@@ -222,7 +222,12 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,
     }
-    artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics)
+    calibration = None
+    if data.spec.kind == "record":
+        from .anomaly import calibrate
+
+        calibration = calibrate(final, data.split("val"), seed=cfg.seed)
+    artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, out / "samples.png")
     with metrics_path.open("a") as f:

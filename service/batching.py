@@ -4,8 +4,8 @@ Requests put rows on a bounded queue (counted in rows; full → 503 with Retry-A
 consumer per replica takes everything that queued while its device was busy, up to
 ``max_batch_size`` rows, waiting at most ``max_queue_delay`` for more (0 by default: batches form
 naturally under load and a lone request runs at once), runs the batch on its device worker,
-and hands each request its own rows back. A request larger than
-``max_batch_size`` runs as a batch of its own. Every row's result depends only on that row
+and hands each request its own rows back. A request larger than ``max_batch_size`` runs alone,
+split into chunks of at most ``max_batch_size`` rows. Every row's result depends only on that row
 (and its own noise), never on its batch-mates.
 """
 
@@ -138,6 +138,14 @@ class Batcher:
                     rows += nxt.rows
             await self._run(replica, batch, rows)
 
+    def _compute_in_chunks(self, replica: Replica, payload: Payload) -> np.ndarray:
+        """Never hand the device more than ``max_batch_size`` rows at once."""
+        rows = len(next(iter(payload.values())))
+        if rows <= self.max_batch_size:
+            return self._compute_halving_on_oom(replica, payload)
+        step = self.max_batch_size
+        return np.concatenate([self._compute_halving_on_oom(replica, {k: v[i : i + step] for k, v in payload.items()}) for i in range(0, rows, step)])
+
     def _compute_halving_on_oom(self, replica: Replica, payload: Payload) -> np.ndarray:
         """Run ``compute``; on CUDA out-of-memory, halve the batch and retry each half (counted)."""
         try:
@@ -161,7 +169,7 @@ class Batcher:
         self.metrics.batch_size.labels(self.model, self.task).observe(rows)
         t0 = time.perf_counter()
         try:
-            out = await replica.worker.run(self._compute_halving_on_oom, replica, payload)
+            out = await replica.worker.run(self._compute_in_chunks, replica, payload)
         except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, never the consumer
             log.exception("batch of %d rows for %s/%s failed", rows, self.model, self.task)
             for item in batch:

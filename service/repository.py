@@ -40,6 +40,7 @@ class ModelEntry:
     batchers: dict[str, Batcher] = field(default_factory=dict)
     load_seconds: float | None = None
     mtime: float = 0.0
+    extras: dict = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -60,7 +61,8 @@ class ModelEntry:
                 architecture=self.manifest.architecture.get("name"),
                 data_spec=spec.model_dump(mode="json"),
                 metrics=self.manifest.metrics,
-                calibration=self.manifest.calibration is not None,
+                calibration=None if not self.manifest.calibration else
+                {k: v for k, v in self.manifest.calibration.items() if k != "scores"},
                 tasks=sorted(self.batchers),
             )
         if self.runners:

@@ -136,3 +136,35 @@ async def sample(name: str, request: Request) -> Response:
 async def reload(request: Request) -> dict:
     """Load new or changed model versions, warm them, swap atomically, drain the old ones."""
     return {"changes": await state(request).repository.reload()}
+
+
+class AnomalyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list = Field(..., min_length=1, description="records {feature: value} or arrays in feature order")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate at which is_anomaly is decided")
+    seed: int = Field(0, ge=0)
+
+
+@router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)])
+async def anomaly(name: str, request: Request) -> dict:
+    """Calibrated anomaly scores for records: NLL, per-dim NLL, percentile, conformal p-value, decision."""
+    from models.anomaly import AnomalyScorer
+
+    s = state(request)
+    entry = s.repository.get(name)
+    entry.batcher("score")
+    manifest = entry.manifest
+    if manifest.data_spec.kind != "record" or not manifest.calibration:
+        raise BadRequest(f"model {name!r} has no anomaly calibration (only record models trained by flowserve have one)")
+    body = await read_body(request, s.settings.max_body_bytes)
+    opts = validate(AnomalyOptions, parse_json(body))
+    x = instances_to_array(opts.records, manifest.data_spec, "records")
+    lp, entry = await score_rows(request, name, x, opts.seed, 1)
+    scorer = entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
+    return {
+        "model": name,
+        "version": entry.version,
+        "target_fpr": opts.target_fpr,
+        "calibration": {"method": manifest.calibration["method"], "n": manifest.calibration["n"]},
+        "results": scorer.assess(-lp, manifest.data_spec.dims, opts.target_fpr),
+    }

@@ -1,0 +1,88 @@
+"""Calibrated anomaly scores: conformal math, training-time calibration, the service route."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import load
+from models.anomaly import AnomalyScorer
+from models.train import TrainConfig, train
+from tests.server import running_server
+
+FEATURES = ["heart_rate", "systolic_bp", "diastolic_bp", "spo2"]
+MEAN = np.array([80.0, 120.0, 75.0, 97.0])
+COV = np.array([[100, 30, 20, -2], [30, 225, 90, 0], [20, 90, 100, 0], [-2, 0, 0, 2.0]])
+
+
+def normal_records(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).multivariate_normal(MEAN, COV, n).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def record_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("records")
+    csv = tmp / "vitals.csv"
+    data = normal_records(3000, 0)
+    csv.write_text(",".join(FEATURES) + "\n" + "\n".join(",".join(f"{v:.3f}" for v in row) for row in data) + "\n")
+    cfg = TrainConfig.model_validate({
+        "data": f"csv:{csv}", "model": {"name": "vector", "steps": 4, "hidden": 32},
+        "train": {"steps": 400, "batch_size": 128, "lr": 0.003, "ema": 0.95, "eval_every": 100, "init_batch": 512}, "seed": 0})
+    train(cfg, tmp / "run", progress=False)
+    return tmp / "run" / "artifact"
+
+
+def test_conformal_p_values_and_threshold() -> None:
+    scorer = AnomalyScorer({"scores": list(range(1, 100))})  # n = 99
+    res = scorer.assess(np.array([0.0, 50.0, 99.0, 1000.0]), dims=1, target_fpr=0.05)
+    assert [r["p_value"] for r in res] == [1.0, 0.51, 0.02, 0.01]
+    assert [r["is_anomaly"] for r in res] == [False, False, True, True]
+    assert scorer.threshold(0.05) == 95.0  # k = ceil(100 · 0.95) = 95th smallest
+    assert res[1]["percentile"] == pytest.approx(100 * 50 / 99)
+    assert AnomalyScorer({"scores": [1.0, 2.0]}).threshold(0.01) == float("inf")
+
+
+def test_training_stores_calibration_and_fpr_holds(record_run: Path) -> None:
+    import torch
+
+    model = load(str(record_run))
+    cal = model.manifest.calibration
+    assert cal["method"] == "conformal" and cal["n"] == 150 and cal["scores"] == sorted(cal["scores"])
+    scorer = AnomalyScorer(cal)
+    fresh = normal_records(4000, 99)
+    nll = -model.log_prob(torch.from_numpy(fresh)).detach().numpy()
+    realised = np.mean([r["is_anomaly"] for r in scorer.assess(nll, 4, target_fpr=0.1)])
+    assert abs(realised - 0.1) < 0.04  # finite-calibration-set spread at n = 150
+
+
+def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(record_run, repo / "vitals" / "1")
+    normal = normal_records(20, 7)
+    odd = normal[:3].copy()
+    odd[:, 1] = [40.0, 260.0, 30.0]  # implausible systolic pressure
+    with running_server(repo, tmp_path) as s, s.client() as c:
+        desc = c.get("/v1/models/vitals").json()
+        assert desc["data_spec"]["feature_names"] == FEATURES and desc["calibration"]["n"] == 150
+        records = [dict(zip(FEATURES, map(float, r))) for r in np.concatenate([normal, odd])]
+        r = c.post("/v1/models/vitals/anomaly", json={"records": records, "target_fpr": 0.05})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert all(x["is_anomaly"] for x in res[-3:])
+        assert sum(x["is_anomaly"] for x in res[:-3]) <= 4
+        assert all(0 < x["p_value"] <= 1 for x in res) and res[-1]["nll"] > max(x["nll"] for x in res[:-3])
+        missing = c.post("/v1/models/vitals/anomaly", json={"records": [{"heart_rate": 80}]})
+        assert missing.status_code == 400 and "missing feature" in missing.json()["error"]
+        unknown = c.post("/v1/models/vitals/anomaly", json={"records": [{**records[0], "lactate": 1}]})
+        assert unknown.status_code == 400 and "unknown feature" in unknown.json()["error"]
+        scored = c.post("/v1/models/vitals/score", json={"instances": records[:2]})
+        assert scored.status_code == 200 and scored.json()["bound"] == "exact"
+
+
+def test_anomaly_route_refuses_image_models(server) -> None:  # noqa: ANN001
+    with server.client() as c:
+        r = c.post("/v1/models/digits/anomaly", json={"records": [[0] * 64]})
+    assert r.status_code == 400 and "no anomaly calibration" in r.json()["error"]
