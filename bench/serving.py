@@ -29,17 +29,30 @@ from tests.server import running_server  # noqa: E402
 REPO = ROOT / "model_repository"
 
 
-async def load_level(url: str, concurrency: int, seconds: float, rows: int, data: np.ndarray) -> dict:
+async def load_level(url: str, concurrency: int, seconds: float, rows: int, data: np.ndarray, protocol: str = "v1") -> dict:
     """``concurrency`` closed-loop clients for ``seconds``; each request scores ``rows`` rows."""
     import json
 
     import aiohttp
 
-    bodies = [json.dumps({"instances": data[(i * rows) % (len(data) - rows) :][:rows].tolist(), "seed": i}).encode() for i in range(64)]
+    def chunk(i: int) -> np.ndarray:
+        start = (i * rows) % max(1, len(data) - rows)
+        return np.resize(data[start:], (rows, *data.shape[1:]))
+
+    if protocol == "v2":  # Open Inference Protocol with Triton's binary tensor extension
+        path = "/v2/models/digits/infer"
+        bodies = []
+        for i in range(64):
+            head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [rows, *data.shape[1:]],
+                                           "parameters": {"binary_data_size": rows * int(np.prod(data.shape[1:]))}}],
+                               "parameters": {"seed": i, "binary_data_output": True}}).encode()
+            bodies.append((head + chunk(i).astype(np.uint8).tobytes(), {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}))
+    else:
+        path = "/v1/models/digits/score"
+        bodies = [(json.dumps({"instances": chunk(i).tolist(), "seed": i}).encode(), {"content-type": "application/json"}) for i in range(64)]
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
-    headers = {"content-type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(base_url=url, connector=connector) as client:
         async def worker(k: int) -> None:
@@ -47,7 +60,8 @@ async def load_level(url: str, concurrency: int, seconds: float, rows: int, data
             i = k
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                async with client.post("/v1/models/digits/score", data=bodies[i % 64], headers=headers) as r:
+                body, headers = bodies[i % 64]
+                async with client.post(path, data=body, headers=headers) as r:
                     await r.read()
                     if r.status == 200:
                         lat.append(time.perf_counter() - t0)
@@ -100,12 +114,12 @@ def in_process(batch: int, seconds: float, data: np.ndarray, backend: str) -> fl
     return best
 
 
-def sweep(url: str, levels: list[int], seconds: float, rows: int, data: np.ndarray) -> dict[int, dict]:
+def sweep(url: str, levels: list[int], seconds: float, rows: int, data: np.ndarray, protocol: str) -> dict[int, dict]:
     out = {}
     for c in levels:
-        asyncio.run(load_level(url, c, 0.5, rows, data))  # warm
+        asyncio.run(load_level(url, c, 0.5, rows, data, protocol))  # warm
         rows0, batches0 = batch_totals(url)
-        out[c] = asyncio.run(load_level(url, c, seconds, rows, data))
+        out[c] = asyncio.run(load_level(url, c, seconds, rows, data, protocol))
         rows1, batches1 = batch_totals(url)
         out[c]["mean_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
         print(f"  c={c:4d} {out[c]['rows_per_s']:9.0f} rows/s  p50 {out[c]['p50']:7.1f} ms  p90 {out[c]['p90']:7.1f}  p99 {out[c]['p99']:7.1f}  mean batch {out[c]['mean_batch']:5.1f}  errors {out[c]['errors']}", flush=True)
@@ -117,6 +131,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rows", type=int, default=1, help="rows per request")
     ap.add_argument("--levels", default="1,4,16,64,256")
+    ap.add_argument("--protocol", default="v1", choices=["v1", "v2"], help="v1 JSON, or V2 with binary tensors")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="FLOWSERVE_BACKEND for the service and the in-process baseline")
     args = ap.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
@@ -125,9 +140,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = {"FLOWSERVE_BACKEND": args.backend}
         for label, env in (("batching", base), ("max_batch_size=1", {**base, "FLOWSERVE_MAX_BATCH_SIZE": "1"})):
-            print(f"service, {label}, {args.rows} row(s) per request:", flush=True)
+            print(f"service, {label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
             with running_server(REPO, Path(tmp), **env) as s:
-                results[label] = sweep(s.url, levels, args.seconds, args.rows, data)
+                results[label] = sweep(s.url, levels, args.seconds, args.rows, data, args.protocol)
     b, nb = results["batching"], results["max_batch_size=1"]
     sat = max(levels, key=lambda c: b[c]["rows_per_s"])
     mean_batch = max(1, int(round(b[sat]["mean_batch"])))
