@@ -46,6 +46,10 @@ LAYERS: dict[str, Factory] = {
     "logit": lambda: (F.Logit(levels=17), (1, 2, 2)),
     "gaussian_split": lambda: (F.GaussianSplit(4), (4, 2, 2)),
     "multiscale": _vector_multiscale,
+    "butterfly_untied": lambda: (F.Butterfly((16,), levels=4, init="rotation"), (16,)),
+    "butterfly_tied": lambda: (F.Butterfly((2, 8), levels=4, tied=True, init="rotation"), (2, 8)),
+    "butterfly_image_channel_last": lambda: (F.Butterfly((4, 2, 2), levels=3, layout="channel_last", init="rotation"), (4, 2, 2)),
+    "butterfly_partitioned": lambda: (F.Butterfly((2, 4, 4), levels=2, partitions=4, init="rotation"), (2, 4, 4)),
 }
 
 # Layers whose domain is bounded get inputs drawn from inside it.

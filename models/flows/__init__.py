@@ -1,5 +1,6 @@
 """Invertible layers. Each maps data→latent with ``forward(x) -> (z, logdet)`` and back with ``inverse``."""
 
+from .butterfly import Butterfly, ButterflyFactor, max_levels
 from .base import Bijector, Flatten, Sequential, standard_normal_log_prob, sum_except_batch
 from .coupling import AffineCoupling, checkerboard
 from .linear import InvConv1x1, InvConv1x1LU
@@ -12,6 +13,8 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "Bijector",
+    "Butterfly",
+    "ButterflyFactor",
     "Flatten",
     "GaussianSplit",
     "InvConv1x1",
@@ -21,6 +24,7 @@ __all__ = [
     "Sequential",
     "Squeeze",
     "checkerboard",
+    "max_levels",
     "squeeze2d",
     "standard_normal_log_prob",
     "sum_except_batch",

@@ -1,0 +1,137 @@
+"""Invertible butterfly layers (Meng et al. 2022), O(D) per factor.
+
+A level-k factor cuts the flattened vector ``x ∈ ℝ^D`` into ``2^k`` contiguous blocks of length
+``L = D / 2^k`` and mixes element ``j`` with element ``j + L/2`` of each block by a 2×2 matrix
+(untied: one per pair; tied: one per block). A layer with ``K`` levels applies the factors at
+levels ``0, 1, …, K−1`` in that order; with ``K = log2 D`` it is a full butterfly matrix, which
+can express any permutation and FFT-like structure.
+
+Parametrisation (invertible by construction). Each 2×2 block is
+
+    M = R(θ) · [[e^{s₁}, t], [0, e^{s₂}]],   det M = e^{s₁ + s₂} > 0,
+
+a rotation times an upper-triangular matrix with a positive diagonal. Every 2×2 matrix with a
+positive determinant has this form (QR decomposition), so the layer covers the same blocks the
+paper's free 2×2 matrices do, minus reflections, and can never become singular. Four parameters
+per block, as in the paper. ``log|det| = Σ_blocks (s₁ + s₂)`` (times ``L/2`` for tied blocks).
+Initialisation: identity (θ = s = t = 0) or random rotations (θ ~ U[0, 2π)).
+
+Layouts for images ``(C, H, W)``: ``channel_major`` flattens C·H·W as stored (NCHW);
+``channel_last`` flattens H·W·C (channels vary fastest). ``partitions = P`` (a power of two)
+applies independent butterflies to the P contiguous chunks (the block-wise variant): for the
+untied layer this is the level-``log2 P``-and-below part of a butterfly on the whole vector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import Bijector
+
+
+def max_levels(d: int) -> int:
+    """The largest K with ``d`` divisible by ``2^K``: the exponent of 2 in ``d``."""
+    k = 0
+    while d % (2 ** (k + 1)) == 0:
+        k += 1
+    return k
+
+
+class ButterflyFactor(nn.Module):
+    """One level-k factor on vectors ``(B, D)``; see the module docstring for the math."""
+
+    def __init__(self, dim: int, level: int, tied: bool = False, init: Literal["identity", "rotation"] = "identity") -> None:
+        super().__init__()
+        if dim % (2 ** (level + 1)):
+            raise ValueError(f"a level-{level} butterfly factor needs D divisible by {2 ** (level + 1)}, got D = {dim}")
+        self.dim, self.level, self.tied = dim, level, tied
+        self.blocks = 2**level
+        self.half = dim // (2 * self.blocks)
+        shape = (self.blocks, 1) if tied else (self.blocks, self.half)
+        theta = torch.rand(shape) * (2 * math.pi) if init == "rotation" else torch.zeros(shape)
+        self.theta = nn.Parameter(theta)
+        self.s1 = nn.Parameter(torch.zeros(shape))
+        self.s2 = nn.Parameter(torch.zeros(shape))
+        self.t = nn.Parameter(torch.zeros(shape))
+
+    def matrices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Entries ``(a, b, c, d)`` of every block's matrix ``[[a, b], [c, d]]``, each ``(2^k, L/2 or 1)``."""
+        cos, sin = torch.cos(self.theta), torch.sin(self.theta)
+        e1, e2 = torch.exp(self.s1), torch.exp(self.s2)
+        return cos * e1, cos * self.t - sin * e2, sin * e1, sin * self.t + cos * e2
+
+    def log_abs_det(self) -> Tensor:
+        ld = (self.s1 + self.s2).sum()
+        return ld * self.half if self.tied else ld
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        xv = x.reshape(b, self.blocks, 2, self.half)
+        u, v = xv[:, :, 0], xv[:, :, 1]
+        a, bb, c, d = (m.to(x.dtype) for m in self.matrices())
+        return torch.stack([a * u + bb * v, c * u + d * v], 2).reshape(b, self.dim)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """``M⁻¹ = U⁻¹ Rᵀ``: rotate back, then undo the triangular part; O(D)."""
+        b = y.shape[0]
+        yv = y.reshape(b, self.blocks, 2, self.half)
+        p, q = yv[:, :, 0], yv[:, :, 1]
+        cos, sin = torch.cos(self.theta).to(y.dtype), torch.sin(self.theta).to(y.dtype)
+        r1, r2 = cos * p + sin * q, -sin * p + cos * q
+        v = r2 * torch.exp(-self.s2).to(y.dtype)
+        u = (r1 - self.t.to(y.dtype) * v) * torch.exp(-self.s1).to(y.dtype)
+        return torch.stack([u, v], 2).reshape(b, self.dim)
+
+
+class Butterfly(Bijector):
+    """A K-level butterfly layer on ``(B, *shape)`` inputs, flattened per ``layout``; shapes unchanged."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        levels: int,
+        tied: bool = False,
+        init: Literal["identity", "rotation"] = "identity",
+        layout: Literal["channel_major", "channel_last"] = "channel_major",
+        partitions: int = 1,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.layout = layout
+        d = math.prod(self.shape)
+        if partitions < 1 or partitions & (partitions - 1):
+            raise ValueError(f"partitions must be a power of two, got {partitions}")
+        offset = int(math.log2(partitions))
+        allowed = max_levels(d) - offset
+        if levels < 1 or levels > allowed:
+            raise ValueError(f"D = {d} ({' × '.join(map(str, self.shape))}) with {partitions} partition(s) allows 1..{allowed} butterfly levels, got {levels}")
+        self.factors = nn.ModuleList(ButterflyFactor(d, offset + k, tied, init) for k in range(levels))
+
+    def _flat(self, x: Tensor) -> Tensor:
+        if self.layout == "channel_last" and x.dim() > 2:
+            x = x.movedim(1, -1)
+        return x.reshape(x.shape[0], -1)
+
+    def _unflat(self, x: Tensor) -> Tensor:
+        if self.layout == "channel_last" and len(self.shape) > 1:
+            return x.reshape(x.shape[0], *self.shape[1:], self.shape[0]).movedim(-1, 1)
+        return x.reshape(x.shape[0], *self.shape)
+
+    def log_abs_det(self) -> Tensor:
+        return sum(f.log_abs_det() for f in self.factors)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self._flat(x)
+        for f in self.factors:
+            h = f(h)
+        return self._unflat(h), self.log_abs_det().to(x.dtype).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        h = self._flat(z)
+        for f in reversed(self.factors):
+            h = f.inverse(h)
+        return self._unflat(h)
