@@ -13,11 +13,12 @@ class DataSpec(BaseModel):
 
     ``kind="image"``: integers in ``0..levels-1`` with ``shape = (C, H, W)``.
     ``kind="record"``: real vectors with ``shape = (D,)`` and ``feature_names`` of length D.
+    ``kind="waveform"``: real multichannel windows with ``shape = (C, T)``; ``feature_names`` name the channels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["image", "record"]
+    kind: Literal["image", "record", "waveform"]
     shape: tuple[int, ...]
     levels: int | None = None
     feature_names: list[str] | None = None

@@ -73,3 +73,40 @@ def test_gradient_reaches_every_parameter() -> None:
 def test_too_many_levels_names_the_largest_allowed() -> None:
     with pytest.raises(ValueError, match=r"D = 48 \(3 × 4 × 4\) with 1 partition\(s\) allows 1..4 butterfly levels, got 5"):
         Butterfly((3, 4, 4), levels=5)
+
+
+def _params(config: str, spec) -> int:  # noqa: ANN001
+    from models.architectures import build
+    from models.train import load_config
+
+    return sum(p.numel() for p in build(load_config(config).model, spec).parameters())
+
+
+def test_waveform_parameter_counts_match_the_released_configuration() -> None:
+    from models.spec import DataSpec
+
+    spec = DataSpec(kind="waveform", shape=(2, 1024), feature_names=["PLETH", "ABP"])
+    assert _params("configs/butterflyflow_waveform.yaml", spec) == 15_280
+    assert _params("configs/glow_waveform.yaml", spec) == 36_032
+
+
+def test_cifar10_config_is_paper_size() -> None:
+    from models.spec import DataSpec
+
+    n = _params("configs/butterflyflow_cifar10.yaml", DataSpec(kind="image", shape=(3, 32, 32), levels=256))
+    assert abs(n - 44.4e6) / 44.4e6 < 0.05, n
+
+
+def test_waveform_flow_roundtrip_and_density() -> None:
+    from models.architectures import build, parse_config
+    from models.spec import DataSpec
+
+    spec = DataSpec(kind="waveform", shape=(2, 64), feature_names=["PLETH", "ABP"])
+    m = build(parse_config({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8, "butterfly_levels": [6, 5]}), spec).double()
+    x = torch.randn(4, 2, 64, dtype=torch.float64)
+    m.train()
+    m.log_prob(x)
+    m.eval()
+    z, _ = m.flow(x)
+    torch.testing.assert_close(m.flow.inverse(z), x, atol=1e-9, rtol=1e-9)
+    assert torch.isfinite(m.log_prob(x)).all()

@@ -8,13 +8,22 @@ from pydantic import Field, TypeAdapter
 
 from ..density import DensityModel
 from ..spec import DataSpec
+from .butterflyflow import ButterflyFlowConfig, WaveformFlowConfig, build_butterflyflow, build_waveform
 from .glow import GlowConfig, RealNVPConfig, build_glow, build_realnvp
 from .vector import VectorFlowConfig, build_vector
 
-ArchitectureConfig = Annotated[GlowConfig | RealNVPConfig | VectorFlowConfig, Field(discriminator="name")]
+ArchitectureConfig = Annotated[
+    GlowConfig | RealNVPConfig | VectorFlowConfig | ButterflyFlowConfig | WaveformFlowConfig, Field(discriminator="name")
+]
 _ADAPTER: TypeAdapter = TypeAdapter(ArchitectureConfig)
 
-_BUILDERS = {"glow": build_glow, "realnvp": build_realnvp, "vector": build_vector}
+_BUILDERS = {
+    "glow": build_glow,
+    "realnvp": build_realnvp,
+    "vector": build_vector,
+    "butterflyflow": build_butterflyflow,
+    "waveform": build_waveform,
+}
 
 
 def parse_config(data: dict[str, Any]) -> Any:

@@ -51,4 +51,26 @@ def _csv(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset (im
     return Dataset(ds, split_fixed(finite))
 
 
-LOADERS: dict[str, Callable] = {"csv": _csv}
+def _waveform_npy(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset
+    """``waveform:FILE.npy``: float windows ``(N, C, T)``; channels named ``ch0..``; split 90/5/5."""
+    from . import Dataset
+
+    path = Path(arg).expanduser()
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: NPY file not found") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a valid .npy array ({e})") from None
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path}: expected float waveform windows (N, C, T), got {arr.dtype} {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: waveform windows contain NaN or infinite values")
+    arr = arr.astype(np.float32)
+    names = [f"ch{i}" for i in range(arr.shape[1])]
+    ds = DataSpec(kind="waveform", shape=tuple(arr.shape[1:]), feature_names=names,
+                  ranges=[(float(arr[:, i].min()), float(arr[:, i].max())) for i in range(arr.shape[1])], source=spec)
+    return Dataset(ds, split_fixed(arr))
+
+
+LOADERS: dict[str, Callable] = {"csv": _csv, "waveform": _waveform_npy}

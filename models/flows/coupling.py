@@ -93,3 +93,39 @@ class AffineCoupling(Bijector):
         a, b = self._split(z)
         shift, log_s = self._params(a)
         return self._join(a, b * (-log_s).exp() - shift)
+
+
+class RealNVPCoupling(Bijector):
+    """RealNVP coupling over channels of ``(B, C, T)`` (or ``(B, C)``), pointwise in time.
+
+    Separate MLPs read the first ``C//2`` channels at each position: a scale net with tanh
+    activations and a shift net with ReLU, each ``in → hidden → hidden → out``.
+    ``z_b = x_b · exp(s) + t``, ``logdet = Σ s``.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.n_a = channels // 2
+        n_b = channels - self.n_a
+
+        def mlp(act: type[nn.Module]) -> nn.Sequential:
+            last = nn.Linear(hidden, n_b)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            return nn.Sequential(nn.Linear(self.n_a, hidden), act(), nn.Linear(hidden, hidden), act(), last)
+
+        self.scale_net, self.shift_net = mlp(nn.Tanh), mlp(nn.ReLU)
+
+    def _params(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        h = a.movedim(1, -1)  # channels last for the MLPs
+        return self.scale_net(h).movedim(-1, 1), self.shift_net(h).movedim(-1, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x[:, : self.n_a], x[:, self.n_a :]
+        s, t = self._params(a)
+        return torch.cat([a, b * torch.exp(s) + t], 1), sum_except_batch(s)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        a, b = z[:, : self.n_a], z[:, self.n_a :]
+        s, t = self._params(a)
+        return torch.cat([a, (b - t) * torch.exp(-s)], 1)

@@ -14,8 +14,11 @@ from .base import Bijector
 
 
 def _apply(x: Tensor, w: Tensor) -> Tensor:
+    """``W`` applied over dim 1 of ``(B, C)``, ``(B, C, T)`` or ``(B, C, H, W)``."""
     if x.dim() == 2:
         return x @ w.T
+    if x.dim() == 3:
+        return F.conv1d(x, w.view(*w.shape, 1))
     return F.conv2d(x, w.view(*w.shape, 1, 1))
 
 

@@ -8,6 +8,8 @@ sends ``x_1`` through the inner flow and returns one flat latent ``(B, D)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,29 +44,34 @@ class GaussianSplit(Bijector):
 class MultiScale(Bijector):
     """``head`` then factor-out, then ``inner`` on the kept half; latent is flat ``(B, D)``.
 
-    ``shape`` is the ``(C, H, W)`` that ``head`` outputs; ``inner`` must take the kept half
-    ``(C//2, H, W)`` and return a flat latent.
+    ``shape`` is the ``(C, ...)`` that ``head`` outputs; ``inner`` must take the kept half
+    ``(C//2, ...)`` and return a flat latent. ``learned_prior=False`` factors out against a
+    plain standard normal (no parameters).
     """
 
-    def __init__(self, head: Bijector, shape: tuple[int, int, int], inner: Bijector) -> None:
+    def __init__(self, head: Bijector, shape: tuple[int, ...], inner: Bijector, learned_prior: bool = True) -> None:
         super().__init__()
         self.head = head
-        self.split = GaussianSplit(shape[0])
+        self.split = GaussianSplit(shape[0]) if learned_prior else None
         self.inner = inner
-        c, h, w = shape
-        self.kept_shape = (c // 2, h, w)
-        self.out_shape = (c - c // 2, h, w)
-        self.n_kept = (c // 2) * h * w
+        c, rest = shape[0], tuple(shape[1:])
+        self.kept_shape = (c // 2, *rest)
+        self.out_shape = (c - c // 2, *rest)
+        self.n_kept = math.prod(self.kept_shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y, logdet = self.head(x)
-        y, ld = self.split(y)
+        if self.split is not None:
+            y, ld = self.split(y)
+            logdet = logdet + ld
         z1, ld_inner = self.inner(y[:, : self.kept_shape[0]])
         z2 = y[:, self.kept_shape[0] :]
-        return torch.cat([z1, z2.reshape(z2.shape[0], -1)], 1), logdet + ld + ld_inner
+        return torch.cat([z1, z2.reshape(z2.shape[0], -1)], 1), logdet + ld_inner
 
     def inverse(self, z: Tensor) -> Tensor:
         y1 = self.inner.inverse(z[:, : self.n_kept])
         y2 = z[:, self.n_kept :].reshape(z.shape[0], *self.out_shape)
-        y = self.split.inverse(torch.cat([y1, y2], 1))
+        y = torch.cat([y1, y2], 1)
+        if self.split is not None:
+            y = self.split.inverse(y)
         return self.head.inverse(y)

@@ -31,3 +31,20 @@ class Squeeze(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         return unsqueeze2d(z)
+
+
+class Squeeze1d(Bijector):
+    """Time into channels: ``(B, C, T) -> (B, 2C, T/2)``, i.e. a time-major ``(T, C)`` read as ``(T/2, 2C)``.
+
+    New channel ``(t mod 2)·C + c`` at time ``t // 2``; log-det 0.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, t = x.shape
+        if t % 2:
+            raise ValueError(f"Squeeze1d needs an even number of time steps, got {t}")
+        return x.view(b, c, t // 2, 2).permute(0, 3, 1, 2).reshape(b, 2 * c, t // 2), x.new_zeros(b)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        b, c2, t2 = z.shape
+        return z.view(b, 2, c2 // 2, t2).permute(0, 2, 3, 1).reshape(b, c2 // 2, t2 * 2)
