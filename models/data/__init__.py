@@ -35,11 +35,13 @@ def _image_dataset(spec: str, splits: dict[str, np.ndarray], levels: int = 256) 
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset from a spec string.
 
-    ``digits`` · ``mnist:DIR`` · ``cifar10:DIR`` · ``imagenet32:DIR`` · ``folder:DIR`` · ``npy:FILE``.
+    ``digits`` · ``digits-permuted:SEED`` (one fixed random permutation of all pixels) · ``mnist:DIR`` · ``cifar10:DIR`` · ``imagenet32:DIR`` · ``folder:DIR`` · ``npy:FILE``.
     """
     kind, _, arg = spec.partition(":")
     if kind == "digits":
         return _image_dataset(spec, images.load_digits_images(), levels=17)
+    if kind == "digits-permuted":
+        return _image_dataset(spec, images.permute_pixels(images.load_digits_images(), int(arg or 0)), levels=17)
     if not arg and kind in {"mnist", "cifar10", "imagenet32", "folder", "npy"}:
         raise DataError(f"data spec {spec!r} needs a path, e.g. {kind}:/path/to/data")
     path = Path(arg).expanduser()

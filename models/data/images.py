@@ -51,6 +51,13 @@ def load_digits_images() -> Splits:
     return split_fixed(images, seed=0, val=0.15, test=0.15)
 
 
+def permute_pixels(splits: Splits, seed: int) -> Splits:
+    """Apply one fixed random permutation (from ``seed``) of all C·H·W positions to every image of every split."""
+    shape = splits["train"].shape[1:]
+    perm = np.random.default_rng(seed).permutation(int(np.prod(shape)))
+    return {k: v.reshape(len(v), -1)[:, perm].reshape(len(v), *shape) for k, v in splits.items()}
+
+
 # --- MNIST IDX -----------------------------------------------------------------------------
 
 def read_idx(path: Path) -> np.ndarray:
