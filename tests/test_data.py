@@ -122,3 +122,28 @@ def test_npy_channel_last(tmp_path: Path) -> None:
 def test_unknown_spec() -> None:
     with pytest.raises(DataError, match="unknown data spec"):
         load_dataset("parquet:/x")
+
+
+def test_waveform_npy_and_errors(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).standard_normal((40, 2, 64)).astype(np.float32)
+    np.save(tmp_path / "w.npy", arr)
+    ds = load_dataset(f"waveform:{tmp_path / 'w.npy'}")
+    assert ds.spec.kind == "waveform" and ds.spec.shape == (2, 64) and ds.spec.feature_names == ["ch0", "ch1"]
+    assert sum(len(v) for v in ds.splits.values()) == 40
+    bad = arr.copy()
+    bad[3, 1, 5] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(DataError, match="NaN"):
+        load_dataset(f"waveform:{tmp_path / 'nan.npy'}")
+    (tmp_path / "junk.npy").write_bytes(b"not an npy file")
+    with pytest.raises(DataError, match="not a valid .npy"):
+        load_dataset(f"waveform:{tmp_path / 'junk.npy'}")
+
+
+def test_permuted_digits_is_one_fixed_permutation() -> None:
+    plain, perm = load_dataset("digits"), load_dataset("digits-permuted:0")
+    order = np.random.default_rng(0).permutation(64)
+    assert not np.array_equal(order, np.arange(64))
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(perm.split(split).reshape(-1, 64), plain.split(split).reshape(-1, 64)[:, order])
+    assert not np.array_equal(load_dataset("digits-permuted:1").split("test"), perm.split("test"))

@@ -205,14 +205,19 @@ def load_folder(directory: Path) -> Splits:
     return split_fixed(np.stack(images))
 
 
-def load_npy(path: Path) -> np.ndarray:
-    """An ``.npy`` array of images ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with C ∈ {1, 3}."""
+def read_npy(path: Path) -> np.ndarray:
+    """Any ``.npy`` array (never unpickled); a missing or malformed file is a ``DataError``."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: NPY file not found") from None
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: not a valid .npy array ({e})") from None
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """An ``.npy`` array of images ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with C ∈ {1, 3}."""
+    arr = read_npy(path)
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3):

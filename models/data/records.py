@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..spec import DataSpec
-from .images import split_fixed
+from .images import read_npy, split_fixed
 
 
 def read_csv_records(path: Path) -> tuple[list[str], np.ndarray]:
@@ -56,12 +56,7 @@ def _waveform_npy(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Da
     from . import Dataset
 
     path = Path(arg).expanduser()
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: NPY file not found") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a valid .npy array ({e})") from None
+    arr = read_npy(path)
     if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"{path}: expected float waveform windows (N, C, T), got {arr.dtype} {arr.shape}")
     if not np.isfinite(arr).all():
