@@ -61,16 +61,10 @@ def frozen_copy(model: DensityModel) -> DensityModel:
 
 def random_inputs(model: DensityModel, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random valid scoring inputs: ``x`` within the data domain, and ``noise`` for discrete data."""
-    spec = model.spec
-    rng = np.random.default_rng(seed)
-    if spec.discrete:
-        x = rng.integers(0, spec.levels, (n, *spec.shape)).astype(np.float32)
-        noise = model.noise(n, torch.Generator().manual_seed(seed)).numpy()
-        return {"x": x, "noise": noise}
-    if spec.ranges:
-        lo, hi = np.array(spec.ranges, dtype=np.float32).T
-        return {"x": (lo + (hi - lo) * rng.random((n, *spec.shape))).astype(np.float32)}
-    return {"x": rng.standard_normal((n, *spec.shape)).astype(np.float32)}
+    feeds = {"x": model.spec.random_examples(n, seed)}
+    if model.spec.discrete:
+        feeds["noise"] = model.noise(n, torch.Generator().manual_seed(seed)).numpy()
+    return feeds
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, opset: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 
@@ -34,3 +35,19 @@ class DataSpec(BaseModel):
     @property
     def discrete(self) -> bool:
         return self.levels is not None
+
+    def random_examples(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` random float32 examples inside the data domain ``(n, *shape)`` (for warm-up and parity checks).
+
+        Images: uniform integer levels. Records: uniform within each feature's range. Waveforms:
+        uniform within each channel's range. Without ranges: standard normal.
+        """
+        rng = np.random.default_rng(seed)
+        if self.discrete:
+            return rng.integers(0, self.levels, (n, *self.shape)).astype(np.float32)
+        if self.ranges:
+            lo, hi = np.array(self.ranges, dtype=np.float32).T
+            per_first_axis = (len(lo),) + (1,) * (len(self.shape) - 1)
+            lo, hi = lo.reshape(per_first_axis), hi.reshape(per_first_axis)
+            return (lo + (hi - lo) * rng.random((n, *self.shape))).astype(np.float32)
+        return rng.standard_normal((n, *self.shape)).astype(np.float32)

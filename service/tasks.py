@@ -50,22 +50,10 @@ def latent(manifest: Manifest, n: int, temperature: float, seed: int) -> np.ndar
     return (rng.standard_normal((n, manifest.data_spec.dims), dtype=np.float32) * np.float32(temperature))
 
 
-def random_valid_input(manifest: Manifest, n: int = 2, seed: int = 0) -> np.ndarray:
-    """``n`` random inputs inside the model's data domain (for warm-up)."""
-    spec = manifest.data_spec
-    rng = np.random.default_rng(seed)
-    if spec.discrete:
-        return rng.integers(0, spec.levels, (n, *spec.shape)).astype(np.float32)
-    if spec.ranges:
-        lo, hi = np.array(spec.ranges, dtype=np.float32).T
-        return (lo + (hi - lo) * rng.random((n, *spec.shape))).astype(np.float32)
-    return rng.standard_normal((n, *spec.shape)).astype(np.float32)
-
-
 def warm(runner: Runner) -> None:
     """Run each task once so the first real request does not pay for lazy initialisation."""
     m = runner.manifest
-    x = random_valid_input(m)
+    x = m.data_spec.random_examples(2)
     out = runner.log_prob(x, dequantization_noise(m, len(x), 0))
     if not np.isfinite(out).all():
         raise RuntimeError("warm-up scoring produced non-finite log-probabilities")

@@ -97,3 +97,16 @@ def test_shipped_configs_validate(config: Path) -> None:
     from models.train import load_config
 
     load_config(config)
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_GLOW, "train": {**TINY_GLOW["train"], "steps": 20, "eval_every": 10}}))
+    out = tmp_path / "run"
+    assert flowserve("train", str(cfg), "--out", str(out), "--max-steps", "10").returncode == 0
+    r = flowserve("train", str(cfg), "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [rec["step"] for rec in records if "step" in rec]
+    assert steps == [10, 20]  # first run validates at step 10, the resumed run at 20
+    assert json.loads((out / "artifact" / "manifest.json").read_text())["metrics"]["steps"] == 20

@@ -61,6 +61,16 @@ class Flatten(Bijector):
         return z.reshape(z.shape[0], *self.shape)
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """``(B, C, *rest) -> (B, *rest, C)`` with an explicit permutation (exports to ONNX cleanly)."""
+    return x.permute(0, *range(2, x.dim()), 1)
+
+
+def channels_first(x: Tensor) -> Tensor:
+    """``(B, *rest, C) -> (B, C, *rest)``; inverse of :func:`channels_last`."""
+    return x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+
+
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """Log-density of ``N(0, I)`` at ``z``: ``(B, ...) -> (B,)`` nats."""
     return sum_except_batch(-0.5 * z.pow(2) - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype)))

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Bijector
+from .base import Bijector, channels_first, channels_last
 
 
 def max_levels(d: int) -> int:
@@ -113,12 +113,12 @@ class Butterfly(Bijector):
 
     def _flat(self, x: Tensor) -> Tensor:
         if self.layout == "channel_last" and x.dim() > 2:
-            x = x.movedim(1, -1)
+            x = channels_last(x)
         return x.reshape(x.shape[0], -1)
 
     def _unflat(self, x: Tensor) -> Tensor:
         if self.layout == "channel_last" and len(self.shape) > 1:
-            return x.reshape(x.shape[0], *self.shape[1:], self.shape[0]).movedim(-1, 1)
+            return channels_first(x.reshape(x.shape[0], *self.shape[1:], self.shape[0]))
         return x.reshape(x.shape[0], *self.shape)
 
     def log_abs_det(self) -> Tensor:

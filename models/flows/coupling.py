@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nets import MLP, GlowConvNet
-from .base import Bijector, sum_except_batch
+from .base import Bijector, channels_first, channels_last, sum_except_batch
 
 
 def checkerboard(h: int, w: int, parity: int) -> Tensor:
@@ -117,8 +117,8 @@ class RealNVPCoupling(Bijector):
         self.scale_net, self.shift_net = mlp(nn.Tanh), mlp(nn.ReLU)
 
     def _params(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        h = a.movedim(1, -1)  # channels last for the MLPs
-        return self.scale_net(h).movedim(-1, 1), self.shift_net(h).movedim(-1, 1)
+        h = channels_last(a)  # the MLPs read the channel vector at each position
+        return channels_first(self.scale_net(h)), channels_first(self.shift_net(h))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.n_a], x[:, self.n_a :]
