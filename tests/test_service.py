@@ -104,6 +104,12 @@ def test_iw_bound_and_uploads(server: Server) -> None:
         np.save(buf, TEST[:3])
         r = c.post("/v1/models/digits/score", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
         assert r.status_code == 200 and len(r.json()["results"]) == 3
+        bad = c.post("/v1/models/digits/score?seed=abc", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+        assert bad.status_code == 400 and "seed" in bad.json()["error"]
+        nan = io.BytesIO()
+        np.save(nan, np.full((1, 1, 8, 8), np.nan))
+        bad = c.post("/v1/models/digits/score", content=nan.getvalue(), headers={"content-type": "application/x-npy"})
+        assert bad.status_code == 400 and "NaN" in bad.json()["error"]
         png = io.BytesIO()
         Image.fromarray((TEST[0, 0] * 255 // 16).astype(np.uint8)).save(png, format="PNG")
         r = c.post("/v1/models/digits/score", content=png.getvalue(), headers={"content-type": "image/png"})

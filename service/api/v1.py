@@ -26,6 +26,14 @@ class ScoreOptions(BaseModel):
     iw_samples: int = Field(1, ge=1, description="importance-weighted bound with S samples (discrete data)")
 
 
+class UploadOptions(BaseModel):
+    """Query parameters of a PNG/JPEG/NPY upload to ``score``."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = Field(0, ge=0)
+    iw_samples: int = Field(1, ge=1)
+
+
 class SampleOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(1, ge=1)
@@ -94,8 +102,8 @@ async def score(name: str, request: Request) -> dict:
         seed, iw = opts.seed, opts.iw_samples
     else:
         x = decode_upload(body, ctype, spec)
-        seed = int(request.query_params.get("seed", 0))
-        iw = int(request.query_params.get("iw_samples", 1))
+        opts = validate(UploadOptions, dict(request.query_params))
+        seed, iw = opts.seed, opts.iw_samples
     lp, entry = await score_rows(request, name, x, seed, iw)
     d = spec.dims * math.log(2)
     return {
