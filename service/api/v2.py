@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from models.artifact import flowserve_version
 
-from ..errors import BadRequest
+from ..errors import BadRequest, NotFound
+from ..repository import ModelEntry
 from .deps import require_key, state
 from .inputs import check_values, parse_json, read_body
 from .v1 import score_rows
@@ -51,11 +52,10 @@ async def ready(request: Request) -> Response:
     return Response(json.dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
 
-def _metadata(request: Request, name: str, version: str | None) -> dict:
+def _metadata(request: Request, name: str, version: str | None) -> ModelEntry:
+    """The served entry for ``name``; 404 when a different version is asked for."""
     entry = state(request).repository.get(name)
     if version is not None and version != entry.version:
-        from ..errors import NotFound
-
         raise NotFound(f"model {name!r} has no loaded version {version!r} (serving {entry.version})")
     return entry
 
