@@ -1,13 +1,17 @@
 """Dequantization: from discrete levels ``x ∈ {0..L−1}^D`` to continuous ``v = x + u``, ``u ∈ [0, 1)^D``.
 
 ``log P(x) ≥ E_{u~q(u|x)}[log p(x + u) − log q(u|x)]`` (nats). Uniform dequantization is the
-special case ``q = U(0, 1)^D``, ``log q = 0``.
+special case ``q = U(0, 1)^D``, ``log q = 0``; Flow++'s variational dequantization learns ``q``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+from .flows import Bijector, ColumnMerge, ColumnSplit, MixtureCDFCoupling, Sigmoid, standard_normal_log_prob
 
 
 class UniformDequantizer(nn.Module):
@@ -20,3 +24,44 @@ class UniformDequantizer(nn.Module):
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))`` with ``log q`` per sample ``(B,)`` in nats."""
         return noise.to(x.dtype), x.new_zeros(x.shape[0])
+
+
+class VariationalDequantizer(nn.Module):
+    """Flow++'s ``q(u|x)`` for images ``(B, C, H, W)``: ``ε ~ N(0, I)`` through a conditional flow, then a sigmoid.
+
+    ``u = σ(g(ε; x))`` with ``g`` = column split → ``steps`` (couplings read a context computed
+    from ``x/L − 0.5`` by ``context``) → merge. ``log q(u|x) = log N(ε) − log|det ∂u/∂ε|`` (nats,
+    per sample). The noise ``ε`` is an explicit input, so scoring with given noise is deterministic.
+    """
+
+    def __init__(self, steps: Sequence[Bijector], context: nn.Module, levels: int) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(steps)
+        self.context = context
+        self.levels = int(levels)
+        self.split, self.merge, self.sigmoid = ColumnSplit(), ColumnMerge(), Sigmoid()
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
+        """Standard normal ``ε``, shape ``(B, *data_shape)``."""
+        return torch.randn(shape, generator=generator, device=device)
+
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, ε) -> (u, log q(u|x))``; ``u ∈ (0, 1)`` with the shape of ``x``, ``log q`` ``(B,)`` nats."""
+        eps = noise.to(x.dtype) if x.is_floating_point() else noise.float()
+        x = x.to(eps.dtype)
+        context = self.context(self.split(x / self.levels - 0.5)[0])
+        h, logdet = self.split(eps)
+        for step in self.steps:
+            h, ld = step(h, context) if isinstance(step, MixtureCDFCoupling) else step(h)
+            logdet = logdet + ld
+        h, _ = self.merge(h)
+        u, ld = self.sigmoid(h)
+        return u, standard_normal_log_prob(eps) - (logdet + ld)
+
+
+def noise_distribution(architecture: dict) -> str:
+    """The distribution of the dequantization noise a model with this architecture config consumes.
+
+    ``"normal(0,1)"`` for variational dequantization (``ε`` before the learned flow), else ``"uniform[0,1)"``.
+    """
+    return "normal(0,1)" if architecture.get("dequantization") == "variational" else "uniform[0,1)"

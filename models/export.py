@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import artifact
 from .density import DensityModel
+from .dequantization import noise_distribution
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance
     shape = list(spec.shape)
     inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, *shape]}]
     if spec.discrete:
-        inputs.append({"name": "noise", "datatype": "FP32", "shape": [-1, *shape], "distribution": "uniform[0,1)"})
+        inputs.append({"name": "noise", "datatype": "FP32", "shape": [-1, *shape], "distribution": noise_distribution(manifest.architecture)})
     graphs = {
         "score": {"file": SCORE, "opset": opset, "inputs": inputs, "outputs": [{"name": "log_prob", "datatype": "FP32", "shape": [-1], "unit": "nats"}]},
         "sample": {"file": SAMPLE, "opset": opset,

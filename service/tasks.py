@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from models.artifact import Manifest
+from models.dequantization import noise_distribution
 
 from .runners import Runner
 
@@ -39,7 +40,7 @@ def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | 
     if not spec.discrete:
         return None
     rng = np.random.default_rng(seed)
-    if manifest.architecture.get("dequantization") == "variational":
+    if noise_distribution(manifest.architecture) == "normal(0,1)":
         return rng.standard_normal((n, *spec.shape), dtype=np.float32)
     return rng.random((n, *spec.shape), dtype=np.float32)
 

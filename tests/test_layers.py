@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models import flows as F
+from models.nets import FlowppConditioner
 
 Factory = Callable[[], tuple[nn.Module, tuple[int, ...]]]
 
@@ -30,6 +31,11 @@ def _vector_multiscale() -> tuple[nn.Module, tuple[int, ...]]:
     inner = F.Sequential([F.AffineCoupling((2, 2, 2), hidden=8), F.Flatten((2, 2, 2))])
     head = F.Sequential([F.Squeeze(), F.ActNorm(4)])
     return F.MultiScale(head, (4, 2, 2), inner), (1, 4, 4)
+
+
+def _mixture_coupling(components: int, method: str = "bisection", attention: bool = True) -> nn.Module:
+    net = FlowppConditioner(2, 2 * (2 + 3 * components), (2, 2), filters=8, blocks=1, heads=2, attention=attention)
+    return F.MixtureCDFCoupling(net, components, inverse=F.InverseOptions(method=method))
 
 
 LAYERS: dict[str, Factory] = {
@@ -53,6 +59,16 @@ LAYERS: dict[str, Factory] = {
     "butterfly_tied": lambda: (F.Butterfly((2, 8), levels=4, tied=True, init="rotation"), (2, 8)),
     "butterfly_image_channel_last": lambda: (F.Butterfly((4, 2, 2), levels=3, layout="channel_last", init="rotation"), (4, 2, 2)),
     "butterfly_partitioned": lambda: (F.Butterfly((2, 4, 4), levels=2, partitions=4, init="rotation"), (2, 4, 4)),
+    "position_norm": lambda: (F.PositionNorm((2, 2, 2)), (2, 2, 2)),
+    "pointwise_grouped": lambda: (F.Pointwise(4, groups=2), (4, 2, 2)),
+    "column_split": lambda: (F.ColumnSplit(), (2, 2, 4)),
+    "column_merge": lambda: (F.ColumnMerge(), (4, 2, 2)),
+    "swap_halves": lambda: (F.SwapHalves(), (4, 2, 2)),
+    "sigmoid": lambda: (F.Sigmoid(), (1, 2, 2)),
+    "mixture_coupling": lambda: (_mixture_coupling(components=3), (4, 2, 2)),
+    "mixture_coupling_newton": lambda: (_mixture_coupling(components=3, method="newton"), (4, 2, 2)),
+    "mixture_coupling_affine": lambda: (_mixture_coupling(components=0), (4, 2, 2)),
+    "mixture_coupling_no_attention": lambda: (_mixture_coupling(components=2, attention=False), (4, 2, 2)),
 }
 
 # Layers whose domain is bounded get inputs drawn from inside it.

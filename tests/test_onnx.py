@@ -26,6 +26,8 @@ ARCHS = {
     "butterflyflow": ({"name": "butterflyflow", "levels": 2, "steps": 2, "hidden": 16, "init": "rotation", "layout": "channel_last"}, None),
     "waveform_butterfly": ({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8, "butterfly_levels": [5, 4]}, WAVE_SPEC),
     "waveform_glow": ({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8}, WAVE_SPEC),
+    "flowpp": ({"name": "flowpp", "layout": ["columns:2", "squeeze", "channel:1"], "filters": 8, "blocks": 1, "components": 3, "heads": 2, "dropout": 0.0, "dequant_couplings": 1,
+                "dequant_filters": 8, "dequant_blocks": 1, "context_channels": 4, "context_blocks": 1}, None),
 }
 PARITY: dict[str, dict[str, float]] = {}
 

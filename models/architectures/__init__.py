@@ -9,11 +9,12 @@ from pydantic import Field, TypeAdapter
 from ..density import DensityModel
 from ..spec import DataSpec
 from .butterflyflow import ButterflyFlowConfig, WaveformFlowConfig, build_butterflyflow, build_waveform
+from .flowpp import FlowppConfig, build_flowpp
 from .glow import GlowConfig, RealNVPConfig, build_glow, build_realnvp
 from .vector import VectorFlowConfig, build_vector
 
 ArchitectureConfig = Annotated[
-    GlowConfig | RealNVPConfig | VectorFlowConfig | ButterflyFlowConfig | WaveformFlowConfig, Field(discriminator="name")
+    GlowConfig | RealNVPConfig | VectorFlowConfig | ButterflyFlowConfig | WaveformFlowConfig | FlowppConfig, Field(discriminator="name")
 ]
 _ADAPTER: TypeAdapter = TypeAdapter(ArchitectureConfig)
 
@@ -23,6 +24,7 @@ _BUILDERS = {
     "vector": build_vector,
     "butterflyflow": build_butterflyflow,
     "waveform": build_waveform,
+    "flowpp": build_flowpp,
 }
 
 
@@ -33,7 +35,8 @@ def parse_config(data: dict[str, Any]) -> Any:
 
 def build(cfg: Any, spec: DataSpec) -> DensityModel:
     """Build an untrained ``DensityModel`` for data described by ``spec``."""
-    return DensityModel(_BUILDERS[cfg.name](cfg, spec), spec)
+    built = _BUILDERS[cfg.name](cfg, spec)
+    return built if isinstance(built, DensityModel) else DensityModel(built, spec)
 
 
 __all__ = ["ArchitectureConfig", "build", "parse_config"]

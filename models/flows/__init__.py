@@ -3,11 +3,12 @@
 from .butterfly import Butterfly, ButterflyFactor, max_levels
 from .base import Bijector, Flatten, Sequential, standard_normal_log_prob, sum_except_batch
 from .coupling import AffineCoupling, RealNVPCoupling, checkerboard
-from .linear import InvConv1x1, InvConv1x1LU
+from .linear import InvConv1x1, InvConv1x1LU, Pointwise
+from .mixture import InverseOptions, MixtureCDFCoupling, mixture_inverse_cdf, mixture_log_cdf, mixture_log_pdf, mixture_logit_cdf
 from .multiscale import GaussianSplit, MultiScale
-from .normalization import ActNorm
-from .preprocess import Logit
-from .reshape import Squeeze, Squeeze1d, squeeze2d, unsqueeze2d
+from .normalization import ActNorm, PositionNorm
+from .preprocess import Logit, Sigmoid
+from .reshape import ColumnMerge, ColumnSplit, Squeeze, Squeeze1d, SwapHalves, squeeze2d, unsqueeze2d
 
 __all__ = [
     "ActNorm",
@@ -15,18 +16,30 @@ __all__ = [
     "Bijector",
     "Butterfly",
     "ButterflyFactor",
+    "ColumnMerge",
+    "ColumnSplit",
     "Flatten",
     "GaussianSplit",
     "InvConv1x1",
     "InvConv1x1LU",
+    "InverseOptions",
     "Logit",
+    "MixtureCDFCoupling",
     "MultiScale",
+    "Pointwise",
+    "PositionNorm",
     "RealNVPCoupling",
     "Sequential",
+    "Sigmoid",
     "Squeeze",
     "Squeeze1d",
+    "SwapHalves",
     "checkerboard",
     "max_levels",
+    "mixture_inverse_cdf",
+    "mixture_log_cdf",
+    "mixture_log_pdf",
+    "mixture_logit_cdf",
     "squeeze2d",
     "standard_normal_log_prob",
     "sum_except_batch",

@@ -105,3 +105,23 @@ class InvConv1x1LU(_ChannelMixing):
 
     def log_abs_det(self) -> Tensor:
         return self.log_s.sum()
+
+
+class Pointwise(_ChannelMixing):
+    """Flow++'s Pointwise: a plain ``c×c`` matrix per group (one per coupling half), started at ``I + 0.001·N(0, 1)``.
+
+    ``W = blockdiag(W_1, …, W_G)`` over ``C = G·c`` channels; ``log|det W| = Σ_g log|det W_g|`` in float64.
+    """
+
+    def __init__(self, num_channels: int, groups: int = 1, noise: float = 1e-3) -> None:
+        super().__init__()
+        if num_channels % groups:
+            raise ValueError(f"{num_channels} channels do not split into {groups} groups")
+        c = num_channels // groups
+        self.weight = nn.Parameter(torch.eye(c).repeat(groups, 1, 1) + noise * torch.randn(groups, c, c))
+
+    def weight_matrix(self) -> Tensor:
+        return torch.block_diag(*self.weight.unbind(0))
+
+    def log_abs_det(self) -> Tensor:
+        return torch.linalg.slogdet(self.weight.double()).logabsdet.sum()

@@ -1,4 +1,4 @@
-"""ActNorm (Glow): per-channel affine map with data-dependent initialisation."""
+"""Data-initialised affine normalisation: Glow's per-channel ActNorm and Flow++'s per-position Norm."""
 
 from __future__ import annotations
 
@@ -49,3 +49,33 @@ class ActNorm(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         return z * _channel_view(z, (-self.log_scale).exp()) - _channel_view(z, self.loc)
+
+
+class PositionNorm(Bijector):
+    """Flow++'s Norm: ``z = g ⊙ x + b`` with ``g, b`` of the full per-example shape (per position and channel).
+
+    Data-dependent init on the first training forward: ``g = 1/sqrt(var + 1e-8)``, ``b = −mean·g``
+    over the batch axis only. ``g`` is floored at 1e-10. ``logdet = Σ log g`` per sample.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(shape))
+        self.b = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        scale = torch.rsqrt(x.var(0, unbiased=False) + 1e-8)
+        self.g.copy_(scale)
+        self.b.copy_(-x.mean(0) * scale)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        g = self.g.clamp(min=1e-10)
+        return x * g + self.b, torch.log(g).sum().expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return (z - self.b) / self.g.clamp(min=1e-10)

@@ -1,6 +1,7 @@
 """Fixed maps between data space and the flow's unbounded space.
 
 * :class:`Logit` for dequantized pixels ``v ∈ [0, L)``: ``p = α + (1 − 2α)·v/L``, ``y = log p − log(1 − p)``.
+* :class:`Sigmoid`, the last layer of Flow++'s dequantization flow (``ℝ → (0, 1)``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Bijector, sum_except_batch
@@ -37,4 +39,16 @@ class Logit(Bijector):
         return (p - self.alpha) * self.levels / (1 - 2 * self.alpha)
 
 
-__all__ = ["Logit"]
+
+
+class Sigmoid(Bijector):
+    """``y = σ(x)`` elementwise, ``ℝ → (0, 1)``; ``logdet = −Σ [softplus(x) + softplus(−x)]``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.sigmoid(x), -sum_except_batch(F.softplus(x) + F.softplus(-x))
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return torch.log(z) - torch.log1p(-z)
+
+
+__all__ = ["Logit", "Sigmoid"]

@@ -1,7 +1,8 @@
-"""Volume-preserving reshapes: 2×2 squeeze (space-to-depth) and its inverse."""
+"""Volume-preserving reshapes: 2×2 squeeze (space-to-depth), Flow++'s column split, half swaps."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Bijector
@@ -48,3 +49,43 @@ class Squeeze1d(Bijector):
     def inverse(self, z: Tensor) -> Tensor:
         b, c2, t2 = z.shape
         return z.view(b, 2, c2 // 2, t2).permute(0, 2, 3, 1).reshape(b, c2 // 2, t2 * 2)
+
+
+class ColumnSplit(Bijector):
+    """Flow++'s "checkerboard" split (even/odd columns, as the official code does it), halves stacked on channels.
+
+    ``(B, C, H, W) -> (B, 2C, H, W/2)``: channels ``0..C−1`` hold the even columns, ``C..2C−1`` the
+    odd ones. Couplings then condition on the first half. Log-det 0.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        if w % 2:
+            raise ValueError(f"ColumnSplit needs an even width, got {w}")
+        x = x.view(b, c, h, w // 2, 2).permute(0, 4, 1, 2, 3)
+        return x.reshape(b, 2 * c, h, w // 2), x.new_zeros(b)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        b, c2, h, w2 = z.shape
+        return z.view(b, 2, c2 // 2, h, w2).permute(0, 2, 3, 4, 1).reshape(b, c2 // 2, h, w2 * 2)
+
+
+class SwapHalves(Bijector):
+    """Exchange the two channel halves ``(x_a, x_b) -> (x_b, x_a)`` (Flow++'s TupleFlip); log-det 0."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c = x.shape[1] // 2
+        return torch.cat([x[:, c:], x[:, :c]], 1), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.forward(z)[0]
+
+
+class ColumnMerge(Bijector):
+    """Inverse of :class:`ColumnSplit`: ``(B, 2C, H, W/2) -> (B, C, H, W)``; log-det 0."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return ColumnSplit().inverse(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return ColumnSplit()(z)[0]

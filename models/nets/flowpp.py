@@ -1,0 +1,193 @@
+"""Flow++'s conditioning network: gated residual convolutions and gated multi-head self-attention.
+
+All tensors are ``(B, C, H, W)``. One block is
+
+    x ← x + GLU(nin(dropout(ce(conv3×3(ce(x)) [+ nin(ce(context))]))))      (gated residual conv)
+    x ← LayerNorm_C(x)
+    x ← x + GLU(nin(dropout(MHSA(nin(x + pos)))))                          (gated attention)
+    x ← LayerNorm_C(x)
+
+with ``ce(x) = elu([x, −x])`` (concat-ELU) and ``GLU([h₁, h₂]) = h₁ ⊙ σ(h₂)``. Attention runs over
+all ``H·W`` positions with a learned positional embedding (init N(0, 0.01²)). Convolutions use the
+official CIFAR code's data-dependent init (:class:`DataInitConv2d`), not weight normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def concat_elu(x: Tensor) -> Tensor:
+    """``elu([x, −x])`` over channels: ``(B, C, ...) -> (B, 2C, ...)``."""
+    return F.elu(torch.cat([x, -x], 1))
+
+
+def glu(h: Tensor) -> Tensor:
+    """``h₁ ⊙ σ(h₂)`` for ``h = [h₁, h₂]`` split on channels."""
+    a, gate = h.chunk(2, 1)
+    return a * torch.sigmoid(gate)
+
+
+class DataInitConv2d(nn.Conv2d):
+    """Conv (``kernel`` 1 = a network-in-network dense layer) with data-dependent init.
+
+    Weights start at N(0, 0.05²). On the first forward in training mode the weights and bias are
+    rescaled so that, on that batch, every output channel has mean 0 and standard deviation
+    ``init_scale`` (0.1 for residual-branch outputs and the final projection, as in Flow++).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, init_scale: float = 1.0) -> None:
+        super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
+        nn.init.normal_(self.weight, 0.0, 0.05)
+        nn.init.zeros_(self.bias)
+        self.init_scale = init_scale
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        y = F.conv2d(x, self.weight, None, padding=self.padding)
+        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        scale = self.init_scale * torch.rsqrt(var + 1e-8)
+        self.weight.mul_(scale.view(-1, 1, 1, 1))
+        self.bias.copy_(-mean * scale)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        return super().forward(x)
+
+
+class ChannelLayerNorm(nn.Module):
+    """Layer norm over the channel axis of ``(B, C, H, W)`` with learned gain and bias (eps 1e-5)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.b = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.g + self.b
+
+
+class GatedConv(nn.Module):
+    """Gated residual convolution; ``context`` (``(B, C_ctx, H, W)``) enters through a 1×1 projection."""
+
+    def __init__(self, channels: int, context_channels: int = 0, dropout: float = 0.0, nin_out: bool = True) -> None:
+        super().__init__()
+        self.c1 = DataInitConv2d(2 * channels, channels, 3)
+        self.context = DataInitConv2d(2 * context_channels, channels, 1) if context_channels else None
+        self.dropout = nn.Dropout(dropout)
+        self.c2 = DataInitConv2d(2 * channels, 2 * channels, 1 if nin_out else 3, init_scale=0.1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.c1(concat_elu(x))
+        if self.context is not None:
+            if context is None:
+                raise ValueError("this gated convolution was built for a context input")
+            h = h + self.context(concat_elu(context))
+        return x + glu(self.c2(self.dropout(concat_elu(h))))
+
+
+class GatedAttention(nn.Module):
+    """Gated multi-head self-attention over all positions: ``(B, C, H, W) -> (B, C, H, W)``."""
+
+    def __init__(self, channels: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} filters do not split into {heads} heads")
+        self.heads = heads
+        self.qkv = DataInitConv2d(channels, 3 * channels, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.out = DataInitConv2d(channels, 2 * channels, 1, init_scale=0.1)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(x + pos).view(b, 3, self.heads, c // self.heads, h * w).permute(1, 0, 2, 4, 3)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, T, d), scale 1/sqrt(d)
+        a = a.permute(0, 1, 3, 2).reshape(b, c, h, w)
+        return x + glu(self.out(self.dropout(a)))
+
+
+class GatedPointwise(nn.Module):
+    """The no-attention ablation: a per-position gated maxout MLP with the attention's parameter count."""
+
+    def __init__(self, channels: int, heads: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj = DataInitConv2d(channels, 3 * channels, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.out = DataInitConv2d(channels, 2 * channels, 1, init_scale=0.1)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        m = self.proj(x + pos).view(b, c, 3, h, w).amax(2)
+        return x + glu(self.out(self.dropout(m)))
+
+
+class FlowppBlock(nn.Module):
+    """Gated conv → LayerNorm → gated attention (or pointwise) → LayerNorm."""
+
+    def __init__(self, channels: int, heads: int, dropout: float, context_channels: int, attention: bool) -> None:
+        super().__init__()
+        self.conv = GatedConv(channels, context_channels, dropout)
+        self.ln1 = ChannelLayerNorm(channels)
+        self.attn = (GatedAttention if attention else GatedPointwise)(channels, heads, dropout)
+        self.ln2 = ChannelLayerNorm(channels)
+
+    def forward(self, x: Tensor, pos: Tensor, context: Tensor | None) -> Tensor:
+        return self.ln2(self.attn(self.ln1(self.conv(x, context)), pos))
+
+
+class FlowppConditioner(nn.Module):
+    """Flow++ coupling network: ``(B, C_in, H, W)`` [+ context] → ``(B, C_out, H, W)``.
+
+    3×3 conv to ``filters``, ``blocks`` × :class:`FlowppBlock`, 3×3 conv out (init scale 0.1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        size: tuple[int, int],
+        filters: int = 96,
+        blocks: int = 10,
+        heads: int = 4,
+        dropout: float = 0.0,
+        context_channels: int = 0,
+        attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.proj_in = DataInitConv2d(in_channels, filters, 3)
+        self.pos = nn.Parameter(0.01 * torch.randn(1, filters, *size))
+        self.blocks = nn.ModuleList(FlowppBlock(filters, heads, dropout, context_channels, attention) for _ in range(blocks))
+        self.proj_out = DataInitConv2d(filters, out_channels, 3, init_scale=0.1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, self.pos, context)
+        return self.proj_out(h)
+
+
+class ContextNet(nn.Module):
+    """Flow++'s "shallow processor" for the dequantizer: ``(B, C_in, H, W') -> (B, channels, H, W')``.
+
+    The dequantizer feeds it ``x/L − 0.5`` with even and odd columns stacked on channels; a 3×3
+    conv, then ``blocks`` gated residual convolutions with 3×3 output convs.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 32, blocks: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj = DataInitConv2d(in_channels, channels, 3)
+        self.blocks = nn.ModuleList(GatedConv(channels, 0, dropout, nin_out=False) for _ in range(blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
