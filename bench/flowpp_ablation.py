@@ -63,7 +63,7 @@ def variants(full: dict[str, Any], glow: dict[str, Any], data: str) -> dict[str,
     }
 
 
-def run(job: tuple[str, dict, str, dict, float, int]) -> tuple[str, dict]:
+def run(job: tuple[str, dict, str, dict, float, int, int]) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(1)
@@ -71,8 +71,8 @@ def run(job: tuple[str, dict, str, dict, float, int]) -> tuple[str, dict]:
     from models.evaluate import evaluate
     from models.train import TrainConfig, train
 
-    name, model, data, optim, minutes, iw = job
-    cfg = TrainConfig.model_validate({"data": data, "model": model, "seed": 0,
+    name, model, data, optim, minutes, iw, seed = job
+    cfg = TrainConfig.model_validate({"data": data, "model": model, "seed": seed,
                                       "train": {**optim, "steps": 1_000_000, "max_minutes": minutes}})
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train(cfg, tmp, progress=False)
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--glow-config", default=str(ROOT / "configs" / "glow_digits.yaml"))
     ap.add_argument("--iw", type=int, default=16, help="importance samples for the IW bound (1: skip)")
     ap.add_argument("--only", nargs="*", help="run only these variants")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (evaluation noise stays seeded by it)")
     args = ap.parse_args()
     cfg = yaml.safe_load(Path(args.config).read_text())
     glow_cfg = yaml.safe_load(Path(args.glow_config).read_text())
@@ -102,8 +103,8 @@ def main() -> None:
         table = {k: v for k, v in table.items() if k in args.only}
     counts = {k: parameters(v, data) for k, v in table.items()}
     jobs = [(k, v, data, optim if k != "glow" else {kk: vv for kk, vv in glow_cfg["train"].items() if kk not in ("steps", "max_minutes")},
-             args.minutes, args.iw) for k, v in table.items()]
-    print(f"data {data}, {args.minutes} min per run (1 thread, 2 runs at a time)")
+             args.minutes, args.iw, args.seed) for k, v in table.items()]
+    print(f"data {data}, {args.minutes} min per run (1 thread, 2 runs at a time), seed {args.seed}")
     with mp.get_context("spawn").Pool(2) as pool:
         results = dict(pool.map(run, jobs, chunksize=1))
     print(f"\n| variant | filters | parameters | steps | test bits/dim (variational) | test bits/dim (IW, S={args.iw}) |")

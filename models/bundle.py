@@ -19,6 +19,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 BUNDLE: dict[str, str] = {
     "digits": "glow_digits.yaml",
+    "digits-flowpp": "flowpp_digits.yaml",
+    "mimic-vitals": "mimic_vitals.yaml",
+    "mimic-waveform": "mimic_waveform.yaml",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``flowserve`` command line: train, evaluate, sample, serve.
+"""The ``flowserve`` command line: train, evaluate, sample, export, serve, generate-cohort.
 
 User errors (bad files, bad configs) print one line to stderr and exit with status 2;
 no traceback.
@@ -62,6 +62,24 @@ def train(
     metrics = run(cfg, out, max_steps=max_steps, resume=resume, progress=sys.stderr.isatty())
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"artifact: {out / 'artifact'}")
+
+
+@app.command("generate-cohort")
+@user_errors
+def generate_cohort(
+    out: Path = typer.Argument(..., help="output directory"),
+    patients: int = typer.Option(200, "--patients", min=4),
+    hours: int = typer.Option(48, "--hours", min=2),
+    windows: int = typer.Option(10, "--windows-per-patient", min=1),
+    anomaly_fraction: float = typer.Option(0.1, "--anomaly-fraction", min=0.0, max=0.9),
+    seed: int = typer.Option(0, "--seed"),
+    csv_waveforms: bool = typer.Option(False, "--csv-waveforms", help="write waveform CSV exports instead of WFDB records"),
+) -> None:
+    """Write a synthetic MIMIC-style cohort (never patient data): benchmark vitals CSVs, WFDB waveforms, labelled test sets."""
+    from .data.mimic import write_cohort
+
+    counts = write_cohort(out, patients, hours, windows, anomaly_fraction, seed, wfdb_records=not csv_waveforms)
+    typer.echo(f"wrote a synthetic cohort to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 @app.command()

@@ -25,7 +25,11 @@ class DensityModel(nn.Module):
         super().__init__()
         self.flow = flow
         self.spec = spec
-        self.dequantizer = dequantizer if dequantizer is not None else (UniformDequantizer() if spec.discrete else None)
+        if dequantizer is None and spec.discrete:
+            dequantizer = UniformDequantizer()
+        elif dequantizer is None and spec.discrete_features:
+            dequantizer = UniformDequantizer(spec.discrete_features, spec.dims)
+        self.dequantizer = dequantizer
         self.manifest = None  # set by ``models.artifact.load``
 
     @property
@@ -74,7 +78,8 @@ class DensityModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, z: Tensor | None = None) -> Tensor:
-        """``n`` samples in data space, shape ``(n, *shape)``; integers in ``0..L−1`` for discrete data.
+        """``n`` samples in data space, shape ``(n, *shape)``; integers in ``0..L−1`` for discrete data
+        (and integers for a record's discrete features).
 
         Draws ``z ~ N(0, T² I)`` (``temperature`` T) unless ``z`` is given.
         """
@@ -84,4 +89,7 @@ class DensityModel(nn.Module):
         x = x.reshape(n, *self.spec.shape)
         if self.spec.discrete:
             x = torch.where(torch.isnan(x), torch.zeros_like(x), x).floor().clamp(0, self.spec.levels - 1)
+        elif self.spec.discrete_features:
+            k = self.spec.discrete_features
+            x[:, k] = x[:, k].floor()
         return x

@@ -15,7 +15,14 @@ from .flows import Bijector, ColumnMerge, ColumnSplit, MixtureCDFCoupling, Sigmo
 
 
 class UniformDequantizer(nn.Module):
-    """``u = ε``, ``ε ~ U(0, 1)^D``; ``log q(u|x) = 0``."""
+    """``u = ε``, ``ε ~ U(0, 1)^D``; ``log q(u|x) = 0``.
+
+    With ``features`` (indices into the last axis of a record), only those are dequantized: ``u = ε ⊙ m``.
+    """
+
+    def __init__(self, features: list[int] | None = None, dims: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mask", None if features is None else torch.zeros(dims).index_fill_(0, torch.tensor(features), 1.0))
 
     def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
         """Draw the noise ``ε`` this dequantizer consumes, shape ``(B, *data_shape)``."""
@@ -23,7 +30,8 @@ class UniformDequantizer(nn.Module):
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))`` with ``log q`` per sample ``(B,)`` in nats."""
-        return noise.to(x.dtype), x.new_zeros(x.shape[0])
+        u = noise.to(x.dtype)
+        return (u if self.mask is None else u * self.mask.to(x.dtype)), x.new_zeros(x.shape[0])
 
 
 class VariationalDequantizer(nn.Module):

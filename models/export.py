@@ -63,7 +63,7 @@ def frozen_copy(model: DensityModel) -> DensityModel:
 def random_inputs(model: DensityModel, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random valid scoring inputs: ``x`` within the data domain, and ``noise`` for discrete data."""
     feeds = {"x": model.spec.random_examples(n, seed)}
-    if model.spec.discrete:
+    if model.spec.dequantized:
         feeds["noise"] = model.noise(n, torch.Generator().manual_seed(seed)).numpy()
     return feeds
 
@@ -116,7 +116,7 @@ def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance
     spec = model.spec
     ex = random_inputs(frozen, 2)
     batch = {0: "batch"}
-    if spec.discrete:
+    if spec.dequantized:
         _export(_Score(frozen), (torch.from_numpy(ex["x"]), torch.from_numpy(ex["noise"])), directory / SCORE,
                 ["x", "noise"], ["log_prob"], {"x": batch, "noise": batch, "log_prob": batch}, opset)
     else:
@@ -128,7 +128,7 @@ def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance
         raise ArtifactError(f"{directory}: ONNX scoring graph differs from PyTorch (relative error {errors['log_prob_rel_err']:.2e} > {tolerance:g})")
     shape = list(spec.shape)
     inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, *shape]}]
-    if spec.discrete:
+    if spec.dequantized:
         inputs.append({"name": "noise", "datatype": "FP32", "shape": [-1, *shape], "distribution": noise_distribution(manifest.architecture)})
     graphs = {
         "score": {"file": SCORE, "opset": opset, "inputs": inputs, "outputs": [{"name": "log_prob", "datatype": "FP32", "shape": [-1], "unit": "nats"}]},

@@ -13,7 +13,8 @@ class DataSpec(BaseModel):
     """Shape and value domain of one data point.
 
     ``kind="image"``: integers in ``0..levels-1`` with ``shape = (C, H, W)``.
-    ``kind="record"``: real vectors with ``shape = (D,)`` and ``feature_names`` of length D.
+    ``kind="record"``: real vectors with ``shape = (D,)`` and ``feature_names`` of length D;
+    ``discrete_features`` lists integer-valued features (e.g. Glasgow coma scale), dequantized with U(0, 1) noise.
     ``kind="waveform"``: real multichannel windows with ``shape = (C, T)``; ``feature_names`` name the channels.
     """
 
@@ -25,6 +26,7 @@ class DataSpec(BaseModel):
     feature_names: list[str] | None = None
     units: list[str] | None = None
     ranges: list[tuple[float, float]] | None = None
+    discrete_features: list[int] | None = None
     source: str = ""
 
     @property
@@ -34,7 +36,13 @@ class DataSpec(BaseModel):
 
     @property
     def discrete(self) -> bool:
+        """Integer levels throughout (images)."""
         return self.levels is not None
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether scoring takes dequantization noise: discrete data, or records with integer-valued features."""
+        return self.discrete or bool(self.discrete_features)
 
     def random_examples(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` random float32 examples inside the data domain ``(n, *shape)`` (for warm-up and parity checks).

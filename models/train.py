@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "data": cfg.data,
     }
     calibration = None
-    if data.spec.kind == "record":
+    if data.spec.kind in ("record", "waveform"):
         from .anomaly import calibrate
 
         calibration = calibrate(final, data.split("val"), seed=cfg.seed)

@@ -62,7 +62,7 @@ class ModelEntry:
                 data_spec=spec.model_dump(mode="json"),
                 metrics=self.manifest.metrics,
                 calibration=None if not self.manifest.calibration else
-                {k: v for k, v in self.manifest.calibration.items() if k != "scores"},
+                {k: v for k, v in self.manifest.calibration.items() if k not in ("scores", "reference")},
                 tasks=sorted(self.batchers),
             )
         if self.runners:

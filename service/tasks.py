@@ -37,7 +37,7 @@ def tasks_for(manifest: Manifest) -> dict[str, Callable[[Runner, Payload], np.nd
 def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | None:
     """Noise the model's dequantizer consumes for ``n`` rows (``None`` for continuous data)."""
     spec = manifest.data_spec
-    if not spec.discrete:
+    if not spec.dequantized:
         return None
     rng = np.random.default_rng(seed)
     if noise_distribution(manifest.architecture) == "normal(0,1)":

@@ -45,6 +45,13 @@ def test_conformal_p_values_and_threshold() -> None:
     assert AnomalyScorer({"scores": [1.0, 2.0]}).threshold(0.01) == float("inf")
 
 
+def test_typicality_flags_both_tails() -> None:
+    scorer = AnomalyScorer({"scores": list(range(1, 100)), "mean": 50.0})
+    p = scorer.p_values(np.array([50.0, 1.0, 99.0, -200.0, 300.0]), "typicality")
+    assert p[0] == 1.0 and p[3] == p[4] == 0.01  # too likely is as suspicious as too unlikely
+    assert scorer.p_values(np.array([-200.0]), "nll")[0] == 1.0  # the one-sided NLL test misses it
+
+
 def test_training_stores_calibration_and_fpr_holds(record_run: Path) -> None:
     import torch
 
@@ -74,8 +81,20 @@ def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
         assert all(x["is_anomaly"] for x in res[-3:])
         assert sum(x["is_anomaly"] for x in res[:-3]) <= 4
         assert all(0 < x["p_value"] <= 1 for x in res) and res[-1]["nll"] > max(x["nll"] for x in res[:-3])
-        missing = c.post("/v1/models/vitals/anomaly", json={"records": [{"heart_rate": 80}]})
-        assert missing.status_code == 400 and "missing feature" in missing.json()["error"]
+        # attribution for the flagged records: the planted systolic pressure ranks first
+        for x in res[-3:]:
+            assert x["attribution"][0]["feature"] == "systolic_bp" and x["attribution"][0]["nats"] > 0
+        assert all("attribution" not in x for x in res[:-3] if not x["is_anomaly"])
+        # missing or null features are imputed with the calibration medians and reported
+        r = c.post("/v1/models/vitals/anomaly", json={"records": [{"heart_rate": 80, "spo2": None}], "explain": "all"})
+        assert r.status_code == 200, r.text
+        one = r.json()["results"][0]
+        assert one["imputed"] == ["systolic_bp", "diastolic_bp", "spo2"] and len(one["attribution"]) == 4
+        typ = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "typicality", "explain": "none"}).json()
+        assert typ["statistic"] == "typicality" and all(x["is_anomaly"] for x in typ["results"][-3:])
+        assert all("attribution" not in x for x in typ["results"])
+        bad = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "likelihood"})
+        assert bad.status_code == 400 and "statistic" in bad.json()["error"]
         unknown = c.post("/v1/models/vitals/anomaly", json={"records": [{**records[0], "lactate": 1}]})
         assert unknown.status_code == 400 and "unknown feature" in unknown.json()["error"]
         scored = c.post("/v1/models/vitals/score", json={"instances": records[:2]})

@@ -35,7 +35,9 @@ def _image_dataset(spec: str, splits: dict[str, np.ndarray], levels: int = 256) 
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset from a spec string.
 
-    ``digits`` · ``digits-permuted:SEED`` (one fixed random permutation of all pixels) · ``mnist:DIR`` · ``cifar10:DIR`` · ``imagenet32:DIR`` · ``folder:DIR`` · ``npy:FILE``.
+    ``digits`` · ``digits-permuted:SEED`` (one fixed random permutation of all pixels) · ``mnist:DIR`` · ``cifar10:DIR`` · ``imagenet32:DIR`` · ``folder:DIR`` · ``npy:FILE``
+    · ``csv:FILE`` · ``waveform:FILE.npy`` · ``mimic-vitals[:DIR|FILE]`` · ``mimic-waveform[:DIR]`` · ``mimic-waveform-minmax[:DIR]``
+    (the MIMIC kinds load a generated cohort when no path is given; :mod:`models.data.mimic`).
     """
     kind, _, arg = spec.partition(":")
     if kind == "digits":

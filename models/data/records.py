@@ -68,4 +68,10 @@ def _waveform_npy(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Da
     return Dataset(ds, split_fixed(arr))
 
 
-LOADERS: dict[str, Callable] = {"csv": _csv, "waveform": _waveform_npy}
+def _loaders() -> dict[str, Callable]:
+    from .mimic import LOADERS as MIMIC
+
+    return {"csv": _csv, "waveform": _waveform_npy, **MIMIC}
+
+
+LOADERS: dict[str, Callable] = _loaders()

@@ -94,6 +94,19 @@ def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarr
     return out
 
 
+def impute_records(records: list[Any], spec: DataSpec, fill: list[float], field: str) -> tuple[list[Any], list[list[str]]]:
+    """Fill absent or null features of ``{feature: value}`` records with ``fill`` (per-feature values); returns the names filled per record."""
+    names = spec.feature_names or []
+    out, imputed = [], []
+    for r, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
+        missing = [n for n in names if rec.get(n) is None]
+        out.append({**rec, **{n: fill[names.index(n)] for n in missing}})
+        imputed.append(missing)
+    return out, imputed
+
+
 def instances_to_array(instances: Any, spec: DataSpec, field: str = "instances") -> np.ndarray:
     """JSON instances → validated ``(N, *shape)`` float32."""
     if not isinstance(instances, list) or not instances:

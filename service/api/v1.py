@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -14,7 +15,7 @@ from models.imageio import png_bytes
 from .. import tasks
 from ..errors import BadRequest
 from .deps import require_key, state
-from .inputs import decode_upload, instances_to_array, media_type, parse_json, read_body
+from .inputs import decode_upload, impute_records, instances_to_array, media_type, parse_json, read_body
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -70,7 +71,7 @@ async def score_rows(request: Request, name: str, x: np.ndarray, seed: int, iw_s
     if len(x) > s.settings.max_rows:
         raise BadRequest(f"instances: {len(x)} rows exceed the limit of {s.settings.max_rows}")
     if iw_samples > 1:
-        if not spec.discrete:
+        if not spec.dequantized:
             raise BadRequest("iw_samples: importance weighting applies to discrete (dequantized) data only")
         if iw_samples > s.settings.max_iw_samples or len(x) * iw_samples > s.settings.max_rows * 8:
             raise BadRequest(f"iw_samples: {iw_samples} × {len(x)} rows is over the limit (max {s.settings.max_iw_samples} samples)")
@@ -110,7 +111,7 @@ async def score(name: str, request: Request) -> dict:
         "model": name,
         "version": entry.version,
         "unit": "nats",
-        "bound": ("iw" if iw > 1 else "variational") if spec.discrete else "exact",
+        "bound": ("iw" if iw > 1 else "variational") if spec.dequantized else "exact",
         "iw_samples": iw,
         "results": [{"log_prob": float(v), "bits_per_dim": float(-v / d)} for v in lp],
     }
@@ -148,31 +149,85 @@ async def reload(request: Request) -> dict:
 
 class AnomalyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    records: list = Field(..., min_length=1, description="records {feature: value} or arrays in feature order")
+    records: list = Field(..., min_length=1, description="records {feature: value} (null or absent: imputed), arrays in feature order, or waveform windows (C, T)")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate at which is_anomaly is decided")
-    seed: int = Field(0, ge=0)
+    statistic: Literal["nll", "typicality"] = Field("nll", description="nll: one-sided; typicality: |nll − mean| (two-sided)")
+    explain: Literal["anomalies", "all", "none"] = Field("anomalies", description="which records get an attribution")
+    segments: int = Field(16, ge=2, le=128, description="time segments per waveform window for the attribution")
+    top: int = Field(5, ge=1, le=128, description="attribution entries returned per record")
+
+
+def _attributions(spec, calibration: dict, x: np.ndarray, opts: AnomalyOptions):  # noqa: ANN001, ANN202
+    """Variant rows to score and a function turning (nll, variant nll) into per-record attribution lists."""
+    from models import attribution as attr
+
+    if spec.kind == "record":
+        ref = np.asarray(calibration["reference"], dtype=np.float64)
+        d, m = ref.shape
+        names = spec.feature_names
+
+        def explain(nll: np.ndarray, v: np.ndarray) -> list[list[dict]]:
+            a = attr.feature_attribution(nll, v, d, m)
+            return [[{"feature": names[k], "nats": float(row[k])} for k in np.argsort(-row, kind="stable")[: opts.top]] for row in a]
+
+        return attr.feature_variants(x, ref), d * m, explain
+    bounds = attr.segment_bounds(spec.shape[-1], opts.segments)
+
+    def explain(nll: np.ndarray, v: np.ndarray) -> list[list[dict]]:
+        a = attr.segment_attribution(nll, v, opts.segments)
+        return [[{"segment": int(j), "start": int(bounds[j][0]), "end": int(bounds[j][1]), "nats": float(row[j])}
+                 for j in np.argsort(-row, kind="stable")[: opts.top]] for row in a]
+
+    return attr.segment_variants(x, opts.segments), opts.segments, explain
 
 
 @router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)])
 async def anomaly(name: str, request: Request) -> dict:
-    """Calibrated anomaly scores for records: NLL, per-dim NLL, percentile, conformal p-value, decision."""
-    from models.anomaly import AnomalyScorer
+    """Calibrated anomaly scores for records or waveform windows: NLL, per-dim NLL, percentile,
+    conformal p-value, decision at the target false-positive rate, attribution, imputed fields."""
+    from models.anomaly import BIN_MIDPOINT, AnomalyScorer
 
     s = state(request)
     entry = s.repository.get(name)
-    entry.batcher("score")
+    batcher = entry.batcher("score")
     manifest = entry.manifest
-    if manifest.data_spec.kind != "record" or not manifest.calibration:
-        raise BadRequest(f"model {name!r} has no anomaly calibration (only record models trained by flowserve have one)")
+    spec = manifest.data_spec
+    if spec.kind not in ("record", "waveform") or not manifest.calibration:
+        raise BadRequest(f"model {name!r} has no anomaly calibration (only record and waveform models trained by flowserve have one)")
     body = await read_body(request, s.settings.max_body_bytes)
     opts = validate(AnomalyOptions, parse_json(body))
-    x = instances_to_array(opts.records, manifest.data_spec, "records")
-    lp, entry = await score_rows(request, name, x, opts.seed, 1)
+    records, imputed = opts.records, [[] for _ in opts.records]
+    if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
+        records, imputed = impute_records(records, spec, manifest.calibration["fill"], "records")
+    x = instances_to_array(records, spec, "records")
+    if len(x) > s.settings.max_rows:
+        raise BadRequest(f"records: {len(x)} rows exceed the limit of {s.settings.max_rows}")
+    # Scored at the dequantization bins' midpoints, as the calibration was (models.anomaly).
+    noise = np.full(x.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
+    payload = {"x": x} if noise is None else {"x": x, "noise": noise}
+    lp = await batcher.submit(payload, s.settings.request_timeout_s)
     scorer = entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
+    results = scorer.assess(-lp, spec.dims, opts.target_fpr, opts.statistic)
+    chosen = [i for i, r in enumerate(results) if opts.explain == "all" or (opts.explain == "anomalies" and r["is_anomaly"])]
+    if chosen and (spec.kind == "waveform" or "reference" in manifest.calibration):
+        variants, per, explain = _attributions(spec, manifest.calibration, x[chosen], opts)
+        if len(variants) > s.settings.max_queue_rows:
+            raise BadRequest(f"explain: {len(chosen)} records need {len(variants)} extra rows (limit {s.settings.max_queue_rows}); "
+                             "send fewer records or set explain to 'anomalies' or 'none'")
+        vp = {"x": variants}
+        if noise is not None:
+            vp["noise"] = np.repeat(noise[chosen], per, axis=0)
+        vlp = await batcher.submit(vp, s.settings.request_timeout_s)
+        for i, a in zip(chosen, explain(-lp[chosen], -vlp)):
+            results[i]["attribution"] = a
+    for r, names in zip(results, imputed):
+        if spec.kind == "record":
+            r["imputed"] = names
     return {
         "model": name,
         "version": entry.version,
         "target_fpr": opts.target_fpr,
+        "statistic": opts.statistic,
         "calibration": {"method": manifest.calibration["method"], "n": manifest.calibration["n"]},
-        "results": scorer.assess(-lp, manifest.data_spec.dims, opts.target_fpr),
+        "results": results,
     }

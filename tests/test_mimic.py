@@ -1,0 +1,260 @@
+"""MIMIC-style records: the generated cohort, and loaders for the real formats (WFDB, benchmark
+timeseries CSV, flat CSV, waveform CSV exports), with clear errors on malformed files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from models.cli import app
+from models.data import load_dataset
+from models.data.cohort import generate_vitals, generate_waveforms
+from models.data.mimic import (
+    impute,
+    read_timeseries_csv,
+    read_vitals,
+    read_waveform_csv,
+    read_waveforms,
+    read_wfdb,
+    scale_windows,
+    write_timeseries_csv,
+    windows_from_signal,
+    write_wfdb,
+)
+from models.data.mimic_schema import INDEX, VITAL_NAMES, VITALS, WINDOW
+from models.errors import DataError
+
+BENCHMARK_EPISODE = """Hours,Capillary refill rate,Diastolic blood pressure,Fraction inspired oxygen,Glascow coma scale eye opening,Glascow coma scale motor response,Glascow coma scale total,Glascow coma scale verbal response,Glucose,Heart Rate,Height,Mean blood pressure,Oxygen saturation,Respiratory rate,Systolic blood pressure,Temperature,Weight,pH
+0.06,,61.0,,4 Spontaneously,6 Obeys Commands,15,5 Oriented,,84,170,77.0,98.0,18,122.0,36.8,79.4,
+0.55,,,,,,,,131,86,,,,,,,,7.38
+1.20,0.0,58.0,0.4,To Pain,Localizes Pain,,No Response-ETT,,92,,74.0,96,22,118,,,
+"""
+
+
+def test_generator_is_deterministic_and_physiological() -> None:
+    a, b = generate_vitals(30, 24, seed=3), generate_vitals(30, 24, seed=3)
+    np.testing.assert_array_equal(a.values, b.values)
+    v = a.values
+    sbp, dbp, mbp = (v[:, INDEX[k]] for k in ("Systolic blood pressure", "Diastolic blood pressure", "Mean blood pressure"))
+    ok = np.isfinite(sbp) & np.isfinite(dbp) & np.isfinite(mbp)
+    assert (sbp[ok] > dbp[ok]).all() and np.abs(mbp[ok] - (dbp[ok] + (sbp[ok] - dbp[ok]) / 3)).mean() < 3
+    gcs = v[:, [INDEX[k] for k in VITAL_NAMES if k.startswith("Glascow")]]
+    seen = np.isfinite(gcs).all(1)
+    eye, motor, total, verbal = gcs[seen].T
+    np.testing.assert_array_equal(eye + motor + verbal, total)
+    missing = np.isnan(v).mean(0)
+    assert missing[INDEX["Heart Rate"]] < 0.1 and missing[INDEX["pH"]] > 0.8  # MIMIC-like missingness
+    for j, var in enumerate(VITALS):
+        col = v[:, j][np.isfinite(v[:, j])]
+        assert (col >= var.low).all() and (col <= var.high).all(), var.name
+
+
+def test_generated_anomalies_are_labelled_with_their_feature() -> None:
+    c = generate_vitals(50, 24, seed=1, anomaly_fraction=0.1)
+    kinds = set(c.kind) - {"normal"}
+    assert kinds == {"hypotension", "unit_error", "implausible"}
+    planted = c.feature[c.kind != "normal"]
+    assert (planted >= 0).all()
+    assert np.isfinite(c.values[c.kind != "normal", :][np.arange((c.kind != "normal").sum()), planted]).all()
+
+
+def test_waveforms_have_beats_notches_and_labelled_segments() -> None:
+    w = generate_waveforms(6, 4, seed=0)
+    assert w.windows.shape == (24, 2, WINDOW) and (w.kind == "normal").all()
+    abp = w.windows[:, 1]
+    assert 40 < abp.min() and abp.max() < 200  # mmHg
+    pleth = w.windows[0, 0]
+    # heart rate 50..140 bpm: 8.2 s windows hold 6..20 systolic peaks
+    peaks = np.flatnonzero((pleth[1:-1] > pleth[:-2]) & (pleth[1:-1] >= pleth[2:]) & (pleth[1:-1] > np.percentile(pleth, 80)))
+    assert 6 <= len(peaks) <= 40
+    a = generate_waveforms(10, 4, seed=1, anomaly_fraction=0.5)
+    bad = a.kind != "normal"
+    assert bad.any() and (a.segment[bad, 0] >= 0).all() and (a.segment[~bad] == -1).all()
+    flat = np.flatnonzero(a.kind == "flatline")
+    if len(flat):
+        s, e = a.segment[flat[0]]
+        assert np.std(a.windows[flat[0], 0, s:e]) < 0.01
+
+
+def test_benchmark_timeseries_csv_with_gcs_text(tmp_path: Path) -> None:
+    path = tmp_path / "3_episode1_timeseries.csv"
+    path.write_text(BENCHMARK_EPISODE)
+    hours, values = read_timeseries_csv(path)
+    assert hours.tolist() == pytest.approx([0.06, 0.55, 1.2])
+    assert values[0, INDEX["Glascow coma scale eye opening"]] == 4 and values[2, INDEX["Glascow coma scale eye opening"]] == 2
+    assert values[2, INDEX["Glascow coma scale motor response"]] == 5 and values[2, INDEX["Glascow coma scale verbal response"]] == 1
+    assert np.isnan(values[0, INDEX["Glucose"]]) and values[1, INDEX["Glucose"]] == 131
+    records, episode = read_vitals(tmp_path)
+    assert records.shape == (2, 17)  # two patient-hours
+    assert records[0, INDEX["Glucose"]] == 131 and records[0, INDEX["pH"]] == pytest.approx(7.38)
+    imputed, mask = impute(records, episode)
+    assert imputed[1, INDEX["Glucose"]] == 131 and mask[1, INDEX["Glucose"]]  # carried forward
+    assert imputed[0, INDEX["Capillary refill rate"]] == 0 and mask[0, INDEX["Capillary refill rate"]]
+    assert not mask[0, INDEX["Heart Rate"]] and np.isfinite(imputed).all()
+
+
+def test_generated_episodes_roundtrip_through_the_benchmark_format(tmp_path: Path) -> None:
+    c = generate_vitals(2, 6, seed=0)
+    rows = c.patient == 0
+    write_timeseries_csv(tmp_path / "0_episode1_timeseries.csv", c.hour[rows].astype(float), c.values[rows])
+    hours, values = read_timeseries_csv(tmp_path / "0_episode1_timeseries.csv")
+    np.testing.assert_allclose(values, c.values[rows], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("Hours,Heart Rate\n0.5,80\n", "missing columns"),
+        (BENCHMARK_EPISODE.replace("4 Spontaneously", "wide awake"), "wide awake"),
+        (BENCHMARK_EPISODE.replace(",84,", ",eighty,"), "line 2"),
+        (BENCHMARK_EPISODE.replace("0.55,,,", "0.55,,"), "fields"),
+    ],
+)
+def test_malformed_benchmark_files_are_clear_errors(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "1_episode1_timeseries.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_timeseries_csv(path)
+
+
+def test_wfdb_record_written_with_wfdb_is_read_into_windows(tmp_path: Path) -> None:
+    w = generate_waveforms(1, 3, seed=0).windows
+    signal = w.transpose(0, 2, 1).reshape(-1, 2)
+    write_wfdb(tmp_path, "p00001", signal)
+    assert (tmp_path / "p00001.hea").is_file() and (tmp_path / "p00001.dat").is_file()
+    back = read_wfdb(tmp_path / "p00001.hea")
+    np.testing.assert_allclose(back, signal, atol=0.01)  # 16-bit ADC quantisation
+    windows, record = read_waveforms(tmp_path)
+    assert windows.shape == (3, 2, WINDOW) and record.tolist() == [0, 0, 0]
+
+
+def test_wfdb_errors(tmp_path: Path) -> None:
+    import wfdb
+
+    sig = np.random.default_rng(0).normal(size=(2048, 2))
+    wfdb.wrsamp("ecg", fs=125, units=["mV", "mV"], sig_name=["II", "V"], p_signal=sig, fmt=["16", "16"], write_dir=str(tmp_path))
+    with pytest.raises(DataError, match="no PLETH or ABP channel"):
+        read_wfdb(tmp_path / "ecg.hea")
+    wfdb.wrsamp("fast", fs=250, units=["NU", "mmHg"], sig_name=["PLETH", "ABP"], p_signal=sig, fmt=["16", "16"], write_dir=str(tmp_path))
+    with pytest.raises(DataError, match="250"):
+        read_wfdb(tmp_path / "fast.hea")
+    (tmp_path / "broken.hea").write_text("this is not a header\n")
+    with pytest.raises(DataError, match="broken"):
+        read_wfdb(tmp_path / "broken.hea")
+    (tmp_path / "nodat.hea").write_text("nodat 2 125 2048\nnodat.dat 16 100 16 0 0 0 0 PLETH\nnodat.dat 16 100 16 0 0 0 0 ABP\n")
+    with pytest.raises(DataError, match="nodat"):
+        read_wfdb(tmp_path / "nodat.hea")
+
+
+def test_waveform_csv_export_with_units_row_and_gaps(tmp_path: Path) -> None:
+    n = 2 * WINDOW + 10
+    t = np.arange(n) / 125
+    lines = ["'Elapsed time','ABP','PLETH'", "'seconds','mmHg','NU'"]
+    for k in range(n):
+        pleth = "-" if k == WINDOW + 5 else f"{0.5 + 0.4 * np.sin(7 * t[k]):.4f}"
+        lines.append(f"{t[k]:.3f},{90 + 20 * np.sin(7 * t[k]):.2f},{pleth}")
+    path = tmp_path / "export.csv"
+    path.write_text("\n".join(lines) + "\n")
+    sig = read_waveform_csv(path)
+    assert sig.shape == (n, 2) and sig[0, 0] == pytest.approx(0.5) and sig[0, 1] == pytest.approx(90)  # PLETH, ABP order
+    assert windows_from_signal(sig).shape == (1, 2, WINDOW)  # the window with the gap is dropped
+    with pytest.raises(DataError, match="only 1 complete"):
+        read_waveforms(path)
+    path.write_text("'Elapsed time','PLETH'\n0,1\n")
+    with pytest.raises(DataError, match="ABP"):
+        read_waveform_csv(path)
+
+
+def test_scalings() -> None:
+    w = generate_waveforms(2, 2, seed=0).windows
+    g = scale_windows(w, "global")
+    assert abs(float(g[:, 1].mean())) < 1.0 and abs(float(g[:, 0].mean())) < 1.0
+    m = scale_windows(w, "minmax")
+    np.testing.assert_allclose(m.min(-1), 0, atol=1e-6)
+    np.testing.assert_allclose(m.max(-1), 1, atol=1e-6)
+
+
+def test_dataset_specs_load_generated_and_exported_cohorts(tmp_path: Path) -> None:
+    vit = load_dataset("mimic-vitals")
+    assert vit.spec.kind == "record" and vit.spec.shape == (17,) and vit.spec.feature_names == list(VITAL_NAMES)
+    assert np.isfinite(vit.split("train")).all()
+    wav = load_dataset("mimic-waveform")
+    assert wav.spec.shape == (2, WINDOW) and wav.spec.feature_names == ["PLETH", "ABP"]
+    result = CliRunner().invoke(app, ["generate-cohort", str(tmp_path / "c"), "--patients", "8", "--hours", "6", "--windows-per-patient", "2"])
+    assert result.exit_code == 0, result.output
+    assert "synthetic" in result.output and (tmp_path / "c" / "SYNTHETIC.txt").is_file()
+    from_files = load_dataset(f"mimic-vitals:{tmp_path / 'c' / 'vitals' / 'episodes'}")
+    assert sum(len(from_files.split(s)) for s in ("train", "val", "test")) == 8 * 6
+    assert all(len(from_files.split(s)) % 6 == 0 for s in ("train", "val", "test"))  # whole patients per split
+    flat = load_dataset(f"mimic-vitals:{tmp_path / 'c' / 'vitals' / 'test_records.csv'}")
+    assert flat.spec.shape == (17,)
+    waves = load_dataset(f"mimic-waveform-minmax:{tmp_path / 'c' / 'waveforms' / 'train'}")
+    assert sum(len(waves.split(s)) for s in ("train", "val", "test")) == 16
+    assert float(waves.split("train").max()) <= 1.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no \\*_timeseries.csv"):
+        load_dataset(f"mimic-vitals:{tmp_path / 'empty'}")
+
+
+@pytest.fixture(scope="module")
+def mimic_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny vitals and waveform flows trained on the generated cohort, as a model repository."""
+    from models.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("mimic")
+    runs = {
+        "vitals": {"data": "mimic-vitals", "model": {"name": "vector", "steps": 2, "hidden": 16},
+                   "train": {"steps": 60, "batch_size": 128, "eval_every": 60}},
+        "waves": {"data": "mimic-waveform", "model": {"name": "waveform", "levels": 2, "steps": 1, "hidden": 8, "butterfly_levels": [4, 3]},
+                  "train": {"steps": 30, "batch_size": 32, "eval_every": 30}},
+    }
+    for name, cfg in runs.items():
+        train(TrainConfig.model_validate(cfg), tmp / name, progress=False)
+        (tmp / "repo" / name).mkdir(parents=True)
+        (tmp / name / "artifact").rename(tmp / "repo" / name / "1")
+    return tmp / "repo"
+
+
+def test_vitals_model_dequantizes_gcs_and_samples_integers(mimic_repository: Path) -> None:
+    import torch
+
+    from models import load
+
+    model = load(str(mimic_repository / "vitals" / "1"))
+    k = [INDEX[n] for n in VITAL_NAMES if n.startswith("Glascow")] + [INDEX["Capillary refill rate"]]
+    assert sorted(model.spec.discrete_features) == sorted(k)
+    cal = model.manifest.calibration
+    assert len(cal["fill"]) == 17 and np.array(cal["reference"]).shape == (17, 9)
+    x = model.sample(32, 0.8, torch.Generator().manual_seed(0)).numpy()
+    np.testing.assert_array_equal(x[:, k], np.round(x[:, k]))
+
+
+def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path: Path) -> None:
+    from tests.server import running_server
+
+    c = generate_vitals(4, 3, seed=9)
+    x, _ = impute(c.values, c.patient)
+    records = [dict(zip(VITAL_NAMES, map(float, row))) for row in x[:4]]
+    records[1]["Temperature"] = 98.6  # °F: a unit error
+    del records[2]["pH"]
+    records[3]["Weight"] = None
+    w = generate_waveforms(2, 2, seed=5, anomaly_fraction=0.5)
+    windows = scale_windows(w.windows, "global")
+    with running_server(mimic_repository, tmp_path) as s, s.client() as client:
+        r = client.post("/v1/models/vitals/anomaly", json={"records": records, "explain": "all", "top": 3})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert res[2]["imputed"] == ["pH"] and res[3]["imputed"] == ["Weight"] and res[0]["imputed"] == []
+        assert res[1]["nll"] > res[0]["nll"] and res[1]["attribution"][0]["feature"] == "Temperature"
+        assert all(len(x["attribution"]) == 3 for x in res)
+        r = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "explain": "all", "segments": 8})
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert len(res) == 4 and all(0 < x["p_value"] <= 1 and "imputed" not in x for x in res)
+        seg = res[0]["attribution"][0]
+        assert set(seg) == {"segment", "start", "end", "nats"} and 0 <= seg["start"] < seg["end"] <= WINDOW
+        bad = client.post("/v1/models/waves/anomaly", json={"records": windows[:, :, :100].tolist()})
+        assert bad.status_code == 400 and "shape" in bad.json()["error"]
