@@ -51,6 +51,18 @@ class Squeeze1d(Bijector):
         return z.view(b, 2, c2 // 2, t2).permute(0, 2, 3, 1).reshape(b, c2 // 2, t2 * 2)
 
 
+def column_split(x: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B, 2C, H, W/2)``: even columns in channels ``0..C−1``, odd in ``C..2C−1``."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h, w // 2, 2).permute(0, 4, 1, 2, 3).reshape(b, 2 * c, h, w // 2)
+
+
+def column_merge(z: Tensor) -> Tensor:
+    """``(B, 2C, H, W/2) -> (B, C, H, W)``; inverse of :func:`column_split`."""
+    b, c2, h, w2 = z.shape
+    return z.view(b, 2, c2 // 2, h, w2).permute(0, 2, 3, 4, 1).reshape(b, c2 // 2, h, w2 * 2)
+
+
 class ColumnSplit(Bijector):
     """Flow++'s "checkerboard" split (even/odd columns, as the official code does it), halves stacked on channels.
 
@@ -59,15 +71,22 @@ class ColumnSplit(Bijector):
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, c, h, w = x.shape
-        if w % 2:
-            raise ValueError(f"ColumnSplit needs an even width, got {w}")
-        x = x.view(b, c, h, w // 2, 2).permute(0, 4, 1, 2, 3)
-        return x.reshape(b, 2 * c, h, w // 2), x.new_zeros(b)
+        if x.shape[3] % 2:
+            raise ValueError(f"ColumnSplit needs an even width, got {x.shape[3]}")
+        return column_split(x), x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor) -> Tensor:
-        b, c2, h, w2 = z.shape
-        return z.view(b, 2, c2 // 2, h, w2).permute(0, 2, 3, 4, 1).reshape(b, c2 // 2, h, w2 * 2)
+        return column_merge(z)
+
+
+class ColumnMerge(Bijector):
+    """Inverse of :class:`ColumnSplit`: ``(B, 2C, H, W/2) -> (B, C, H, W)``; log-det 0."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return column_merge(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return column_split(z)
 
 
 class SwapHalves(Bijector):
@@ -79,13 +98,3 @@ class SwapHalves(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         return self.forward(z)[0]
-
-
-class ColumnMerge(Bijector):
-    """Inverse of :class:`ColumnSplit`: ``(B, 2C, H, W/2) -> (B, C, H, W)``; log-det 0."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return ColumnSplit().inverse(x), x.new_zeros(x.shape[0])
-
-    def inverse(self, z: Tensor) -> Tensor:
-        return ColumnSplit()(z)[0]
