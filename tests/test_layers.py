@@ -60,6 +60,7 @@ LAYERS: dict[str, Factory] = {
     "butterfly_image_channel_last": lambda: (F.Butterfly((4, 2, 2), levels=3, layout="channel_last", init="rotation"), (4, 2, 2)),
     "butterfly_partitioned": lambda: (F.Butterfly((2, 4, 4), levels=2, partitions=4, init="rotation"), (2, 4, 4)),
     "position_norm": lambda: (F.PositionNorm((2, 2, 2)), (2, 2, 2)),
+    "gaussian_whitening": lambda: (F.GaussianWhitening((2, 3)), (2, 3)),
     "pointwise_grouped": lambda: (F.Pointwise(4, groups=2), (4, 2, 2)),
     "column_split": lambda: (F.ColumnSplit(), (2, 2, 4)),
     "column_merge": lambda: (F.ColumnMerge(), (4, 2, 2)),
@@ -130,3 +131,25 @@ def test_inverse_logdet_is_negative_forward(name: str) -> None:
     jac = torch.autograd.functional.jacobian(lambda zi: layer.inverse(zi.unsqueeze(0)).reshape(-1), z[0])
     inv_logdet = torch.linalg.slogdet(jac.reshape(jac.shape[0], -1)).logabsdet
     torch.testing.assert_close(inv_logdet, -logdet[0], atol=1e-6, rtol=1e-6)
+
+
+def test_gaussian_whitening_is_the_ledoit_wolf_gaussian() -> None:
+    """Whitening + a standard normal base is exactly the Ledoit-Wolf Gaussian of the init batch."""
+    import numpy as np
+    from scipy.stats import multivariate_normal
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((12, 12))
+    x = rng.standard_normal((40, 12)) @ mix + 3.0  # correlated, N > D
+    layer = F.GaussianWhitening((3, 4)).double().train()
+    xt = torch.from_numpy(x).reshape(40, 3, 4)
+    layer(xt)  # data-dependent init
+    layer.eval()
+    z, logdet = layer(xt)
+    ours = (F.standard_normal_log_prob(z) + logdet).numpy()
+    lw = LedoitWolf().fit(x)
+    expected = multivariate_normal(lw.location_, lw.covariance_).logpdf(x)
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-9)
+    assert torch.equal(layer.weight, torch.tril(layer.weight))  # innovations: z_i depends on x_1..x_i only
+    assert all(not p.requires_grad for p in layer.parameters()) and len(list(layer.parameters())) == 0

@@ -13,6 +13,7 @@ from models.cli import app
 from models.data import load_dataset
 from models.data.cohort import generate_vitals, generate_waveforms
 from models.data.mimic import (
+    hot_deck,
     impute,
     read_timeseries_csv,
     read_vitals,
@@ -90,10 +91,26 @@ def test_benchmark_timeseries_csv_with_gcs_text(tmp_path: Path) -> None:
     records, episode = read_vitals(tmp_path)
     assert records.shape == (2, 17)  # two patient-hours
     assert records[0, INDEX["Glucose"]] == 131 and records[0, INDEX["pH"]] == pytest.approx(7.38)
-    imputed, mask = impute(records, episode)
+    imputed, mask, unseen = impute(records, episode)
     assert imputed[1, INDEX["Glucose"]] == 131 and mask[1, INDEX["Glucose"]]  # carried forward
     assert imputed[0, INDEX["Capillary refill rate"]] == 0 and mask[0, INDEX["Capillary refill rate"]]
     assert not mask[0, INDEX["Heart Rate"]] and np.isfinite(imputed).all()
+    assert unseen[0, INDEX["Capillary refill rate"]] and not unseen[1, INDEX["Glucose"]] and not unseen[0, INDEX["Heart Rate"]]
+
+
+def test_hot_deck_fills_only_unseen_continuous_cells_from_known_values() -> None:
+    c = generate_vitals(30, 12, seed=4)
+    filled = impute(c.values, c.patient)
+    x = hot_deck(filled.values, filled.unseen, np.random.default_rng(0))
+    keep = ~filled.unseen
+    np.testing.assert_array_equal(x[keep], filled.values[keep])
+    for j, var in enumerate(VITALS):
+        rows = filled.unseen[:, j]
+        if var.discrete:
+            np.testing.assert_array_equal(x[rows, j], var.normal)
+        elif rows.any():
+            assert np.isin(x[rows, j], filled.values[~rows, j]).all()
+            assert len(np.unique(x[rows, j])) > 1  # no point mass left at the normal value
 
 
 def test_generated_episodes_roundtrip_through_the_benchmark_format(tmp_path: Path) -> None:
@@ -208,8 +225,9 @@ def mimic_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = {
         "vitals": {"data": "mimic-vitals", "model": {"name": "vector", "steps": 2, "hidden": 16},
                    "train": {"steps": 60, "batch_size": 128, "eval_every": 60}},
-        "waves": {"data": "mimic-waveform", "model": {"name": "waveform", "levels": 2, "steps": 1, "hidden": 8, "butterfly_levels": [4, 3]},
-                  "train": {"steps": 30, "batch_size": 32, "eval_every": 30}},
+        "waves": {"data": "mimic-waveform", "anomaly_statistic": "typicality",
+                  "model": {"name": "waveform", "levels": 2, "steps": 1, "hidden": 8, "butterfly_levels": [4, 3], "whiten": True},
+                  "train": {"steps": 30, "batch_size": 32, "eval_every": 30, "init_batch": 4096}},
     }
     for name, cfg in runs.items():
         train(TrainConfig.model_validate(cfg), tmp / name, progress=False)
@@ -236,7 +254,7 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
     from tests.server import running_server
 
     c = generate_vitals(4, 3, seed=9)
-    x, _ = impute(c.values, c.patient)
+    x = impute(c.values, c.patient).values
     records = [dict(zip(VITAL_NAMES, map(float, row))) for row in x[:4]]
     records[1]["Temperature"] = 98.6  # °F: a unit error
     del records[2]["pH"]
@@ -252,9 +270,12 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
         assert all(len(x["attribution"]) == 3 for x in res)
         r = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "explain": "all", "segments": 8})
         assert r.status_code == 200, r.text
+        assert r.json()["statistic"] == "typicality"  # the waveform model's default (set at training)
         res = r.json()["results"]
         assert len(res) == 4 and all(0 < x["p_value"] <= 1 and "imputed" not in x for x in res)
         seg = res[0]["attribution"][0]
         assert set(seg) == {"segment", "start", "end", "nats"} and 0 <= seg["start"] < seg["end"] <= WINDOW
         bad = client.post("/v1/models/waves/anomaly", json={"records": windows[:, :, :100].tolist()})
         assert bad.status_code == 400 and "shape" in bad.json()["error"]
+        bad = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "statistic": "conditional"})
+        assert bad.status_code == 400 and "record model" in bad.json()["error"]

@@ -8,6 +8,8 @@ Waveforms ``(C, T)`` (the paper's MIMIC-III model): per level, squeeze time into
 ``steps`` × (ActNorm → LU 1×1 conv → tied butterfly over the flattened window (time-major,
 channels fastest) → RealNVP MLP coupling pointwise in time), then factor out half the channels
 against a standard normal. Without ``butterfly_levels`` it is the paper's Glow baseline.
+``whiten: true`` puts a data-initialised full-covariance whitening in front
+(:class:`~models.flows.GaussianWhitening`), so the flow starts as the Gaussian and learns the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..flows import (
     Bijector,
     Butterfly,
     Flatten,
+    GaussianWhitening,
     InvConv1x1,
     InvConv1x1LU,
     Logit,
@@ -66,6 +69,7 @@ class WaveformFlowConfig(BaseModel):
     hidden: int = Field(16, ge=1)
     butterfly_levels: list[int] = Field(default_factory=list, description="per level; empty = Glow baseline")
     init: Literal["identity", "rotation"] = "rotation"
+    whiten: bool = Field(False, description="start with GaussianWhitening: the flow starts as a full-covariance Gaussian")
 
 
 def _levels_for(cfg: ButterflyFlowConfig, scale: int, d: int) -> int:
@@ -127,4 +131,5 @@ def build_waveform(cfg: WaveformFlowConfig, spec: DataSpec) -> Bijector:
             return Sequential([head, Flatten(s)])
         return MultiScale(head, s, build((s[0] // 2, s[1]), lvl + 1), learned_prior=False)
 
-    return build((c, t), 0)
+    flow = build((c, t), 0)
+    return Sequential([GaussianWhitening((c, t)), flow]) if cfg.whiten else flow

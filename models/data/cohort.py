@@ -263,9 +263,12 @@ def generate_window(rng: np.random.Generator, baseline: dict[str, float], kind: 
     abp = dbp + (sbp - dbp) * _render(t, onsets, amps, _abp_beat, 0.0) + 2.0 * resp_wave + 0.5 * rng.standard_normal(n)
     segment = (-1, -1)
     if kind == "ectopic":
-        first = onsets[amps < 1][0] if (amps < 1).any() else 0.0
-        start = int(max(0, first * SAMPLE_RATE_HZ))
-        segment = (start, min(n, start + int(1.6 * SAMPLE_RATE_HZ * 60 / hr)))
+        # From the first premature beat to the end of the last compensatory pause (the onset of the
+        # beat after it), plus the pulse transit delay for PLETH.
+        beats = np.flatnonzero(amps < 1)
+        start = int(np.clip(onsets[beats[0]] * SAMPLE_RATE_HZ, 0, n - 1)) if len(beats) else 0
+        end_s = onsets[min(beats[-1] + 2, len(onsets) - 1)] + baseline["ptt"] if len(beats) else seconds
+        segment = (start, int(np.clip(end_s * SAMPLE_RATE_HZ, start + 1, n)))
     elif kind == "flatline":
         length = int(rng.uniform(2, 4) * SAMPLE_RATE_HZ)
         start = int(rng.integers(0, n - length))

@@ -6,7 +6,7 @@ from .coupling import AffineCoupling, RealNVPCoupling, checkerboard
 from .linear import InvConv1x1, InvConv1x1LU, Pointwise
 from .mixture import InverseOptions, MixtureCDFCoupling, mixture_inverse_cdf, mixture_log_cdf, mixture_log_pdf, mixture_logit_cdf
 from .multiscale import GaussianSplit, MultiScale
-from .normalization import ActNorm, PositionNorm
+from .normalization import ActNorm, GaussianWhitening, PositionNorm
 from .preprocess import Logit, Sigmoid
 from .reshape import ColumnMerge, ColumnSplit, Squeeze, Squeeze1d, SwapHalves, squeeze2d, unsqueeze2d
 
@@ -20,6 +20,7 @@ __all__ = [
     "ColumnSplit",
     "Flatten",
     "GaussianSplit",
+    "GaussianWhitening",
     "InvConv1x1",
     "InvConv1x1LU",
     "InverseOptions",

@@ -1,6 +1,8 @@
-"""Data-initialised affine normalisation: Glow's per-channel ActNorm and Flow++'s per-position Norm."""
+"""Data-initialised affine normalisation: Glow's per-channel ActNorm, Flow++'s per-position Norm and full-covariance whitening."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -79,3 +81,51 @@ class PositionNorm(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         return (z - self.b) / self.g.clamp(min=1e-10)
+
+
+class GaussianWhitening(Bijector):
+    """``z = W (x − μ)`` over the flattened example, ``W = L⁻¹`` for the Cholesky factor ``L`` of a covariance.
+
+    On the first training forward, ``μ`` and the covariance are estimated from the batch
+    (Ledoit-Wolf shrinkage, so a batch smaller than ``D`` still gives a positive-definite
+    estimate), in float64. ``W`` is lower triangular in the flattened order, so ``z_i`` is the
+    standardised innovation of ``x_i`` given ``x_1 … x_{i−1}`` (for ``(C, T)`` windows: each
+    channel's sample given its own past and the earlier channels) and stays where ``x_i`` was:
+    what follows still sees time as time. ``logdet = Σ_i log W_ii`` per sample.
+
+    At initialisation the flow built on top starts as the full-covariance Gaussian; the layers
+    after it model what is not Gaussian. ``μ`` and ``W`` are buffers, fixed after the
+    initialisation: ``D(D+1)/2`` numbers estimated in closed form, which gradient steps would only
+    overfit. Needs a large initialisation batch (``train.init_batch``), ideally several times ``D``.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        d = math.prod(shape)
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("weight", torch.eye(d))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        from sklearn.covariance import ledoit_wolf
+
+        flat = x.reshape(x.shape[0], -1).detach().to("cpu", torch.float64).numpy()
+        cov, _ = ledoit_wolf(flat)
+        chol = torch.linalg.cholesky(torch.from_numpy(cov))
+        eye = torch.eye(chol.shape[0], dtype=torch.float64)
+        self.weight.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
+        self.mean.copy_(torch.from_numpy(flat.mean(0)))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        z = (x.reshape(x.shape[0], -1) - self.mean) @ self.weight.T
+        logdet = torch.log(torch.diagonal(self.weight)).sum()
+        return z.reshape(x.shape), logdet.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        flat = z.reshape(z.shape[0], -1)
+        x = torch.linalg.solve_triangular(self.weight, flat.T, upper=False).T + self.mean
+        return x.reshape(z.shape)
