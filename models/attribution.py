@@ -11,6 +11,11 @@ Method: counterfactual replacement ("what would the NLL be if this part looked n
   PLETH autocorrelation between 0.33 and 1.5 s; ``a_j = NLL(x) − NLL(x with segment j replaced)``.
   A flat line, a motion burst or an ectopic beat is replaced by the neighbouring normal beat.
 
+The same differences apply to any statistic of the NLL: with ``typicality`` (``|NLL − mean|``) an
+attribution is how much of the distance from the typical score disappears, so a flat line that
+makes a window *too* likely is explained too. The functions below take whichever score they are
+given (the route passes the request's statistic).
+
 Every variant of a record is scored with that record's dequantization noise, so differences come
 from the replaced values only. The variants are plain rows for any scorer (the service sends them
 through its batcher).

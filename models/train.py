@@ -56,6 +56,8 @@ class TrainConfig(BaseModel):
     train: OptimConfig = OptimConfig()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    anomaly_statistic: Literal["nll", "typicality", "conditional"] = Field(
+        "nll", description="record and waveform models: the anomaly statistic a request gets by default (models.anomaly)")
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -226,7 +228,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     if data.spec.kind in ("record", "waveform"):
         from .anomaly import calibrate
 
-        calibration = calibrate(final, data.split("val"), seed=cfg.seed)
+        calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic)
     artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, out / "samples.png")

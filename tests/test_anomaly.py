@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models import load
-from models.anomaly import AnomalyScorer
+from models.anomaly import AnomalyScorer, atom_design, find_atoms
 from models.train import TrainConfig, train
 from tests.server import running_server
 
@@ -52,12 +52,47 @@ def test_typicality_flags_both_tails() -> None:
     assert scorer.p_values(np.array([-200.0]), "nll")[0] == 1.0  # the one-sided NLL test misses it
 
 
+def test_the_calibration_names_the_default_statistic() -> None:
+    cal = {"scores": list(range(1, 100)), "mean": 50.0}
+    scorer = AnomalyScorer({**cal, "statistic": "typicality"})
+    assert scorer.resolve(None) == "typicality" and scorer.resolve("nll") == "nll"
+    assert scorer.p_values(np.array([-200.0]))[0] == 0.01 and scorer.assess(np.array([-200.0]), 1)[0]["statistic"] == "typicality"
+    assert AnomalyScorer(cal).resolve(None) == "nll"  # calibrations written before the default was stored
+    with pytest.raises(ValueError, match="unknown statistic"):
+        scorer.resolve("likelihood")
+    with pytest.raises(ValueError, match="needs a record model"):
+        scorer.resolve("conditional")
+
+
+def test_conditional_statistic_removes_the_point_mass_effect() -> None:
+    """A record on a point mass (x_0 = 0.21) gets a spike in density; conditioning on the atom pattern undoes it."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    on_atom = rng.random(n) < 0.7
+    x = np.c_[np.where(on_atom, 0.21, rng.uniform(0.3, 0.6, n)), rng.standard_normal(n)].astype(np.float32)
+    nll = np.where(on_atom, -6.0, 1.0) + 0.5 * x[:, 1] ** 2  # the spike: 7 nats lower on the atom
+    atoms = find_atoms(x)
+    assert atoms == [(0, float(np.float32(0.21)))]
+    design = atom_design(x, atoms)
+    beta = np.linalg.lstsq(design, nll, rcond=None)[0]
+    cal = {"scores": sorted(nll), "mean": float(nll.mean()), "statistic": "conditional", "atoms": [list(a) for a in atoms],
+           "atom_effects": beta.tolist(), "conditional_scores": sorted(nll - design @ beta)}
+    scorer = AnomalyScorer(cal)
+    odd = np.array([[0.45, 3.5], [0.21, 3.5]], dtype=np.float32)  # |x_1| = 3.5: anomalous whatever x_0 is
+    odd_nll = np.array([1.0 + 0.5 * 3.5**2, -6.0 + 0.5 * 3.5**2])
+    assert (scorer.p_values(odd_nll, x=odd) <= 0.01).all()
+    assert scorer.p_values(odd_nll, "nll")[1] > 0.05  # the spike hides the one on the atom from the plain NLL
+    with pytest.raises(ValueError, match="needs the records"):
+        scorer.statistic(odd_nll)
+
+
 def test_training_stores_calibration_and_fpr_holds(record_run: Path) -> None:
     import torch
 
     model = load(str(record_run))
     cal = model.manifest.calibration
     assert cal["method"] == "conformal" and cal["n"] == 150 and cal["scores"] == sorted(cal["scores"])
+    assert cal["statistic"] == "nll"
     scorer = AnomalyScorer(cal)
     fresh = normal_records(4000, 99)
     nll = -model.log_prob(torch.from_numpy(fresh)).detach().numpy()
@@ -77,6 +112,7 @@ def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
         records = [dict(zip(FEATURES, map(float, r))) for r in np.concatenate([normal, odd])]
         r = c.post("/v1/models/vitals/anomaly", json={"records": records, "target_fpr": 0.05})
         assert r.status_code == 200, r.text
+        assert r.json()["statistic"] == "nll"  # the model's default
         res = r.json()["results"]
         assert all(x["is_anomaly"] for x in res[-3:])
         assert sum(x["is_anomaly"] for x in res[:-3]) <= 4
@@ -93,6 +129,8 @@ def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
         typ = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "typicality", "explain": "none"}).json()
         assert typ["statistic"] == "typicality" and all(x["is_anomaly"] for x in typ["results"][-3:])
         assert all("attribution" not in x for x in typ["results"])
+        cond = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "conditional", "explain": "none"}).json()
+        assert cond["statistic"] == "conditional" and all(x["is_anomaly"] for x in cond["results"][-3:])
         bad = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "likelihood"})
         assert bad.status_code == 400 and "statistic" in bad.json()["error"]
         unknown = c.post("/v1/models/vitals/anomaly", json={"records": [{**records[0], "lactate": 1}]})

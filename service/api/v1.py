@@ -151,7 +151,9 @@ class AnomalyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     records: list = Field(..., min_length=1, description="records {feature: value} (null or absent: imputed), arrays in feature order, or waveform windows (C, T)")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate at which is_anomaly is decided")
-    statistic: Literal["nll", "typicality"] = Field("nll", description="nll: one-sided; typicality: |nll − mean| (two-sided)")
+    statistic: Literal["nll", "typicality", "conditional"] | None = Field(
+        None, description="nll: one-sided; typicality: |nll − mean| (two-sided); conditional (records): nll minus its "
+        "expected value given the record's point masses; default: the model's (set at training)")
     explain: Literal["anomalies", "all", "none"] = Field("anomalies", description="which records get an attribution")
     segments: int = Field(16, ge=2, le=128, description="time segments per waveform window for the attribution")
     top: int = Field(5, ge=1, le=128, description="attribution entries returned per record")
@@ -196,6 +198,11 @@ async def anomaly(name: str, request: Request) -> dict:
         raise BadRequest(f"model {name!r} has no anomaly calibration (only record and waveform models trained by flowserve have one)")
     body = await read_body(request, s.settings.max_body_bytes)
     opts = validate(AnomalyOptions, parse_json(body))
+    scorer = entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
+    try:
+        statistic = scorer.resolve(opts.statistic)
+    except ValueError as e:
+        raise BadRequest(f"statistic: {e}") from None
     records, imputed = opts.records, [[] for _ in opts.records]
     if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
         records, imputed = impute_records(records, spec, manifest.calibration["fill"], "records")
@@ -206,8 +213,7 @@ async def anomaly(name: str, request: Request) -> dict:
     noise = np.full(x.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
     payload = {"x": x} if noise is None else {"x": x, "noise": noise}
     lp = await batcher.submit(payload, s.settings.request_timeout_s)
-    scorer = entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
-    results = scorer.assess(-lp, spec.dims, opts.target_fpr, opts.statistic)
+    results = scorer.assess(-lp, spec.dims, opts.target_fpr, statistic, x)
     chosen = [i for i, r in enumerate(results) if opts.explain == "all" or (opts.explain == "anomalies" and r["is_anomaly"])]
     if chosen and (spec.kind == "waveform" or "reference" in manifest.calibration):
         variants, per, explain = _attributions(spec, manifest.calibration, x[chosen], opts)
@@ -218,7 +224,7 @@ async def anomaly(name: str, request: Request) -> dict:
         if noise is not None:
             vp["noise"] = np.repeat(noise[chosen], per, axis=0)
         vlp = await batcher.submit(vp, s.settings.request_timeout_s)
-        for i, a in zip(chosen, explain(-lp[chosen], -vlp)):
+        for i, a in zip(chosen, explain(scorer.statistic(-lp[chosen], statistic, x[chosen]), scorer.statistic(-vlp, statistic, variants))):
             results[i]["attribution"] = a
     for r, names in zip(results, imputed):
         if spec.kind == "record":
@@ -227,7 +233,7 @@ async def anomaly(name: str, request: Request) -> dict:
         "model": name,
         "version": entry.version,
         "target_fpr": opts.target_fpr,
-        "statistic": opts.statistic,
+        "statistic": statistic,
         "calibration": {"method": manifest.calibration["method"], "n": manifest.calibration["n"]},
         "results": results,
     }
