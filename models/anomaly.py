@@ -21,7 +21,7 @@ each feature whose most common calibration value ``v_j`` holds at least 5% of th
 air FiO2 0.21, a normal-value fill, the usual Glasgow scores), and ``β`` is the least-squares fit
 of the calibration NLLs on them. A flow gives a point mass a tall density spike, so whether a
 record sits on FiO2 = 0.21 moves its NLL by several nats, which has nothing to do with anomalies
-and hides soft ones such as hypotension (AUROC 0.84 → 0.94; ``docs/benchmarks.md``). It is a
+and hides soft ones such as hypotension (AUROC 0.84 → 0.95; ``docs/benchmarks.md``). It is a
 likelihood ratio against a background that knows only the atom pattern (Ren et al. 2019's idea
 with the simplest background), one-sided, calibrated conformally like the others.
 

@@ -117,6 +117,8 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data)
+    if cfg.anomaly_statistic == "conditional" and data.spec.kind != "record":
+        raise ConfigError(f"anomaly_statistic: 'conditional' is for record data, not {data.spec.kind} ({cfg.data})")
     train_x = data.split("train")
     model = build(cfg.model, data.spec).to(device)
     oc = cfg.train

@@ -143,3 +143,13 @@ def test_anomaly_route_refuses_image_models(server) -> None:  # noqa: ANN001
     with server.client() as c:
         r = c.post("/v1/models/digits/anomaly", json={"records": [[0] * 64]})
     assert r.status_code == 400 and "no anomaly calibration" in r.json()["error"]
+
+
+def test_conditional_statistic_is_refused_for_non_record_data_before_training(tmp_path: Path) -> None:
+    from models.errors import ConfigError
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig.model_validate({"data": "digits", "model": {"name": "glow"}, "anomaly_statistic": "conditional"})
+    with pytest.raises(ConfigError, match="record data"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "artifact").exists()
