@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import seeding
 from .dequantization import UniformDequantizer
 from .flows import Bijector, standard_normal_log_prob
 from .spec import DataSpec
@@ -36,23 +37,32 @@ class DensityModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
-        """Dequantization noise for ``n`` examples (``None`` for continuous data); CPU tensor."""
+    def noise(self, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> Tensor | None:
+        """Dequantization noise for ``n`` examples (``None`` for continuous data); CPU tensor.
+
+        With ``seed``, the noise is :func:`models.seeding.dequantization_noise` of that seed, the
+        same the service draws for a request's ``seed``; otherwise it comes from ``generator``.
+        """
         if self.dequantizer is None:
             return None
-        return self.dequantizer.noise((n, *self.spec.shape), generator=generator)
+        shape = (n, *self.spec.shape)
+        if seed is not None:
+            return torch.from_numpy(seeding.dequantization_noise(self.dequantizer.distribution, shape, seed))
+        return self.dequantizer.noise(shape, generator=generator)
 
-    def log_prob(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None) -> Tensor:
         """``(B, *shape) -> (B,)`` log-probability in nats (a lower bound for discrete data).
 
-        ``noise`` is the dequantizer's input (drawn from ``generator`` when omitted); passing it
-        makes the result deterministic and independent of what else is in the batch.
+        ``noise`` is the dequantizer's input (drawn from ``seed``, else ``generator``, when omitted);
+        passing it or a seed makes the result deterministic and independent of what else is in the
+        batch, and equal to the service's answer for that seed.
         """
         x = x.to(self.device, torch.get_default_dtype() if not x.is_floating_point() else x.dtype)
         log_q = x.new_zeros(x.shape[0])
         if self.dequantizer is not None:
             if noise is None:
-                noise = self.noise(x.shape[0], generator)
+                noise = self.noise(x.shape[0], generator, seed)
             u, log_q = self.dequantizer(x, noise.to(x.device))
             x = x + u
         z, logdet = self.flow(x)
@@ -77,12 +87,16 @@ class DensityModel(nn.Module):
         return torch.stack(out).to(torch.get_default_dtype())
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, z: Tensor | None = None) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, z: Tensor | None = None,
+               seed: int | None = None) -> Tensor:
         """``n`` samples in data space, shape ``(n, *shape)``; integers in ``0..L−1`` for discrete data
         (and integers for a record's discrete features).
 
-        Draws ``z ~ N(0, T² I)`` (``temperature`` T) unless ``z`` is given.
+        Draws ``z ~ N(0, T² I)`` (``temperature`` T) unless ``z`` is given: from ``seed`` as the
+        service does (:func:`models.seeding.latent`), else from ``generator``.
         """
+        if z is None and seed is not None:
+            z, temperature = torch.from_numpy(seeding.latent(n, self.spec.dims, temperature, seed)), 1.0
         if z is None:
             z = torch.randn(n, self.spec.dims, generator=generator)
         x = self.flow.inverse((z * temperature).to(self.device))

@@ -24,9 +24,11 @@ class UniformDequantizer(nn.Module):
         super().__init__()
         self.register_buffer("mask", None if features is None else torch.zeros(dims).index_fill_(0, torch.tensor(features), 1.0))
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
+    distribution = "uniform[0,1)"
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """Draw the noise ``ε`` this dequantizer consumes, shape ``(B, *data_shape)``."""
-        return torch.rand(shape, generator=generator, device=device)
+        return torch.rand(shape, generator=generator)
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))`` with ``log q`` per sample ``(B,)`` in nats."""
@@ -49,9 +51,11 @@ class VariationalDequantizer(nn.Module):
         self.levels = int(levels)
         self.split, self.merge, self.sigmoid = ColumnSplit(), ColumnMerge(), Sigmoid()
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
+    distribution = "normal(0,1)"
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """Standard normal ``ε``, shape ``(B, *data_shape)``."""
-        return torch.randn(shape, generator=generator, device=device)
+        return torch.randn(shape, generator=generator)
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))``; ``u ∈ (0, 1)`` with the shape of ``x``, ``log q`` ``(B,)`` nats."""

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 import torch
@@ -22,6 +23,7 @@ from models.errors import FlowserveError
 
 from .api import v1, v2
 from .api.deps import ServiceState
+from .core import InferenceCore
 from .errors import ServiceError
 from .metrics import Metrics
 from .repository import ModelRepository
@@ -30,11 +32,19 @@ from .workers import DeviceWorker, resolve_devices
 
 log = logging.getLogger(__name__)
 
+REQUEST_ID = "X-Request-ID"
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ROUTE = re.compile(r"^/v(?P<api>[12])/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/(?P<endpoint>score|sample|anomaly|infer)$")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, request_id: str | None = None) -> JSONResponse:
+    body = {"error": message} if request_id is None else {"error": message, "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def request_id(request: Request) -> str:
+    """The id :class:`RequestIdMiddleware` gave this request (``X-Request-ID``)."""
+    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -51,7 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        return _error(422, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+        return _error(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,8 +69,31 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__})")
+        rid = request_id(request)
+        log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, rid)
+        return _error(500, f"internal error ({type(exc).__name__}); quote request id {rid}", {REQUEST_ID: rid}, rid)
+
+
+class RequestIdMiddleware:
+    """Gives each HTTP request an id (the client's ``X-Request-ID`` if it is sane, else a new one) and echoes it."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
+        rid = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID.lower().encode(), rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class MetricsMiddleware:
@@ -89,7 +122,7 @@ class MetricsMiddleware:
         finally:
             self.service.inflight -= 1
             metrics.inflight.dec()
-            model, endpoint = m["model"], m["endpoint"]
+            model, endpoint = metrics.model_label(m["model"], self.service.repository.models), m["endpoint"]
             metrics.requests.labels(model, endpoint, str(status["code"])).inc()
             metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
 
@@ -106,7 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     workers = [DeviceWorker(d) for d in resolve_devices(settings.devices)]
     torch.set_num_threads(settings.torch_threads or default_cpu_threads(workers))
-    service = ServiceState(settings, metrics, workers, ModelRepository(settings, workers, metrics))
+    repository = ModelRepository(settings, workers, metrics)
+    service = ServiceState(settings, metrics, workers, repository, InferenceCore(settings, repository))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -128,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(MetricsMiddleware, service=service)
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -1,8 +1,25 @@
-"""Prometheus collectors, namespace ``flowserve_``, base units (seconds, bytes). One registry per app."""
+"""Prometheus collectors, namespace ``flowserve_``, base units (seconds, bytes). One registry per app.
+
+Every label takes values from a bounded set, so no client can grow the series count:
+
+| label | values |
+| --- | --- |
+| ``model`` | names of models in the repository (directories on disk), or ``UNKNOWN_MODEL`` for any other name a URL carries, or ``""`` (rejections before a model is known) |
+| ``version`` | versions on disk |
+| ``endpoint`` | ``score``, ``sample``, ``anomaly``, ``infer`` (the route pattern in ``service.app``) |
+| ``status`` | HTTP status codes the service answers |
+| ``task`` | ``service.tasks.TASKS`` |
+| ``reason`` | rejection reasons: ``queue_full``, ``timeout``, ``unauthorized`` |
+| ``device`` | the configured devices |
+"""
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNKNOWN_MODEL = "_unknown"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -27,3 +44,8 @@ class Metrics:
         self.oom_retries = Counter("oom_retries", "CUDA out-of-memory errors recovered by halving the batch", ["model", "device"], namespace=ns, registry=r)
         self.device_memory = Gauge("device_memory_bytes", "Device memory allocated by the worker", ["device"], namespace=ns, registry=r)
         self.inflight = Gauge("inflight_requests", "Inference requests being served", namespace=ns, registry=r)
+
+    @staticmethod
+    def model_label(name: str, known: Container[str]) -> str:
+        """``name`` if the repository has it, else :data:`UNKNOWN_MODEL` (URLs carry arbitrary names)."""
+        return name if name in known else UNKNOWN_MODEL

@@ -124,7 +124,7 @@ class ModelRepository:
             entry.batchers = {
                 task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size,
                               self.settings.max_queue_delay_ms / 1000, self.settings.max_queue_rows)
-                for task, fn in tasks.tasks_for(entry.manifest).items()
+                for task, fn in tasks.TASKS.items()
             }
             for b in entry.batchers.values():
                 b.start()

@@ -2,7 +2,8 @@
 
 Tasks run on a device worker with a :class:`~service.runners.Runner`; their inputs are numpy
 arrays whose first dimension is rows. Randomness (dequantization noise, latent draws) is made
-per request from the request's seed, so results never depend on batch-mates.
+per request from the request's seed by :mod:`models.seeding`, so results never depend on
+batch-mates and equal ``models.load(...).log_prob(x, seed=seed)``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from models import seeding
 from models.artifact import Manifest
 from models.dequantization import noise_distribution
 
@@ -29,9 +31,8 @@ def sample(runner: Runner, payload: Payload) -> np.ndarray:
     return runner.sample(payload["z"])
 
 
-def tasks_for(manifest: Manifest) -> dict[str, Callable[[Runner, Payload], np.ndarray]]:
-    """The tasks a model serves (anomaly scoring reuses ``score``)."""
-    return {"score": score, "sample": sample}
+# The tasks every model serves (anomaly scoring and attribution reuse ``score``).
+TASKS: dict[str, Callable[[Runner, Payload], np.ndarray]] = {"score": score, "sample": sample}
 
 
 def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | None:
@@ -39,16 +40,12 @@ def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | 
     spec = manifest.data_spec
     if not spec.dequantized:
         return None
-    rng = np.random.default_rng(seed)
-    if noise_distribution(manifest.architecture) == "normal(0,1)":
-        return rng.standard_normal((n, *spec.shape), dtype=np.float32)
-    return rng.random((n, *spec.shape), dtype=np.float32)
+    return seeding.dequantization_noise(noise_distribution(manifest.architecture), (n, *spec.shape), seed)
 
 
 def latent(manifest: Manifest, n: int, temperature: float, seed: int) -> np.ndarray:
     """``z ~ N(0, T² I)`` for ``n`` samples, float32 ``(n, D)``."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, manifest.data_spec.dims), dtype=np.float32) * np.float32(temperature))
+    return seeding.latent(n, manifest.data_spec.dims, temperature, seed)
 
 
 def warm(runner: Runner) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from ..core import InferenceCore
 from ..errors import Unauthorized, Unavailable
 from ..metrics import Metrics
 from ..repository import ModelRepository
@@ -22,6 +23,7 @@ class ServiceState:
     metrics: Metrics
     workers: list[DeviceWorker]
     repository: ModelRepository
+    core: InferenceCore
     draining: bool = False
     inflight: int = 0
     extras: dict = field(default_factory=dict)
@@ -29,6 +31,10 @@ class ServiceState:
 
 def state(request: Request) -> ServiceState:
     return request.app.state.service
+
+
+def core(request: Request) -> InferenceCore:
+    return state(request).core
 
 
 def require_key(request: Request) -> None:

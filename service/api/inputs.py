@@ -19,6 +19,7 @@ from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 NPY_TYPES = {"application/x-npy", "application/octet-stream", "application/npy"}
 IMAGE_TYPES = {"image/png", "image/jpeg"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -64,6 +65,10 @@ def check_values(x: np.ndarray, spec: DataSpec, field: str) -> np.ndarray:
     if bad.any():
         i = int(np.argwhere(bad)[0][0])
         raise BadRequest(f"{field}[{i}]: NaN or infinite value")
+    big = np.abs(x) > FLOAT32_MAX
+    if big.any():
+        idx = tuple(int(v) for v in np.argwhere(big)[0])
+        raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is beyond float32 (|x| ≤ {FLOAT32_MAX:.4g})")
     if spec.discrete:
         hi = spec.levels - 1
         out = (x < 0) | (x > hi) | (x != np.round(x))

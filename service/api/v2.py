@@ -1,26 +1,28 @@
-"""Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor extension.
+"""Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor extension: a thin
+codec over :mod:`service.core`.
 
 Scoring model: input ``input`` ``[-1, *shape]`` (any numeric datatype) → outputs ``log_prob``
 (FP64, nats) and ``bits_per_dim`` (FP64), ``[-1]``. Request parameter ``seed`` seeds the
-dequantization noise.
+dequantization noise. Extensions implemented: ``binary_tensor_data`` only.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.artifact import flowserve_version
 
-from ..errors import BadRequest, NotFound
-from ..repository import ModelEntry
-from .deps import require_key, state
+from ..errors import BadRequest
+from .deps import core, require_key, state
 from .inputs import check_values, parse_json, read_body
-from .v1 import score_rows
+from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, json_body, parse
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -29,135 +31,233 @@ DTYPES: dict[str, np.dtype] = {
     "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32),
     "INT64": np.dtype(np.int64), "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 HEADER = "inference-header-content-length"
+EXTENSIONS = ["binary_tensor_data"]
+OUTPUTS = ("log_prob", "bits_per_dim")
+MAX_RANK = 8
 
 
-@router.get("")
-async def server_metadata() -> dict:
-    return {"name": "flowserve", "version": flowserve_version(), "extensions": ["binary_tensor_data", "model_repository"]}
+# --- request bodies -------------------------------------------------------------------------
+
+class TensorParameters(BaseModel):
+    """Per-tensor parameters; other keys are allowed and ignored, as the protocol says."""
+
+    model_config = ConfigDict(extra="allow")
+    binary_data_size: int | None = Field(None, ge=0, description="bytes of this tensor in the binary part of the body")
+    binary_data: bool | None = Field(None, description="outputs: return this tensor in the binary part")
 
 
-@router.get("/health/live")
-async def live() -> dict:
-    return {"live": True}
+class InferInputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int] = Field(..., max_length=MAX_RANK, description="non-negative dimensions")
+    datatype: Datatype
+    parameters: TensorParameters | None = None
+    data: list[Any] | None = Field(None, description="values, flat in row-major order or nested; absent with binary_data_size")
 
 
-@router.get("/health/ready")
-async def ready(request: Request) -> Response:
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    parameters: TensorParameters | None = None
+
+
+class InferParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the dequantization noise (models.seeding)")
+    binary_data_output: bool = Field(False, description="return every output in the binary part")
+
+
+class InferRequest(Strict):
+    id: str | None = None
+    parameters: InferParameters | None = None
+    inputs: list[InferInputTensor] = Field(..., min_length=1, max_length=1, description="exactly one tensor, 'input'")
+    outputs: list[RequestedOutput] | None = None
+
+
+class BinaryHeader(BaseModel):
+    length: int = Field(..., ge=0, description=f"the {HEADER} header: bytes of JSON before the binary tensors")
+
+
+# --- response bodies ------------------------------------------------------------------------
+
+class InferOutputTensor(BaseModel):
+    name: str
+    datatype: Literal["FP64"]
+    shape: list[int]
+    parameters: dict[str, int] | None = None
+    data: list[float] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutputTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor] | None = None
+    outputs: list[MetadataTensor] | None = None
+    error: str | None = Field(None, description="why the model is not ready")
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+    error: str | None = None
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+    error: str | None = None
+
+
+def _not_ready(model: type[BaseModel]) -> dict:
+    return {503: {"model": model, "description": "not ready"}}
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="flowserve", version=flowserve_version(), extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=Live)
+async def live() -> Live:
+    return Live(live=True)
+
+
+@router.get("/health/ready", response_model=Ready, responses=_not_ready(Ready))
+async def ready(request: Request) -> JSONResponse:
     s = state(request)
     ok = not s.draining and s.repository.loaded_once.is_set()
-    body = {"ready": ok}
-    if not ok:
-        body["error"] = "server is shutting down" if s.draining else "models are still loading"
-    return Response(json.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+    body = Ready(ready=ok, error=None if ok else "server is shutting down" if s.draining else "models are still loading")
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
 
-def _metadata(request: Request, name: str, version: str | None) -> ModelEntry:
-    """The served entry for ``name``; 404 when a different version is asked for."""
-    entry = state(request).repository.get(name)
-    if version is not None and version != entry.version:
-        raise NotFound(f"model {name!r} has no loaded version {version!r} (serving {entry.version})")
-    return entry
-
-
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
-    entry = _metadata(request, name, version)
-    meta: dict[str, Any] = {"name": name, "versions": [entry.version], "platform": f"flowserve_{entry.runners[0].backend}" if entry.runners else "flowserve"}
+@router.get("/models/{name}", response_model=ModelMetadata, responses=METADATA_ERRORS)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=METADATA_ERRORS)
+async def model_metadata(request: Request, name: str, version: str | None = None) -> ModelMetadata:
+    entry = core(request).entry(name, version)
+    meta = ModelMetadata(name=name, versions=[entry.version],
+                         platform=f"flowserve_{entry.runners[0].backend}" if entry.runners else "flowserve")
     if entry.manifest is not None:
-        shape = [-1, *entry.manifest.data_spec.shape]
-        meta["inputs"] = [{"name": "input", "datatype": "FP32", "shape": shape}]
-        meta["outputs"] = [{"name": "log_prob", "datatype": "FP64", "shape": [-1]}, {"name": "bits_per_dim", "datatype": "FP64", "shape": [-1]}]
+        meta.inputs = [MetadataTensor(name="input", datatype="FP32", shape=[-1, *entry.manifest.data_spec.shape])]
+        meta.outputs = [MetadataTensor(name=o, datatype="FP64", shape=[-1]) for o in OUTPUTS]
     if not entry.ready:
-        meta["error"] = entry.reason or entry.state
+        meta.error = entry.reason or entry.state
     return meta
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    entry = _metadata(request, name, version)
-    body = {"name": name, "ready": entry.ready}
-    if not entry.ready:
-        body["error"] = entry.reason or entry.state
-    return Response(json.dumps(body), status_code=200 if entry.ready else 503, media_type="application/json")
+@router.get("/models/{name}/ready", response_model=ModelReady, responses={**METADATA_ERRORS, **_not_ready(ModelReady)})
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses={**METADATA_ERRORS, **_not_ready(ModelReady)})
+async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    entry = core(request).entry(name, version)
+    body = ModelReady(name=name, ready=entry.ready, error=None if entry.ready else entry.reason or entry.state)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if entry.ready else 503)
 
 
-def _decode_input(spec: dict, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
-    name = spec.get("name", "?")
-    dtype_name, shape = spec.get("datatype"), spec.get("shape")
-    if dtype_name not in DTYPES:
-        raise BadRequest(f"inputs.{name}.datatype: {dtype_name!r} is not supported; use one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadRequest(f"inputs.{name}.shape: expected a list of non-negative integers")
-    dtype = DTYPES[dtype_name]
-    count = math.prod(shape)
-    params = spec.get("parameters") or {}
-    if "binary_data_size" in params:
-        size = params["binary_data_size"]
-        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-            raise BadRequest(f"inputs.{name}: binary_data_size {size} does not match shape {shape} of {dtype_name} or the body")
-        arr = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(shape)
+def decode_tensor(tensor: InferInputTensor, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One input tensor → an array of its shape and datatype, from ``data`` or from ``binary[offset:]``."""
+    name = tensor.name
+    if any(d < 0 or d > 2**31 for d in tensor.shape):
+        raise BadRequest(f"inputs.{name}.shape: dimensions must be in 0..2^31, got {tensor.shape}")
+    dtype = DTYPES[tensor.datatype]
+    count = math.prod(tensor.shape)
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
+    if size is not None:
+        if size != count * dtype.itemsize or offset + size > len(binary):
+            raise BadRequest(f"inputs.{name}: binary_data_size {size} does not match shape {tensor.shape} of {tensor.datatype} or the body")
+        arr = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(tensor.shape)
         return arr, offset + size
-    data = spec.get("data")
-    if data is None:
+    if tensor.data is None:
         raise BadRequest(f"inputs.{name}: no 'data' and no binary_data_size")
     try:
-        arr = np.asarray(data, dtype=dtype)
+        arr = np.asarray(tensor.data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):
-        raise BadRequest(f"inputs.{name}.data: values do not fit datatype {dtype_name}") from None
+        raise BadRequest(f"inputs.{name}.data: values do not fit datatype {tensor.datatype}") from None
     if arr.size != count:
-        raise BadRequest(f"inputs.{name}.data: {arr.size} values for shape {shape}")
-    return arr.reshape(shape), offset
+        raise BadRequest(f"inputs.{name}.data: {arr.size} values for shape {tensor.shape}")
+    return arr.reshape(tensor.shape), offset
 
 
-@router.post("/models/{name}/infer", dependencies=[Depends(require_key)])
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)])
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    s = state(request)
-    entry = _metadata(request, name, version)
-    entry.batcher("score")
-    body = await read_body(request, s.settings.max_body_bytes)
-    header_len = request.headers.get(HEADER)
-    if header_len is not None:
-        if not header_len.isdigit() or int(header_len) > len(body):
-            raise BadRequest(f"{HEADER}: {header_len!r} is not a length within the body")
-        head, binary = body[: int(header_len)], body[int(header_len) :]
+def split_body(body: bytes, header: str | None) -> tuple[bytes, bytes]:
+    """The JSON part and the binary part of a request body (binary tensor extension)."""
+    if header is None:
+        return body, b""
+    length = parse(BinaryHeader, {"length": header}, HEADER).length
+    if length > len(body):
+        raise BadRequest(f"{HEADER}: {length} is longer than the body ({len(body)} bytes)")
+    return body[:length], body[length:]
+
+
+def encode_outputs(req: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[list[InferOutputTensor], list[bytes]]:
+    """Output tensors in the requested order; binary ones as raw little-endian FP64 blobs."""
+    params = req.parameters or InferParameters()
+    if req.outputs:
+        wanted = [(o.name, bool(o.parameters.binary_data) if o.parameters and o.parameters.binary_data is not None
+                   else params.binary_data_output) for o in req.outputs]
     else:
-        head, binary = body, b""
-    req = parse_json(head)
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
-        raise BadRequest("inputs: expected exactly one input tensor named 'input'")
-    params = req.get("parameters") or {}
-    seed = params.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
-        raise BadRequest("parameters.seed: expected a non-negative integer")
-    arr, _ = _decode_input(req["inputs"][0], binary, 0)
-    x = check_values(arr.astype(np.float64), entry.manifest.data_spec, f"inputs.{req['inputs'][0].get('name', 'input')}")
-    lp, entry = await score_rows(request, name, x, seed, 1)
-    bpd = -lp / (entry.manifest.data_spec.dims * math.log(2))
-    outputs = {"log_prob": lp.astype(np.float64), "bits_per_dim": bpd.astype(np.float64)}
-    requested = req.get("outputs")
-    binary_default = bool(params.get("binary_data_output", False))
-    wanted = [(o.get("name"), bool((o.get("parameters") or {}).get("binary_data", binary_default))) for o in requested] if requested else [(k, binary_default) for k in outputs]
-    out_json, blobs = [], []
+        wanted = [(k, params.binary_data_output) for k in outputs]
+    tensors, blobs = [], []
     for oname, as_binary in wanted:
         if oname not in outputs:
             raise BadRequest(f"outputs: unknown output {oname!r}; available: {', '.join(outputs)}")
-        t = outputs[oname]
-        o: dict[str, Any] = {"name": oname, "datatype": "FP64", "shape": list(t.shape)}
+        t = outputs[oname].astype("<f8")
+        o = InferOutputTensor(name=oname, datatype="FP64", shape=list(t.shape))
         if as_binary:
-            raw = t.astype("<f8").tobytes()
-            o["parameters"] = {"binary_data_size": len(raw)}
+            raw = t.tobytes()
+            o.parameters = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            o["data"] = t.tolist()
-        out_json.append(o)
-    resp = {"model_name": name, "model_version": entry.version, "outputs": out_json}
-    if "id" in req:
-        resp["id"] = req["id"]
-    head_bytes = json.dumps(resp).encode()
+            o.data = t.tolist()
+        tensors.append(o)
+    return tensors, blobs
+
+
+@router.post("/models/{name}/infer", dependencies=[Depends(require_key)], response_model=InferResponse,
+             responses={**INFERENCE_ERRORS, 200: {"content": {"application/octet-stream": {}},
+                                                  "description": "JSON, or JSON + binary tensors (binary tensor extension)"}},
+             openapi_extra=json_body(InferRequest, "application/octet-stream"))
+@router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)], response_model=InferResponse,
+             responses=INFERENCE_ERRORS,
+             openapi_extra=json_body(InferRequest))
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    c = core(request)
+    spec = c.ready_entry(name, version).manifest.data_spec
+    body = await read_body(request, c.settings.max_body_bytes)
+    head, binary = split_body(body, request.headers.get(HEADER))
+    req = parse(InferRequest, parse_json(head))
+    tensor = req.inputs[0]
+    arr, _ = decode_tensor(tensor, binary, 0)
+    x = check_values(arr.astype(np.float64), spec, f"inputs.{tensor.name}")
+    s = await c.score(name, x, (req.parameters or InferParameters()).seed, 1, version, f"inputs.{tensor.name}")
+    tensors, blobs = encode_outputs(req, {"log_prob": s.log_prob, "bits_per_dim": s.bits_per_dim})
+    resp = InferResponse(model_name=name, model_version=s.entry.version, id=req.id, outputs=tensors)
+    head_bytes = orjson.dumps(resp.model_dump(exclude_none=True))
     if not blobs:
         return Response(head_bytes, media_type="application/json")
-    return Response(head_bytes + b"".join(blobs), media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(head_bytes))})
+    return Response(head_bytes + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head_bytes))})

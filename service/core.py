@@ -1,0 +1,225 @@
+"""The inference core: scoring, the importance-weighted bound, sampling, anomaly scores with
+attribution. Every protocol (v1, V2) decodes its request into numpy arrays, calls this module,
+and encodes what it returns; nothing here knows about HTTP bodies.
+
+Units: log-probabilities and NLLs are nats per sample (float64 ``(N,)``); bits/dim is
+``−log p / (D ln 2)``.
+
+Out of support: a row whose log-density is not finite (for example a record with a feature at
+1e30, which the flow maps outside what float32 can represent) is refused with a 400
+(:class:`OutOfSupport`) that names the row and, where the data spec has ranges, each feature
+outside its range. No score is ever returned as ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models import attribution as attr
+from models.anomaly import BIN_MIDPOINT, AnomalyScorer
+from models.spec import DataSpec
+
+from . import tasks
+from .errors import BadRequest, NotFound
+from .repository import ModelEntry, ModelRepository
+from .settings import Settings
+
+Bound = Literal["exact", "variational", "iw"]
+Explain = Literal["anomalies", "all", "none"]
+
+
+class OutOfSupport(BadRequest):
+    """400: a valid input the model gives a non-finite log-density."""
+
+    reason = "out_of_support"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Log-probabilities of scored rows and how they were computed."""
+
+    entry: ModelEntry
+    log_prob: np.ndarray  # (N,) float64, nats
+    bound: Bound
+    iw_samples: int
+
+    @property
+    def bits_per_dim(self) -> np.ndarray:
+        return -self.log_prob / (self.entry.manifest.data_spec.dims * math.log(2))
+
+
+@dataclass(frozen=True)
+class AnomalyReport:
+    entry: ModelEntry
+    statistic: str
+    results: list[dict]
+
+
+def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
+    """Features (records) or channels (waveforms) of one row outside the data spec's ranges."""
+    if not spec.ranges:
+        return []
+    lo, hi = np.asarray(spec.ranges, dtype=np.float64).T
+    per = np.asarray(row, dtype=np.float64).reshape(len(lo), -1)
+    names = spec.feature_names or [str(k) for k in range(len(lo))]
+    out = []
+    for k in range(len(lo)):
+        if per[k].min() < lo[k] or per[k].max() > hi[k]:
+            value = f"{per[k, 0]:g}" if per.shape[1] == 1 else f"{per[k].min():g}..{per[k].max():g}"
+            out.append(f"{names[k]} = {value} (range {lo[k]:g}..{hi[k]:g})")
+    return out
+
+
+def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: str) -> None:
+    """Raise :class:`OutOfSupport` for the first row of ``x`` whose ``log_prob`` is not finite."""
+    bad = np.flatnonzero(~np.isfinite(log_prob))
+    if not len(bad):
+        return
+    i = int(bad[0])
+    where = _out_of_range(spec, x[i])
+    detail = f"; outside the schema's ranges: {', '.join(where)}" if where else ""
+    more = f" ({len(bad)} rows in all)" if len(bad) > 1 else ""
+    raise OutOfSupport(f"{field}[{i}]: outside the model's support (its log-density is not finite){more}{detail}")
+
+
+class InferenceCore:
+    """What every protocol calls: one instance per service, over its model repository."""
+
+    def __init__(self, settings: Settings, repository: ModelRepository) -> None:
+        self.settings = settings
+        self.repository = repository
+
+    def entry(self, name: str, version: str | None = None) -> ModelEntry:
+        """The served entry for ``name`` (any state); 404 when another ``version`` is asked for."""
+        entry = self.repository.get(name)
+        if version is not None and version != entry.version:
+            raise NotFound(f"model {name!r} has no loaded version {version!r} (serving {entry.version})")
+        return entry
+
+    def ready_entry(self, name: str, version: str | None = None) -> ModelEntry:
+        """As :meth:`entry`, and 503 unless the model is ready."""
+        entry = self.entry(name, version)
+        entry.batcher("score")
+        return entry
+
+    def _check_rows(self, n: int, field: str) -> None:
+        if n > self.settings.max_rows:
+            raise BadRequest(f"{field}: {n} rows exceed the limit of {self.settings.max_rows}")
+
+    async def score(self, name: str, x: np.ndarray, seed: int = 0, iw_samples: int = 1, version: str | None = None,
+                    field: str = "instances") -> Scores:
+        """``log p(x)`` of validated rows ``x (N, *shape)`` through the model's batcher.
+
+        Discrete data: the variational bound with noise from ``seed``, or with ``iw_samples`` S > 1
+        the importance-weighted bound ``log (1/S) Σ_s p(x + u_s)/q(u_s|x)`` (float64 log-sum-exp).
+        """
+        entry = self.ready_entry(name, version)
+        spec = entry.manifest.data_spec
+        self._check_rows(len(x), field)
+        rows = x
+        if iw_samples > 1:
+            if not spec.dequantized:
+                raise BadRequest("iw_samples: importance weighting applies to discrete (dequantized) data only")
+            s = self.settings
+            if iw_samples > s.max_iw_samples or len(x) * iw_samples > s.max_rows * 8:
+                raise BadRequest(f"iw_samples: {iw_samples} × {len(x)} rows is over the limit (max {s.max_iw_samples} samples)")
+            rows = np.repeat(x, iw_samples, axis=0)
+        payload = {"x": rows}
+        noise = tasks.dequantization_noise(entry.manifest, len(rows), seed)
+        if noise is not None:
+            payload["noise"] = noise
+        lp = await entry.batcher("score").submit(payload, self.settings.request_timeout_s)
+        if iw_samples > 1:
+            lp = lp.reshape(-1, iw_samples)
+            m = lp.max(1, keepdims=True)
+            with np.errstate(invalid="ignore"):
+                lp = (m + np.log(np.exp(lp - m).mean(1, keepdims=True)))[:, 0]
+        check_support(spec, x, lp, field)
+        bound: Bound = ("iw" if iw_samples > 1 else "variational") if spec.dequantized else "exact"
+        return Scores(entry, np.asarray(lp, dtype=np.float64), bound, iw_samples)
+
+    async def sample(self, name: str, n: int, temperature: float, seed: int) -> tuple[ModelEntry, np.ndarray]:
+        """``n`` samples ``(n, *shape)`` in data space at ``temperature``, latents drawn from ``seed``."""
+        entry = self.ready_entry(name)
+        if n > self.settings.max_samples:
+            raise BadRequest(f"n: {n} samples exceed the limit of {self.settings.max_samples}")
+        z = tasks.latent(entry.manifest, n, temperature, seed)
+        x = await entry.batcher("sample").submit({"z": z}, self.settings.request_timeout_s)
+        if not np.isfinite(x).all():
+            raise BadRequest(f"temperature: {temperature:g} takes this model's inverse outside what float32 represents; "
+                             "use a lower temperature")
+        return entry, x
+
+    def anomaly_scorer(self, entry: ModelEntry) -> AnomalyScorer:
+        """The entry's calibrated scorer (400 for models without an anomaly calibration)."""
+        manifest = entry.manifest
+        if manifest.data_spec.kind not in ("record", "waveform") or not manifest.calibration:
+            raise BadRequest(f"model {entry.name!r} has no anomaly calibration (only record and waveform models trained by flowserve have one)")
+        return entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
+
+    async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
+                      explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records") -> AnomalyReport:
+        """Calibrated anomaly scores of validated rows ``x``, with counterfactual attributions.
+
+        Per row (see :meth:`models.anomaly.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
+        (nats), ``percentile``, conformal ``p_value``, ``is_anomaly`` at ``target_fpr``,
+        ``threshold``; and ``attribution`` (top ``top`` features or time segments, nats of the
+        statistic that disappear when that part is made typical) for the rows ``explain`` picks.
+        Rows are scored at the dequantization bins' midpoints, as the calibration was.
+        """
+        entry = self.ready_entry(name)
+        manifest, spec = entry.manifest, entry.manifest.data_spec
+        scorer = self.anomaly_scorer(entry)
+        try:
+            statistic = scorer.resolve(statistic)
+        except ValueError as e:
+            raise BadRequest(f"statistic: {e}") from None
+        self._check_rows(len(x), field)
+        batcher = entry.batcher("score")
+        noise = np.full(x.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
+        lp = await batcher.submit({"x": x} if noise is None else {"x": x, "noise": noise}, self.settings.request_timeout_s)
+        check_support(spec, x, lp, field)
+        results = scorer.assess(-lp, spec.dims, target_fpr, statistic, x)
+        chosen = [i for i, r in enumerate(results) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
+        if chosen and (spec.kind == "waveform" or "reference" in manifest.calibration):
+            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[chosen], segments, top)
+            if len(variants) > self.settings.max_queue_rows:
+                raise BadRequest(f"explain: {len(chosen)} records need {len(variants)} extra rows (limit {self.settings.max_queue_rows}); "
+                                 "send fewer records or set explain to 'anomalies' or 'none'")
+            vp = {"x": variants}
+            if noise is not None:
+                vp["noise"] = np.repeat(noise[chosen], per, axis=0)
+            vlp = await batcher.submit(vp, self.settings.request_timeout_s)
+            # A variant the model cannot represent removes nothing from the score.
+            v_nll = np.where(np.isfinite(vlp), -vlp, np.inf)
+            base = scorer.statistic(-lp[chosen], statistic, x[chosen])
+            v_stat = np.where(np.isfinite(v_nll), scorer.statistic(np.nan_to_num(v_nll, posinf=0.0), statistic, variants), np.inf)
+            for i, a in zip(chosen, describe(base, v_stat)):
+                results[i]["attribution"] = a
+        return AnomalyReport(entry, statistic, results)
+
+
+def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int):  # noqa: ANN202
+    """Variant rows to score, variants per row, and a function (statistic, variant statistic) → attribution lists."""
+    if spec.kind == "record":
+        ref = np.asarray(calibration["reference"], dtype=np.float64)
+        d, m = ref.shape
+        names = spec.feature_names
+
+        def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
+            a = attr.feature_attribution(s, v, d, m)
+            return [[{"feature": names[k], "nats": float(row[k])} for k in np.argsort(-row, kind="stable")[:top]] for row in a]
+
+        return attr.feature_variants(x, ref), d * m, describe
+    bounds = attr.segment_bounds(spec.shape[-1], segments)
+
+    def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
+        a = attr.segment_attribution(s, v, segments)
+        return [[{"segment": int(j), "start": int(bounds[j][0]), "end": int(bounds[j][1]), "nats": float(row[j])}
+                 for j in np.argsort(-row, kind="stable")[:top]] for row in a]
+
+    return attr.segment_variants(x, segments), segments, describe
