@@ -115,6 +115,8 @@ class MetricsMiddleware:
             await send(message)
 
         metrics, t0 = self.service.metrics, time.perf_counter()
+        # A request that arrived before draining began is served; only later arrivals get 503.
+        scope.setdefault("state", {})["arrived_draining"] = self.service.draining
         self.service.inflight += 1
         metrics.inflight.inc()
         try:

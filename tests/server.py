@@ -60,3 +60,29 @@ def running_server(repository: Path, tmp: Path, **env: str) -> Iterator[Server]:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def metric_samples(server: Server, family: str) -> list:
+    """Samples of one metric family from the server's ``/metrics``, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def metric_value(server: Server, sample: str, **labels: str) -> float:
+    """Sum of the samples named ``sample`` whose labels include ``labels``."""
+    family = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum").removesuffix("_bucket")
+    return sum(s.value for s in metric_samples(server, family) if s.name == sample and labels.items() <= s.labels.items())
+
+
+def wait_for_metric(server: Server, sample: str, predicate, timeout_s: float = 30.0, **labels: str) -> float:  # noqa: ANN001
+    """Wait until ``predicate(value)`` holds for a metric; returns the value (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = metric_value(server, sample, **labels)
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{sample}{labels} = {value} did not reach the expected value in {timeout_s} s")
+        time.sleep(0.02)

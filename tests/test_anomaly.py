@@ -137,6 +137,12 @@ def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
         assert unknown.status_code == 400 and "unknown feature" in unknown.json()["error"]
         scored = c.post("/v1/models/vitals/score", json={"instances": records[:2]})
         assert scored.status_code == 200 and scored.json()["bound"] == "exact"
+        # out of support: a 400 naming the record, never a 200 with null numbers
+        for route, key in (("anomaly", "records"), ("score", "instances")):
+            far = c.post(f"/v1/models/vitals/{route}", json={key: [records[0], {**records[1], "heart_rate": 1e30}]})
+            assert far.status_code == 400 and f"{key}[1]: outside the model's support" in far.json()["error"], far.text
+            huge = c.post(f"/v1/models/vitals/{route}", json={key: [{**records[0], "heart_rate": 1e308}]})
+            assert huge.status_code == 400 and "beyond float32" in huge.json()["error"], huge.text
 
 
 def test_anomaly_route_refuses_image_models(server) -> None:  # noqa: ANN001

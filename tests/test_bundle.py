@@ -19,23 +19,29 @@ ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = {"digits": 2.15, "digits-flowpp": 2.00}  # issues 2 and 6: Glow and Flow++ on digits, test bits/dim
 
 
+@pytest.fixture(scope="module")
+def fresh_bits_per_dim() -> dict[str, float]:
+    """Test bits/dim of each bundled model, evaluated now from its weights (not read from its manifest)."""
+    out = {}
+    for name in sorted(BUNDLE):
+        path = ROOT / name / "1"
+        m = json.loads((path / "manifest.json").read_text())["metrics"]
+        data = load_dataset(m["data"])
+        out[name] = evaluate(load(str(path)), data.split("test"), m["eval_batch"], seed=m["eval_seed"])["bits_per_dim"]
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(BUNDLE))
-def test_bundled_artifact_reevaluates_to_its_manifest(name: str) -> None:
-    path = ROOT / name / "1"
-    manifest = json.loads((path / "manifest.json").read_text())
-    model = load(str(path))
-    m = manifest["metrics"]
-    data = load_dataset(m["data"])
-    result = evaluate(model, data.split("test"), m["eval_batch"], seed=m["eval_seed"])
-    assert abs(result["bits_per_dim"] - m["test_bits_per_dim"]) < 1e-3
+def test_bundled_artifact_reevaluates_to_its_manifest(name: str, fresh_bits_per_dim: dict[str, float]) -> None:
+    m = json.loads((ROOT / name / "1" / "manifest.json").read_text())["metrics"]
+    assert abs(fresh_bits_per_dim[name] - m["test_bits_per_dim"]) < 1e-3
     if name in TARGETS:
-        assert m["test_bits_per_dim"] <= TARGETS[name]
+        assert fresh_bits_per_dim[name] <= TARGETS[name]
 
 
-def test_bundled_flowpp_beats_bundled_glow() -> None:
+def test_bundled_flowpp_beats_bundled_glow(fresh_bits_per_dim: dict[str, float]) -> None:
     """Issue 6: Flow++ on digits is better than our Glow on digits (each trained within its config's budget)."""
-    bpd = {n: json.loads((ROOT / n / "1" / "manifest.json").read_text())["metrics"]["test_bits_per_dim"] for n in ("digits", "digits-flowpp")}
-    assert bpd["digits-flowpp"] < bpd["digits"]
+    assert fresh_bits_per_dim["digits-flowpp"] < fresh_bits_per_dim["digits"]
 
 
 def _default_statistic(name: str, x: np.ndarray) -> tuple[np.ndarray, AnomalyScorer]:
@@ -51,7 +57,8 @@ def _default_statistic(name: str, x: np.ndarray) -> tuple[np.ndarray, AnomalySco
 
 
 def test_bundled_anomaly_models_hold_the_target_false_positive_rate_on_new_patients() -> None:
-    """Issue 3: at a 1% target, the realised rate on fresh normal patients is within ±1 percentage point."""
+    """Issue 3: at a 1% target, the realised rate on fresh normal patients is within ±1 percentage point,
+    and not zero (a scorer that never flags would pass a one-sided bound)."""
     from models.data.mimic import impute, scale_windows
 
     v = generate_vitals(60, 48, seed=202)
@@ -59,7 +66,7 @@ def test_bundled_anomaly_models_hold_the_target_false_positive_rate_on_new_patie
     for name, x in (("mimic-vitals", impute(v.values, v.patient).values), ("mimic-waveform", scale_windows(w.windows, "global"))):
         nll, scorer = _default_statistic(name, x)
         realised = np.mean(scorer.p_values(nll, x=x) <= 0.01)
-        assert abs(realised - 0.01) <= 0.01, (name, realised)
+        assert 0.0025 <= realised <= 0.02, (name, realised)
 
 
 def test_bundled_waveform_model_finds_every_planted_kind() -> None:

@@ -92,7 +92,14 @@ def test_tampered_weights(tiny_glow_run: Path, tmp_path: Path) -> None:
     assert_user_error(flowserve("evaluate", str(art)), "checksum mismatch")
 
 
-@pytest.mark.parametrize("config", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.stem)
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_found() -> None:
+    assert len(CONFIGS) >= 5, CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_validate(config: Path) -> None:
     from models.train import load_config
 

@@ -78,13 +78,6 @@ DOMAIN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def register(name: str, factory: Factory, domain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Add a layer to the shared test (used by test modules of later architectures)."""
-    LAYERS[name] = factory
-    if domain is not None:
-        DOMAIN[name] = domain
-
-
 def _inputs(name: str, shape: tuple[int, ...], batch: int = 3) -> torch.Tensor:
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return DOMAIN.get(name, lambda t: t)(x)

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import load
 from models.data import load_dataset
-from tests.server import Server, running_server
+from tests.server import Server, metric_samples, metric_value, running_server, wait_for_metric
 
 TEST = load_dataset("digits").split("test")
 
@@ -55,8 +55,7 @@ def test_score_matches_in_process_model(server: Server, repository: Path) -> Non
     body = r.json()
     assert body["unit"] == "nats" and body["bound"] == "variational"
     got = np.array([x["log_prob"] for x in body["results"]])
-    noise = torch.from_numpy(np.random.default_rng(7).random((5, 1, 8, 8), dtype=np.float32))
-    want = model.log_prob(torch.from_numpy(rows), noise).detach().numpy()
+    want = model.log_prob(torch.from_numpy(rows), seed=7).detach().numpy()  # the same seeded noise as the service
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
     bpd = [x["bits_per_dim"] for x in body["results"]]
     np.testing.assert_allclose(bpd, -got / (64 * math.log(2)), rtol=1e-9)
@@ -78,9 +77,14 @@ def test_batched_results_equal_solo_results(server: Server) -> None:
             assert all(r.status_code == 200 for r in res)
             return res[0].json()["results"], res[1].json()["samples"]
 
+    batches = metric_value(server, "flowserve_batch_size_rows_count", model="digits", task="score")
+    rows = metric_value(server, "flowserve_batch_size_rows_sum", model="digits", task="score")
     batched, batched_samples = asyncio.run(crowd())
     assert batched == solo
     assert batched_samples == solo_samples
+    new_batches = metric_value(server, "flowserve_batch_size_rows_count", model="digits", task="score") - batches
+    new_rows = metric_value(server, "flowserve_batch_size_rows_sum", model="digits", task="score") - rows
+    assert new_rows == 3 + 60 * 4 and new_batches < 61, (new_batches, new_rows)  # some requests shared a batch
 
 
 def test_hundreds_of_concurrent_requests_all_answered(server: Server) -> None:
@@ -114,6 +118,13 @@ def test_iw_bound_and_uploads(server: Server) -> None:
         Image.fromarray((TEST[0, 0] * 255 // 16).astype(np.uint8)).save(png, format="PNG")
         r = c.post("/v1/models/digits/score", content=png.getvalue(), headers={"content-type": "image/png"})
         assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_samples_match_in_process_model_for_a_seed(server: Server, repository: Path) -> None:
+    model = load(str(repository / "digits" / "1"))
+    with server.client() as c:
+        got = c.post("/v1/models/digits/sample", json={"n": 3, "temperature": 0.7, "seed": 4}).json()["samples"]
+    assert got == model.sample(3, 0.7, seed=4).long().tolist()
 
 
 def test_sample_json_and_png(server: Server) -> None:
@@ -217,14 +228,11 @@ def test_reload_swaps_in_new_version(repository: Path, tmp_path: Path) -> None:
         assert c.get("/v1/models/digits").json()["version"] == "2"
         assert score(c, TEST[:1]).status_code == 200
         import signal
-        import time
 
         shutil.copytree(repo / "digits" / "1", repo / "digits" / "3")
         s.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while c.get("/v1/models/digits").json()["version"] != "3":
-            assert time.monotonic() < deadline, "SIGHUP did not reload"
-            time.sleep(0.1)
+        wait_for_metric(s, "flowserve_model_ready", lambda v: v == 1, model="digits", version="3")
+        assert c.get("/v1/models/digits").json()["version"] == "3"
         assert score(c, TEST[:1]).status_code == 200
 
 
@@ -264,17 +272,63 @@ def test_sigterm_drains_in_flight_requests(repository: Path, tmp_path: Path) -> 
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
-        import time
-
-        time.sleep(0.5)  # requests are queued and running
+        wait_for_metric(s, "flowserve_inflight_requests", lambda v: v == 4)  # all four accepted, none finished
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        try:
-            ready = httpx.get(f"{s.url}/v2/health/ready", timeout=5)
-            assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
-        except httpx.ConnectError:
-            pass  # already drained and gone
+        ready = httpx.get(f"{s.url}/v2/health/ready", timeout=10)  # 1,600 rows each in batches of 8 are still running
+        assert ready.status_code == 503 and "shutting down" in ready.json()["error"]
+        late = httpx.post(f"{s.url}/v1/models/digits/score", json={"instances": TEST[:1].tolist()}, timeout=10)
+        assert late.status_code == 503 and late.headers["retry-after"]
         for t in threads:
             t.join(60)
         assert results == [200, 200, 200, 200]
         assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the captured signal
+
+
+def test_unknown_model_names_do_not_grow_the_metrics(server: Server) -> None:
+    """Label cardinality is bounded: any number of unknown names share one ``model`` label value."""
+    import random
+
+    def series() -> int:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(len(f.samples) for f in text_string_to_metric_families(text))
+
+    rng = random.Random(0)
+    names = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=12)) for _ in range(1000)]
+    routes = ("/v1/models/{}/score", "/v1/models/{}/sample", "/v1/models/{}/anomaly", "/v2/models/{}/infer")
+    with server.client() as c:
+        for route in routes:  # the unknown label's series for each endpoint exist from now on
+            c.post(route.format("warm-up"), json={})
+        before = series()
+        for i, name in enumerate(names):
+            assert c.post(routes[i % 4].format(name), json={}).status_code == 404
+        after = series()
+    print(f"metric samples before and after {len(names)} random model names: {before}, {after}")
+    assert after == before, (before, after)
+    labels = {s.labels.get("model") for s in metric_samples(server, "flowserve_requests")}
+    assert labels <= {"digits", "broken", "_unknown"} and "_unknown" in labels
+
+
+def test_internal_errors_carry_a_request_id(server: Server) -> None:
+    with server.client() as c:
+        r = c.get("/v2/health/live", headers={"x-request-id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        assert len(c.get("/v2/health/live", headers={"x-request-id": "bad id with spaces"}).headers["x-request-id"]) == 32
+
+
+def test_api_keys_guard_every_inference_reload_and_upload_route(repository: Path, tmp_path: Path) -> None:
+    """With keys on, no POST route of the app answers without a key: 0 successes, every answer a 401
+    (routes enumerated from the app's own OpenAPI document, which FastAPI builds from its routes)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    paths = [p for p, ops in create_app(Settings(devices=["cpu"])).openapi()["paths"].items() if "post" in ops]
+    assert len(paths) >= 6
+    with running_server(repository, tmp_path, FLOWSERVE_API_KEYS="k1") as s, s.client() as c:
+        for route in paths:
+            path = route.replace("{name}", "digits").replace("{version}", "1")
+            for body, ctype in ((b'{"instances": [[0]], "n": 1, "records": [[0]], "inputs": []}', "application/json"),
+                                (b"\x89PNG", "image/png"), (b"\x93NUMPY", "application/x-npy")):
+                for auth in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic k1"}):
+                    r = c.post(path, content=body, headers={"content-type": ctype, **auth})
+                    assert r.status_code == 401 and r.json()["error"], (path, ctype, auth, r.status_code)
+        assert c.post("/v1/repository/reload", headers={"authorization": "Bearer k1"}).status_code == 200

@@ -186,7 +186,8 @@ def read_image(data: bytes | Path, source: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img = img.convert("L") if img.mode in ("1", "L", "LA", "I", "I;16") else img.convert("RGB")
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # Pillow reports some corrupt chunks as SyntaxError/ValueError, oversized images as a bomb.
         raise DataError(f"{source}: not a readable PNG/JPEG image ({e})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -117,7 +117,7 @@ class GatedAttention(nn.Module):
 class GatedPointwise(nn.Module):
     """The no-attention ablation: a per-position gated maxout MLP with the attention's parameter count."""
 
-    def __init__(self, channels: int, heads: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.proj = DataInitConv2d(channels, 3 * channels, 1)
         self.dropout = nn.Dropout(dropout)
@@ -136,7 +136,7 @@ class FlowppBlock(nn.Module):
         super().__init__()
         self.conv = GatedConv(channels, context_channels, dropout)
         self.ln1 = ChannelLayerNorm(channels)
-        self.attn = (GatedAttention if attention else GatedPointwise)(channels, heads, dropout)
+        self.attn = GatedAttention(channels, heads, dropout) if attention else GatedPointwise(channels, dropout)
         self.ln2 = ChannelLayerNorm(channels)
 
     def forward(self, x: Tensor, pos: Tensor, context: Tensor | None) -> Tensor:

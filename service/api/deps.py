@@ -38,9 +38,10 @@ def core(request: Request) -> InferenceCore:
 
 
 def require_key(request: Request) -> None:
-    """Bearer API key check when ``FLOWSERVE_API_KEYS`` is set; also refuses work while draining."""
+    """Bearer API key check when ``FLOWSERVE_API_KEYS`` is set; also refuses work that arrived while draining
+    (requests already in flight when SIGTERM came are served)."""
     s = state(request)
-    if s.draining:
+    if s.draining and request.scope.get("state", {}).get("arrived_draining", True):
         raise Unavailable("server is shutting down", "draining", 5)
     keys = s.settings.api_keys
     if not keys:

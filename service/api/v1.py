@@ -121,11 +121,12 @@ class AnomalyResult(BaseModel):
     statistic: str
     p_value: float = Field(..., description="conformal p-value (1 + #{c ≥ s})/(n + 1)")
     is_anomaly: bool
-    threshold: float | None = Field(..., description="statistic above which records are flagged; null when the calibration "
+    threshold: float | None = Field(None, description="statistic above which records are flagged; absent when the calibration "
                                     "set is too small for target_fpr (then nothing is flagged)")
-    attribution: list[FeatureAttribution] | list[SegmentAttribution] | None = None
-    imputed: list[str] | None = Field(None, description="record models: features absent or null in the request, filled with "
-                                      "calibration medians")
+    attribution: list[FeatureAttribution] | list[SegmentAttribution] | None = Field(
+        None, description="present for the records the request's `explain` picks")
+    imputed: list[str] | None = Field(None, description="record models only: features absent or null in the request, filled "
+                                      "with calibration medians")
 
 
 class CalibrationUsed(BaseModel):
@@ -148,13 +149,13 @@ class ReloadResponse(BaseModel):
 
 # --- routes ---------------------------------------------------------------------------------
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> ModelList:
     repo = state(request).repository
     return ModelList(models=[ModelInfo(**e.describe()) for e in repo.models.values()])
 
 
-@router.get("/models/{name}", response_model=ModelInfo, responses=METADATA_ERRORS)
+@router.get("/models/{name}", response_model=ModelInfo, response_model_exclude_none=True, responses=METADATA_ERRORS)
 async def describe_model(name: str, request: Request) -> ModelInfo:
     return ModelInfo(**core(request).entry(name).describe())
 
@@ -179,7 +180,7 @@ async def score(name: str, request: Request) -> ScoreResponse:
                          results=[ScoreResult(log_prob=lp, bits_per_dim=b) for lp, b in zip(s.log_prob.tolist(), s.bits_per_dim.tolist())])
 
 
-@router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse,
+@router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse, response_model_exclude_none=True,
              responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "samples (JSON), or a PNG grid "
                                                   "of them with Accept: image/png (image models)"}},
              openapi_extra=json_body(SampleRequest, required=False))
@@ -208,7 +209,7 @@ async def reload(request: Request) -> ReloadResponse:
     return ReloadResponse(changes=await state(request).repository.reload())
 
 
-@router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)], response_model=AnomalyResponse,
+@router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)], response_model=AnomalyResponse, response_model_exclude_none=True,
              responses=INFERENCE_ERRORS, openapi_extra=json_body(AnomalyRequest))
 async def anomaly(name: str, request: Request) -> AnomalyResponse:
     """Calibrated anomaly scores for records or waveform windows: NLL, per-dim NLL, percentile,

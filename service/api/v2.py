@@ -157,8 +157,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=METADATA_ERRORS)
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=METADATA_ERRORS)
+@router.get("/models/{name}", response_model=ModelMetadata, response_model_exclude_none=True, responses=METADATA_ERRORS)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, response_model_exclude_none=True, responses=METADATA_ERRORS)
 async def model_metadata(request: Request, name: str, version: str | None = None) -> ModelMetadata:
     entry = core(request).entry(name, version)
     meta = ModelMetadata(name=name, versions=[entry.version],
