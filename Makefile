@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The default run: everything but the `slow` soak and fault tests (pyproject's addopts).
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Everything, the `slow` soak and fault tests too (about 8 more minutes).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -m "slow or not slow" -s
 
 serve: $(STAMP)
 	$(BIN)/flowserve serve --repository model_repository --host 127.0.0.1 --port 8000

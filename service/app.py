@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import time
 import uuid
 from contextlib import asynccontextmanager
 
@@ -14,7 +12,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, ORJSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,15 +24,13 @@ from .api.deps import ServiceState
 from .core import InferenceCore
 from .errors import ServiceError
 from .metrics import Metrics
+from .middleware import REQUEST_ID, CancelOnDisconnect, MetricsMiddleware, RequestIdMiddleware
 from .repository import ModelRepository
 from .settings import Settings
 from .workers import DeviceWorker, resolve_devices
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID = "X-Request-ID"
-_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ROUTE = re.compile(r"^/v(?P<api>[12])/models/(?P<model>[^/]+)(?:/versions/[^/]+)?/(?P<endpoint>score|sample|anomaly|infer)$")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, request_id: str | None = None) -> JSONResponse:
@@ -43,7 +39,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, req
 
 
 def request_id(request: Request) -> str:
-    """The id :class:`RequestIdMiddleware` gave this request (``X-Request-ID``)."""
+    """The id :class:`~service.middleware.RequestIdMiddleware` gave this request (``X-Request-ID``)."""
     return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
@@ -74,61 +70,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); quote request id {rid}", {REQUEST_ID: rid}, rid)
 
 
-class RequestIdMiddleware:
-    """Gives each HTTP request an id (the client's ``X-Request-ID`` if it is sane, else a new one) and echoes it."""
-
-    def __init__(self, app) -> None:  # noqa: ANN001
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
-        rid = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-
-        async def send_with_id(message) -> None:  # noqa: ANN001
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REQUEST_ID.lower().encode(), rid.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class MetricsMiddleware:
-    """Counts requests and latency for inference routes, and tracks in-flight work (pure ASGI)."""
-
-    def __init__(self, app, service: ServiceState) -> None:  # noqa: ANN001
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        m = _ROUTE.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if m is None:
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
-
-        async def send_wrapper(message) -> None:  # noqa: ANN001
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        metrics, t0 = self.service.metrics, time.perf_counter()
-        # A request that arrived before draining began is served; only later arrivals get 503.
-        scope.setdefault("state", {})["arrived_draining"] = self.service.draining
-        self.service.inflight += 1
-        metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.service.inflight -= 1
-            metrics.inflight.dec()
-            model, endpoint = metrics.model_label(m["model"], self.service.repository.models), m["endpoint"]
-            metrics.requests.labels(model, endpoint, str(status["code"])).inc()
-            metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
-
-
 def default_cpu_threads(workers: list[DeviceWorker]) -> int:
     """Intra-op threads: leave one core to the event loop when the model computes on the CPU."""
     cores = os.cpu_count() or 1
@@ -155,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for w in workers:
             w.shutdown()
 
-    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan, default_response_class=ORJSONResponse,
+    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan,
                   description="Exact log-likelihoods, anomaly scores and samples from normalizing flows.")
     app.state.service = service
     install_error_handlers(app)
@@ -163,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
 

@@ -6,7 +6,9 @@ consumer per replica takes everything that queued while its device was busy, up 
 naturally under load and a lone request runs at once), runs the batch on its device worker,
 and hands each request its own rows back. A request larger than ``max_batch_size`` runs alone,
 split into chunks of at most ``max_batch_size`` rows. Every row's result depends only on that row
-(and its own noise), never on its batch-mates.
+(and its own noise), never on its batch-mates. A request that gives up (timeout, or its client
+disconnected) frees its share of the queue at once, is skipped if still queued, and an oversized
+one stops between chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class _Item:
     rows: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    counted: bool = True  # its rows count toward the queue's limit until taken or withdrawn
 
 
 @dataclass(frozen=True)
@@ -99,15 +102,23 @@ class Batcher:
         self._queue.put_nowait(item)
         try:
             async with asyncio.timeout(timeout_s):
-                return await item.future  # on timeout the future is cancelled; consumers skip it
+                return await item.future  # on timeout or cancellation the future is cancelled; consumers skip it
         except TimeoutError:
             self.metrics.rejections.labels(self.model, "timeout").inc()
             raise Unavailable(f"request to model {self.model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
+        finally:
+            if item.future.cancelled():
+                self._uncount(item)  # a request that gave up frees its share of the queue at once
+
+    def _uncount(self, item: _Item) -> None:
+        if item.counted:
+            item.counted = False
+            self._rows -= item.rows
+            self._depth.set(self._rows)
 
     def _take(self, item: _Item) -> bool:
         """Account for an item leaving the queue; False if its client gave up already."""
-        self._rows -= item.rows
-        self._depth.set(self._rows)
+        self._uncount(item)
         return not item.future.done()
 
     async def _consume(self, replica: Replica) -> None:
@@ -138,13 +149,18 @@ class Batcher:
                     rows += nxt.rows
             await self._run(replica, batch, rows)
 
-    def _compute_in_chunks(self, replica: Replica, payload: Payload) -> np.ndarray:
-        """Never hand the device more than ``max_batch_size`` rows at once."""
+    async def _compute_in_chunks(self, replica: Replica, payload: Payload, batch: list[_Item]) -> np.ndarray | None:
+        """Never hand the device more than ``max_batch_size`` rows at once. Chunks of an oversized
+        request run one device call each, and stop (``None``) once every request of the batch gave up."""
         rows = len(next(iter(payload.values())))
-        if rows <= self.max_batch_size:
-            return self._compute_halving_on_oom(replica, payload)
         step = self.max_batch_size
-        return np.concatenate([self._compute_halving_on_oom(replica, {k: v[i : i + step] for k, v in payload.items()}) for i in range(0, rows, step)])
+        parts = []
+        for i in range(0, rows, step):
+            if all(item.future.done() for item in batch):
+                return None
+            chunk = payload if rows <= step else {k: v[i : i + step] for k, v in payload.items()}
+            parts.append(await replica.worker.run(self._compute_halving_on_oom, replica, chunk))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _compute_halving_on_oom(self, replica: Replica, payload: Payload) -> np.ndarray:
         """Run ``compute``; on CUDA out-of-memory, halve the batch and retry each half (counted)."""
@@ -169,12 +185,14 @@ class Batcher:
         self.metrics.batch_size.labels(self.model, self.task).observe(rows)
         t0 = time.perf_counter()
         try:
-            out = await replica.worker.run(self._compute_in_chunks, replica, payload)
+            out = await self._compute_in_chunks(replica, payload, batch)
         except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, never the consumer
             log.exception("batch of %d rows for %s/%s failed", rows, self.model, self.task)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(e)
+            return
+        if out is None:  # every client left; the rest of the work was dropped
             return
         dt = time.perf_counter() - t0
         self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * dt
