@@ -24,7 +24,7 @@ from .api.deps import ServiceState
 from .core import InferenceCore
 from .errors import ServiceError
 from .metrics import Metrics
-from .middleware import REQUEST_ID, CancelOnDisconnect, MetricsMiddleware, RequestIdMiddleware
+from .middleware import REQUEST_ID, MetricsMiddleware, RequestIdMiddleware
 from .repository import ModelRepository
 from .settings import Settings
 from .workers import DeviceWorker, resolve_devices
@@ -104,7 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
 

@@ -5,6 +5,9 @@ and encodes what it returns; nothing here knows about HTTP bodies.
 Units: log-probabilities and NLLs are nats per sample (float64 ``(N,)``); bits/dim is
 ``−log p / (D ln 2)``.
 
+Every call takes an optional ``gone`` probe (for HTTP, ``request.is_disconnected``): a request
+whose client left stops waiting and its rows leave the queue.
+
 Out of support: a row whose log-density is not finite (for example a record with a feature at
 1e30, which the flow maps outside what float32 can represent) is refused with a 400
 (:class:`OutOfSupport`) that names the row and, where the data spec has ranges, each feature
@@ -24,6 +27,7 @@ from models.anomaly import BIN_MIDPOINT, AnomalyScorer
 from models.spec import DataSpec
 
 from . import tasks
+from .batching import Gone
 from .errors import BadRequest, NotFound
 from .repository import ModelEntry, ModelRepository
 from .settings import Settings
@@ -111,7 +115,7 @@ class InferenceCore:
             raise BadRequest(f"{field}: {n} rows exceed the limit of {self.settings.max_rows}")
 
     async def score(self, name: str, x: np.ndarray, seed: int = 0, iw_samples: int = 1, version: str | None = None,
-                    field: str = "instances") -> Scores:
+                    field: str = "instances", gone: Gone | None = None) -> Scores:
         """``log p(x)`` of validated rows ``x (N, *shape)`` through the model's batcher.
 
         Discrete data: the variational bound with noise from ``seed``, or with ``iw_samples`` S > 1
@@ -132,7 +136,7 @@ class InferenceCore:
         noise = tasks.dequantization_noise(entry.manifest, len(rows), seed)
         if noise is not None:
             payload["noise"] = noise
-        lp = await entry.batcher("score").submit(payload, self.settings.request_timeout_s)
+        lp = await entry.batcher("score").submit(payload, self.settings.request_timeout_s, gone)
         if iw_samples > 1:
             lp = lp.reshape(-1, iw_samples)
             m = lp.max(1, keepdims=True)
@@ -142,13 +146,13 @@ class InferenceCore:
         bound: Bound = ("iw" if iw_samples > 1 else "variational") if spec.dequantized else "exact"
         return Scores(entry, np.asarray(lp, dtype=np.float64), bound, iw_samples)
 
-    async def sample(self, name: str, n: int, temperature: float, seed: int) -> tuple[ModelEntry, np.ndarray]:
+    async def sample(self, name: str, n: int, temperature: float, seed: int, gone: Gone | None = None) -> tuple[ModelEntry, np.ndarray]:
         """``n`` samples ``(n, *shape)`` in data space at ``temperature``, latents drawn from ``seed``."""
         entry = self.ready_entry(name)
         if n > self.settings.max_samples:
             raise BadRequest(f"n: {n} samples exceed the limit of {self.settings.max_samples}")
         z = tasks.latent(entry.manifest, n, temperature, seed)
-        x = await entry.batcher("sample").submit({"z": z}, self.settings.request_timeout_s)
+        x = await entry.batcher("sample").submit({"z": z}, self.settings.request_timeout_s, gone)
         if not np.isfinite(x).all():
             raise BadRequest(f"temperature: {temperature:g} takes this model's inverse outside what float32 represents; "
                              "use a lower temperature")
@@ -162,7 +166,8 @@ class InferenceCore:
         return entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
 
     async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
-                      explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records") -> AnomalyReport:
+                      explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",
+                      gone: Gone | None = None) -> AnomalyReport:
         """Calibrated anomaly scores of validated rows ``x``, with counterfactual attributions.
 
         Per row (see :meth:`models.anomaly.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
@@ -181,7 +186,7 @@ class InferenceCore:
         self._check_rows(len(x), field)
         batcher = entry.batcher("score")
         noise = np.full(x.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
-        lp = await batcher.submit({"x": x} if noise is None else {"x": x, "noise": noise}, self.settings.request_timeout_s)
+        lp = await batcher.submit({"x": x} if noise is None else {"x": x, "noise": noise}, self.settings.request_timeout_s, gone)
         check_support(spec, x, lp, field)
         results = scorer.assess(-lp, spec.dims, target_fpr, statistic, x)
         chosen = [i for i, r in enumerate(results) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
@@ -193,7 +198,7 @@ class InferenceCore:
             vp = {"x": variants}
             if noise is not None:
                 vp["noise"] = np.repeat(noise[chosen], per, axis=0)
-            vlp = await batcher.submit(vp, self.settings.request_timeout_s)
+            vlp = await batcher.submit(vp, self.settings.request_timeout_s, gone)
             # A variant the model cannot represent removes nothing from the score.
             v_nll = np.where(np.isfinite(vlp), -vlp, np.inf)
             base = scorer.statistic(-lp[chosen], statistic, x[chosen])

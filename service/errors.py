@@ -38,6 +38,12 @@ class UnsupportedMediaType(ServiceError):
     status, reason = 415, "unsupported_media_type"
 
 
+class ClientClosed(ServiceError):
+    """499 (nginx's convention): the client left before the answer; nothing reaches it, the metrics count it."""
+
+    status, reason = 499, "client_closed"
+
+
 class Unavailable(ServiceError):
     """503: the model is not ready, the queue is full, the request timed out, or the server is draining."""
 

@@ -1,13 +1,10 @@
-"""Pure-ASGI middleware of the front end: request ids, request metrics, cancellation on disconnect.
+"""Pure-ASGI middleware of the front end: request ids and request metrics.
 
-Order (outermost first): :class:`RequestIdMiddleware`, :class:`MetricsMiddleware`,
-:class:`CancelOnDisconnect`, then the app.
+Order (outermost first): :class:`RequestIdMiddleware`, :class:`MetricsMiddleware`, then the app.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 import time
 import uuid
@@ -76,58 +73,3 @@ class MetricsMiddleware:
             model, endpoint = metrics.model_label(m["model"], self.service.repository.models), m["endpoint"]
             metrics.requests.labels(model, endpoint, str(status["code"])).inc()
             metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
-
-
-class CancelOnDisconnect:
-    """Cancels an inference request's handler when its client disconnects before the answer.
-
-    Once the body has been read, a watcher waits on the connection; an ``http.disconnect`` before
-    the response is complete cancels the handler, so rows still queued leave the batcher without
-    being computed (a batch already on the device finishes, and its result is dropped).
-    """
-
-    def __init__(self, app) -> None:  # noqa: ANN001
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        if scope["type"] != "http" or _ROUTE.match(scope.get("path", "")) is None:
-            return await self.app(scope, receive, send)
-        body_read, answered = asyncio.Event(), asyncio.Event()
-        disconnect: asyncio.Future = asyncio.get_running_loop().create_future()
-
-        async def receive_body() -> dict:
-            if body_read.is_set():  # the app asks again after the body: only a disconnect can come
-                return await asyncio.shield(disconnect)
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                body_read.set()
-            if message["type"] == "http.disconnect" and not disconnect.done():
-                disconnect.set_result(message)
-            return message
-
-        async def send_tracked(message: dict) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                answered.set()
-            await send(message)
-
-        handler = asyncio.ensure_future(self.app(scope, receive_body, send_tracked))
-
-        async def watch() -> None:
-            await body_read.wait()
-            if not disconnect.done():
-                message = await receive()
-                if message["type"] == "http.disconnect" and not disconnect.done():
-                    disconnect.set_result(message)
-            if not answered.is_set():
-                handler.cancel()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
-            if handler.cancelled() and not disconnect.done():
-                raise asyncio.CancelledError  # cancelled from outside (shutdown), not by the watcher
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher

@@ -58,7 +58,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> float:
         return done / (time.perf_counter() - t0)
 
 
-async def open_loop(url: str, rate: float, seconds: float, on_tick=None, max_inflight: int = 512) -> dict:  # noqa: ANN001
+async def open_loop(url: str, rate: float, seconds: float, on_tick=None, max_inflight: int = 2048) -> dict:  # noqa: ANN001
     """Requests launched at ``rate``/s whatever the answers, for ``seconds``; tallies the answers.
 
     At most ``max_inflight`` are outstanding: an arrival that finds them all busy is counted as
@@ -117,15 +117,18 @@ def test_twice_saturation_for_five_minutes(repository: Path, tmp_path: Path) -> 
     with running_server(repository, tmp_path, **env) as s:
         saturation = asyncio.run(closed_loop(s.url, 64, 10))
         rss: dict[str, int] = {}
+        series: list[int] = []
 
         def tick(t: float) -> None:
+            if int(t) % 15 == 0:
+                series.append(rss_bytes(s.proc.pid) // 2**20)
             if t >= WARMUP_SECONDS and "warm" not in rss:
                 rss["warm"] = rss_bytes(s.proc.pid)
 
         tally = asyncio.run(open_loop(s.url, 2 * saturation, SOAK_SECONDS, tick))
         rss["end"] = rss_bytes(s.proc.pid)
         print(f"\nsoak: saturation {saturation:.0f} req/s, offered {2 * saturation:.0f} req/s for {SOAK_SECONDS} s: {tally}; "
-              f"RSS after warm-up {rss['warm'] / 2**20:.1f} MiB, at end {rss['end'] / 2**20:.1f} MiB")
+              f"RSS after warm-up {rss['warm'] / 2**20:.1f} MiB, at end {rss['end'] / 2**20:.1f} MiB; every 15 s (MiB): {series}")
         assert tally["other"] == 0 and tally["connection_errors"] == 0 and tally["503_without_retry_after"] == 0, tally
         assert tally["200"] + tally["503"] == tally["sent"] and tally["200"] > 0
         assert rss["end"] < 1.05 * rss["warm"], rss

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from models.errors import DataError
 from models.spec import DataSpec
 
-from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from ..errors import BadRequest, ClientClosed, PayloadTooLarge, UnsupportedMediaType
 
 NPY_TYPES = {"application/x-npy", "application/octet-stream", "application/npy"}
 IMAGE_TYPES = {"image/png", "image/jpeg"}
@@ -28,11 +28,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosed("the client disconnected before its body arrived") from None
     return b"".join(chunks)
 
 

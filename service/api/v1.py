@@ -162,7 +162,7 @@ async def describe_model(name: str, request: Request) -> ModelInfo:
 
 @router.post("/models/{name}/score", dependencies=[Depends(require_key)], response_model=ScoreResponse, responses=INFERENCE_ERRORS,
              openapi_extra=json_body(ScoreRequest, "image/png", "image/jpeg", "application/x-npy"))
-async def score(name: str, request: Request) -> ScoreResponse:
+async def score(name: str, request: Request) -> Response:
     """Log-likelihood per instance: JSON ``{"instances": [...]}``, or a PNG/JPEG/NPY body
     (with ``seed`` and ``iw_samples`` as query parameters)."""
     c = core(request)
@@ -175,9 +175,10 @@ async def score(name: str, request: Request) -> ScoreResponse:
     else:
         opts = parse(UploadOptions, dict(request.query_params), "query")
         x = decode_upload(body, ctype, spec)
-    s = await c.score(name, x, opts.seed, opts.iw_samples)
-    return ScoreResponse(model=name, version=s.entry.version, bound=s.bound, iw_samples=s.iw_samples,
+    s = await c.score(name, x, opts.seed, opts.iw_samples, gone=request.is_disconnected)
+    body = ScoreResponse(model=name, version=s.entry.version, bound=s.bound, iw_samples=s.iw_samples,
                          results=[ScoreResult(log_prob=lp, bits_per_dim=b) for lp, b in zip(s.log_prob.tolist(), s.bits_per_dim.tolist())])
+    return Response(body.model_dump_json(), media_type="application/json")  # built as the model; no second validation
 
 
 @router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse, response_model_exclude_none=True,
@@ -193,7 +194,7 @@ async def sample(name: str, request: Request) -> Response | SampleResponse:
     wants_png = "image/png" in request.headers.get("accept", "")
     if wants_png and spec.kind != "image":
         raise BadRequest(f"Accept: image/png needs an image model; {name!r} is a {spec.kind} model")
-    entry, x = await c.sample(name, opts.n, opts.temperature, opts.seed)
+    entry, x = await c.sample(name, opts.n, opts.temperature, opts.seed, request.is_disconnected)
     if wants_png:
         return Response(png_bytes(x, spec.levels or 256), media_type="image/png")
     samples = x.astype(np.int64).tolist() if spec.discrete else x.tolist()
@@ -224,7 +225,8 @@ async def anomaly(name: str, request: Request) -> AnomalyResponse:
     if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
         records, imputed = impute_records(records, spec, manifest.calibration["fill"], "records")
     x = instances_to_array(records, spec, "records")
-    report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top)
+    report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
+                             gone=request.is_disconnected)
     results = [AnomalyResult(**r, imputed=(imputed[i] if imputed else [] if spec.kind == "record" else None))
                for i, r in enumerate(report.results)]
     return AnomalyResponse(model=name, version=report.entry.version, target_fpr=opts.target_fpr, statistic=report.statistic,

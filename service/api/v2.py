@@ -253,7 +253,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     tensor = req.inputs[0]
     arr, _ = decode_tensor(tensor, binary, 0)
     x = check_values(arr.astype(np.float64), spec, f"inputs.{tensor.name}")
-    s = await c.score(name, x, (req.parameters or InferParameters()).seed, 1, version, f"inputs.{tensor.name}")
+    s = await c.score(name, x, (req.parameters or InferParameters()).seed, 1, version, f"inputs.{tensor.name}",
+                      request.is_disconnected)
     tensors, blobs = encode_outputs(req, {"log_prob": s.log_prob, "bits_per_dim": s.bits_per_dim})
     resp = InferResponse(model_name=name, model_version=s.entry.version, id=req.id, outputs=tensors)
     head_bytes = orjson.dumps(resp.model_dump(exclude_none=True))
