@@ -104,7 +104,7 @@ def test_png_uploads_decode_to_the_models_levels_or_are_refused(h: int, w: int, 
     if x is not None:
         assert (h, w) == (8, 8) and mode in ("L", "1", "I;16") and x.shape == (1, 1, 8, 8)
         if mode == "L":
-            np.testing.assert_array_equal(x[0, 0], np.round(pixels * 16 / 255.0))
+            np.testing.assert_array_equal(x[0, 0], np.round(pixels.astype(np.float64) * 16 / 255.0))
 
 
 VALUE = st.none() | st.booleans() | st.integers(-10**40, 10**40) | st.floats() | st.text(max_size=3)
