@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .middleware import REQUEST_ID, MetricsMiddleware, RequestIdMiddleware
 from .repository import ModelRepository
 from .settings import Settings
+from .memory import trim_malloc_every
 from .workers import DeviceWorker, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):  # noqa: ANN202
         load = asyncio.create_task(service.repository.reload())
         service.extras["initial_load"] = load
+        trim = asyncio.create_task(trim_malloc_every(settings.malloc_trim_s))
         yield
+        trim.cancel()
         service.draining = True
         load.cancel()
         await service.repository.close()

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
-import sys
 import time
 from collections.abc import Iterator
 
 import uvicorn
 
 from .app import create_app
+from .memory import limit_malloc_arenas
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,26 +64,6 @@ class DrainingServer(uvicorn.Server):
         while self.service.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Cap glibc's malloc arenas for threads created from now on (``mallopt(M_ARENA_MAX)``).
-
-    With glibc's default of 8 arenas per core, the compute threads' allocations fragment across
-    arenas and the RSS of a loaded server creeps up for many minutes (≈ 3.4% in 3 minutes at twice
-    the saturation load, `docs/benchmarks.md`); 2 arenas keep it flat, at no cost in throughput.
-    Returns whether the cap was set (False off glibc, or with ``arenas=0``).
-    """
-    if arenas <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, arenas))
 
 
 def serve(settings: Settings) -> None:

@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")
     drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU workers")
+    malloc_trim_s: float = Field(10.0, ge=0, description="hand freed heap memory back to the OS this often (glibc malloc_trim); 0 = never")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX) for the server process; 0 = glibc's "
-                               "default (8 per core), under which RSS creeps up under sustained load")
+                               "default (8 per core)")
 
     @field_validator("devices", "api_keys", "cors_origins", mode="before")
     @classmethod

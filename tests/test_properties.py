@@ -23,7 +23,7 @@ IMAGE = DataSpec(kind="image", shape=(1, 8, 8), levels=17)
 RECORD = DataSpec(kind="record", shape=(3,), feature_names=["hr", "sbp", "gcs"], ranges=[(30, 200), (60, 230), (3, 15)])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=150, deadline=None, derandomize=True)  # the same cases in every CI run
 
 
 def refused_cleanly(fn, *args) -> object | None:  # noqa: ANN001
