@@ -23,15 +23,14 @@ from .api import v1, v2
 from .api.deps import ServiceState
 from .core import InferenceCore
 from .errors import ServiceError
+from .memory import trim_malloc_every
 from .metrics import Metrics
 from .middleware import REQUEST_ID, MetricsMiddleware, RequestIdMiddleware
 from .repository import ModelRepository
 from .settings import Settings
-from .memory import trim_malloc_every
 from .workers import DeviceWorker, resolve_devices
 
 log = logging.getLogger(__name__)
-
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, request_id: str | None = None) -> JSONResponse:

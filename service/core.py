@@ -163,7 +163,9 @@ class InferenceCore:
         manifest = entry.manifest
         if manifest.data_spec.kind not in ("record", "waveform") or not manifest.calibration:
             raise BadRequest(f"model {entry.name!r} has no anomaly calibration (only record and waveform models trained by flowserve have one)")
-        return entry.extras.setdefault("anomaly_scorer", AnomalyScorer(manifest.calibration))
+        if "anomaly_scorer" not in entry.extras:  # built once per loaded version (it sorts the calibration scores)
+            entry.extras["anomaly_scorer"] = AnomalyScorer(manifest.calibration)
+        return entry.extras["anomaly_scorer"]
 
     async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
                       explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",

@@ -162,7 +162,7 @@ async def describe_model(name: str, request: Request) -> ModelInfo:
 
 @router.post("/models/{name}/score", dependencies=[Depends(require_key)], response_model=ScoreResponse, responses=INFERENCE_ERRORS,
              openapi_extra=json_body(ScoreRequest, "image/png", "image/jpeg", "application/x-npy"))
-async def score(name: str, request: Request) -> Response:
+async def score(name: str, request: Request) -> ScoreResponse:
     """Log-likelihood per instance: JSON ``{"instances": [...]}``, or a PNG/JPEG/NPY body
     (with ``seed`` and ``iw_samples`` as query parameters)."""
     c = core(request)
@@ -176,9 +176,8 @@ async def score(name: str, request: Request) -> Response:
         opts = parse(UploadOptions, dict(request.query_params), "query")
         x = decode_upload(body, ctype, spec)
     s = await c.score(name, x, opts.seed, opts.iw_samples, gone=request.is_disconnected)
-    body = ScoreResponse(model=name, version=s.entry.version, bound=s.bound, iw_samples=s.iw_samples,
+    return ScoreResponse(model=name, version=s.entry.version, bound=s.bound, iw_samples=s.iw_samples,
                          results=[ScoreResult(log_prob=lp, bits_per_dim=b) for lp, b in zip(s.log_prob.tolist(), s.bits_per_dim.tolist())])
-    return Response(body.model_dump_json(), media_type="application/json")  # built as the model; no second validation
 
 
 @router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse, response_model_exclude_none=True,
