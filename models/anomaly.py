@@ -33,8 +33,17 @@ Records with integer-valued features (e.g. the Glasgow coma scale) are scored at
 each integer's unit bin (dequantization noise 0.5, the midpoint rule for ``log P(bin)``), in
 calibration and in use alike: a random draw would add noise to every score.
 
-The calibration also stores, for records, per-feature medians (``fill``, used to impute missing
-features) and reference quantiles (``reference``, for :mod:`models.attribution`).
+The calibration also stores, for records, per-feature medians (``fill``, for the median-fill
+option), reference quantiles (``reference``, for :mod:`models.attribution`), and what scoring
+records with absent features needs (:mod:`models.marginal`): the importance-sampling proposal
+fitted on the training records (``proposal``), and the calibration records themselves
+(``records``, at most :data:`MAX_PATTERN_RECORDS`, with ``known``: which of their cells are
+measurements or carried-forward measurements rather than a never-measured default). A record that
+arrives with only some features is compared with the calibration records masked to the same
+pattern and scored by the same estimator (:func:`pattern_calibration`).
+
+Resolution: with ``n`` calibration records the smallest p-value is ``1/(n + 1)``; below
+:data:`FEW_CALIBRATION` records training warns, and the manifest and the route report it.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ import torch
 from .density import DensityModel
 
 MAX_CALIBRATION = 5000
+MAX_PATTERN_RECORDS = 1000  # calibration records re-scored per missingness pattern
+FEW_CALIBRATION = 100  # below this, p-values are coarse (resolution 1/(n + 1)) and training warns
 BIN_MIDPOINT = 0.5
 STATISTICS = ("nll", "typicality", "conditional")
 ATOM_SHARE = 0.05
@@ -84,10 +95,88 @@ def _sorted_sample(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll") -> dict:
+def group_references(spec, normal: np.ndarray) -> dict[str, list[list[float]]]:  # noqa: ANN001 - DataSpec
+    """Joint reference tuples ``(M, g)`` per feature group of the schema (:func:`models.attribution.group_reference`)."""
+    from .attribution import group_reference
+
+    names = spec.feature_names or []
+    return {g: group_reference(normal, [names.index(f) for f in feats]).tolist() for g, feats in (spec.feature_groups or {}).items()}
+
+
+def model_scorer(model: DensityModel, batch_size: int = 4096):  # noqa: ANN201 - Callable[[rows, noise], log p]
+    """``score(rows, noise) -> log p (rows,)`` float64 nats, for numpy rows through ``model`` in batches."""
+
+    def score(rows: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_size], dtype=np.float32))
+                nz = None if noise is None else torch.from_numpy(np.ascontiguousarray(noise[i : i + batch_size], dtype=np.float32))
+                if nz is None and model.spec.dequantized:
+                    nz = scoring_noise(model, len(x))
+                out.append(model.log_prob(x, nz).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    return score
+
+
+def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarray, known: np.ndarray | None = None,
+                       seed: int = 0) -> dict:
+    """What scoring records with absent features needs: the proposal and a sample of calibration records.
+
+    ``normal (N, D)`` held-out normal records, ``train (M, D)`` training records (the proposal's
+    fit), ``known (N, D)`` which cells of ``normal`` were measured (or carried forward from a
+    measurement), all true when omitted.
+    """
+    from .marginal import GaussianFit, Proposal, find_spikes
+
+    discrete = model.spec.discrete_features
+    model.eval()
+    spikes = find_spikes(model_scorer(model), train, discrete, find_atoms(train))
+    proposal = Proposal(GaussianFit.fit(train, discrete), tuple(spikes))
+    known = np.ones(normal.shape, dtype=bool) if known is None else np.asarray(known, dtype=bool)
+    idx = np.arange(len(normal))
+    if len(idx) > MAX_PATTERN_RECORDS:
+        idx = np.sort(np.random.default_rng(seed).choice(len(normal), MAX_PATTERN_RECORDS, replace=False))
+    return {"proposal": proposal.to_dict(), "records": np.asarray(normal[idx], dtype=np.float32).tolist(),
+            "known": known[idx].astype(int).tolist()}
+
+
+def pattern_calibration(calibration: dict, pattern: tuple[int, ...], nll: np.ndarray, records: np.ndarray) -> dict:
+    """The calibration for one missingness pattern: ``nll (n,)`` are the marginal NLLs of the calibration
+    ``records (n, D)`` masked to ``pattern`` (the observed features), scored as requests of that pattern are.
+
+    The statistic, atoms (those among the observed features) and their least-squares effects are
+    refitted on these scores, so a p-value compares like with like.
+    """
+    nll = np.asarray(nll, dtype=np.float64)
+    if not np.isfinite(nll).all():
+        raise ValueError("pattern calibration scores contain non-finite values")
+    observed = set(pattern)
+    cal = {"method": "conformal", "score": "marginal_nll_nats", "statistic": calibration.get("statistic", "nll"),
+           "split": calibration.get("split", "val"), "n": int(len(nll)), "mean": float(nll.mean()), "scores": _sorted_sample(nll).tolist(),
+           "pattern": list(pattern)}
+    if calibration.get("atoms") is not None:
+        atoms = [(int(j), float(v)) for j, v in calibration["atoms"] if int(j) in observed]
+        design = atom_design(records, atoms)
+        beta = np.linalg.lstsq(design, nll, rcond=None)[0]
+        cal.update(atoms=[[j, v] for j, v in atoms], atom_effects=beta.tolist(), conditional_scores=_sorted_sample(nll - design @ beta).tolist())
+    return cal
+
+
+def pattern_records(calibration: dict, pattern: tuple[int, ...]) -> np.ndarray:
+    """Indices of the calibration records usable for ``pattern``: those whose cells in it are all known."""
+    known = np.asarray(calibration["known"], dtype=bool)
+    return np.flatnonzero(known[:, list(pattern)].all(1)) if len(pattern) else np.arange(len(known))
+
+
+def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
+              train: np.ndarray | None = None, known: np.ndarray | None = None) -> dict:
     """Score held-out normal records (or windows); returns the calibration stored in the manifest.
 
     ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
+    For records, ``train`` (the training records) adds what absent features need
+    (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")
@@ -110,12 +199,16 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
 
         cal["fill"] = np.median(normal, axis=0).astype(float).tolist()
         cal["reference"] = reference_values(normal, discrete=model.spec.discrete_features).tolist()
+        cal["group_reference"] = group_references(model.spec, normal)
         atoms = find_atoms(normal)
         design = atom_design(normal, atoms)
         beta = np.linalg.lstsq(design, nll, rcond=None)[0]
         cal["atoms"] = [[j, v] for j, v in atoms]
         cal["atom_effects"] = beta.tolist()
         cal["conditional_scores"] = _sorted_sample(nll - design @ beta).tolist()
+        if train is not None:
+            cal.update(record_calibration(model, normal, train, known))
+    cal["p_value_resolution"] = 1.0 / (len(s) + 1)
     return cal
 
 
@@ -185,3 +278,59 @@ class AnomalyScorer:
              "p_value": float(pv), "is_anomaly": bool(pv <= target_fpr), "threshold": thr if math.isfinite(thr) else None}
             for s, b, pv in zip(nll, below, p)
         ]
+
+
+def recalibrate(directory, data: str | None = None, statistic: str | None = None, split: str | None = None) -> dict:  # noqa: ANN001
+    """Recalibrate an artifact's anomaly scores in place (weights untouched); returns the new calibration's summary.
+
+    ``data`` (a data spec; default: the training data) supplies the calibration records: its
+    validation split when it is the training data, otherwise every record of every split (a
+    separate calibration CSV, or a user's own normal population). The proposal for absent
+    features is fitted on the training data's training split when it can be loaded, else on the
+    calibration records. The schema's groups and derived features are refreshed from the loader
+    when it describes the same features.
+    """
+    import logging
+    from pathlib import Path
+
+    from . import artifact
+    from .data import load_dataset
+    from .errors import DataError
+
+    log = logging.getLogger(__name__)
+    directory = Path(directory)
+    model = artifact.load(directory)
+    manifest = model.manifest
+    spec = manifest.data_spec
+    if spec.kind not in ("record", "waveform"):
+        raise DataError(f"{directory}: anomaly calibration is for record and waveform models, not {spec.kind}")
+    trained_on = manifest.metrics.get("data") or spec.source
+    same = data is None or data == trained_on
+    ds = load_dataset(trained_on if same else data)
+    if ds.spec.shape != spec.shape or (ds.spec.feature_names and spec.feature_names and ds.spec.feature_names != spec.feature_names):
+        raise DataError(f"data {data!r} has features {ds.spec.feature_names or ds.spec.shape}; the model expects "
+                        f"{spec.feature_names or spec.shape}")
+    if same or split:
+        names = [split or "val"]
+    else:
+        names = list(ds.splits)
+    normal = np.concatenate([ds.split(n) for n in names])
+    known = np.concatenate([ds.known[n] for n in names]) if ds.known else None
+    train = None
+    if spec.kind == "record":
+        try:
+            train = ds.split("train") if same else load_dataset(trained_on).split("train")
+        except Exception as e:  # noqa: BLE001 - the training data may be gone; the proposal then uses the calibration records
+            log.warning("training data %r not loadable (%s); fitting the absent-feature proposal on the calibration records", trained_on, e)
+            train = normal
+    if ds.spec.feature_names == spec.feature_names and ds.spec.shape == spec.shape:
+        spec = spec.model_copy(update={"feature_groups": ds.spec.feature_groups, "derived": ds.spec.derived})
+        model.spec = spec
+    old = manifest.calibration or {}
+    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known)
+    cal["split"] = ",".join(names) if same else f"{data} ({','.join(names)})"
+    if cal["n"] < FEW_CALIBRATION:
+        log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal["n"], cal["n"] + 1)
+    artifact.write_manifest(directory, manifest.model_copy(update={"calibration": cal, "data_spec": spec}))
+    return {"n": cal["n"], "statistic": cal["statistic"], "split": cal["split"], "p_value_resolution": cal["p_value_resolution"],
+            "patterns_supported": "proposal" in cal}

@@ -1,4 +1,4 @@
-"""The ``flowserve`` command line: train, evaluate, sample, export, serve, generate-cohort.
+"""The ``flowserve`` command line: train, evaluate, calibrate, sample, export, serve, generate-cohort.
 
 User errors (bad files, bad configs) print one line to stderr and exit with status 2;
 no traceback.
@@ -117,6 +117,29 @@ def evaluate(
     else:
         typer.echo(f"{split}: {result['bits_per_dim']:.4f} bits/dim, NLL {result['nll_nats']:.3f} nats "
                    f"({result['bound']} bound, {result['examples']} examples)")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    artifact_dir: Path = typer.Argument(..., metavar="ARTIFACT"),
+    data: Optional[str] = typer.Option(None, "--data", help="calibration records, e.g. csv:normal.csv (default: the training "
+                                       "data's validation split); every record of another data spec is used"),
+    statistic: Optional[str] = typer.Option(None, "--statistic", help="nll, typicality or conditional (default: the model's)"),
+    split: Optional[str] = typer.Option(None, "--split", help="use only this split of DATA"),
+) -> None:
+    """Recalibrate a record or waveform model's anomaly scores in place, without retraining."""
+    from .anomaly import recalibrate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = recalibrate(artifact_dir, data, statistic, split)
+    except ValueError as e:
+        from .errors import DataError
+
+        raise DataError(str(e)) from None
+    typer.echo(f"calibrated on {out['n']} records ({out['split']}), statistic {out['statistic']}, "
+               f"p-value resolution {out['p_value_resolution']:.4g}")
 
 
 @app.command()

@@ -14,7 +14,9 @@ class DataSpec(BaseModel):
 
     ``kind="image"``: integers in ``0..levels-1`` with ``shape = (C, H, W)``.
     ``kind="record"``: real vectors with ``shape = (D,)`` and ``feature_names`` of length D;
-    ``discrete_features`` lists integer-valued features (e.g. Glasgow coma scale), dequantized with U(0, 1) noise.
+    ``discrete_features`` lists integer-valued features (e.g. Glasgow coma scale), dequantized with U(0, 1) noise;
+    ``feature_groups`` names coupled features attributed together (blood pressure: systolic, diastolic, mean);
+    ``derived`` maps a feature to the features it is the sum of (the Glasgow total), which samples respect.
     ``kind="waveform"``: real multichannel windows with ``shape = (C, T)``; ``feature_names`` name the channels.
     """
 
@@ -27,6 +29,8 @@ class DataSpec(BaseModel):
     units: list[str] | None = None
     ranges: list[tuple[float, float]] | None = None
     discrete_features: list[int] | None = None
+    feature_groups: dict[str, list[str]] | None = None
+    derived: dict[str, list[str]] | None = None
     source: str = ""
 
     @property

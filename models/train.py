@@ -230,7 +230,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     if data.spec.kind in ("record", "waveform"):
         from .anomaly import calibrate
 
-        calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic)
+        calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
+                                train=train_x if data.spec.kind == "record" else None,
+                                known=data.known["val"] if data.known else None)
     artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, out / "samples.png")

@@ -16,6 +16,7 @@ outside its range. No score is ever returned as ``null``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,8 @@ import numpy as np
 
 from models import attribution as attr
 from models.anomaly import BIN_MIDPOINT, AnomalyScorer
+from models.marginal import Pattern, pattern_of
+from models.missing import NoPatternCalibration, PatternCalibrations
 from models.spec import DataSpec
 
 from . import tasks
@@ -34,6 +37,7 @@ from .settings import Settings
 
 Bound = Literal["exact", "variational", "iw"]
 Explain = Literal["anomalies", "all", "none"]
+Missing = Literal["marginal", "median"]
 
 
 class OutOfSupport(BadRequest):
@@ -61,6 +65,7 @@ class AnomalyReport:
     entry: ModelEntry
     statistic: str
     results: list[dict]
+    missing: Missing | None = None  # how absent features were handled (record models)
 
 
 def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
@@ -78,8 +83,9 @@ def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
     return out
 
 
-def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: str) -> None:
-    """Raise :class:`OutOfSupport` for the first row of ``x`` whose ``log_prob`` is not finite."""
+def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: str, index: np.ndarray | None = None) -> None:
+    """Raise :class:`OutOfSupport` for the first row of ``x`` whose ``log_prob`` is not finite
+    (named by its position in the request: ``index[i]`` when ``x`` is part of it)."""
     bad = np.flatnonzero(~np.isfinite(log_prob))
     if not len(bad):
         return
@@ -87,7 +93,7 @@ def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: st
     where = _out_of_range(spec, x[i])
     detail = f"; outside the schema's ranges: {', '.join(where)}" if where else ""
     more = f" ({len(bad)} rows in all)" if len(bad) > 1 else ""
-    raise OutOfSupport(f"{field}[{i}]: outside the model's support (its log-density is not finite){more}{detail}")
+    raise OutOfSupport(f"{field}[{i if index is None else int(index[i])}]: outside the model's support (its log-density is not finite){more}{detail}")
 
 
 class InferenceCore:
@@ -167,61 +173,154 @@ class InferenceCore:
             entry.extras["anomaly_scorer"] = AnomalyScorer(manifest.calibration)
         return entry.extras["anomaly_scorer"]
 
+    def pattern_calibrations(self, entry: ModelEntry) -> PatternCalibrations | None:
+        """The entry's per-pattern calibrations for records with absent features (``None`` when its calibration predates them)."""
+        cal = entry.manifest.calibration or {}
+        if "proposal" not in cal:
+            return None
+        if "pattern_calibrations" not in entry.extras:
+            entry.extras["pattern_calibrations"] = PatternCalibrations(cal, entry.manifest.data_spec.discrete_features,
+                                                                       samples=self.settings.anomaly_samples,
+                                                                       cache=self.settings.anomaly_pattern_cache)
+        return entry.extras["pattern_calibrations"]
+
+    async def _log_p(self, entry: ModelEntry, rows: np.ndarray, noise: np.ndarray | None, gone: Gone | None) -> np.ndarray:
+        """``log p`` of any number of rows through the entry's score batcher, in chunks of a quarter of its queue."""
+        batcher = entry.batcher("score")
+        chunk = max(1, self.settings.max_queue_rows // 4)
+        out = []
+        for i in range(0, len(rows), chunk):
+            payload = {"x": rows[i : i + chunk]}
+            if noise is not None:
+                payload["noise"] = noise[i : i + chunk]
+            out.append(await batcher.submit(payload, self.settings.request_timeout_s, gone))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    async def pattern_scorer(self, entry: ModelEntry, pcal: PatternCalibrations, pattern: Pattern) -> AnomalyScorer:
+        """The pattern's calibrated scorer; built once (concurrent requests for a new pattern share one build)."""
+        cached = pcal.cached(pattern)
+        if cached is not None:
+            return cached
+        builds: dict = entry.extras.setdefault("pattern_builds", {})
+        task = builds.get(pattern)
+        if task is None:
+            async def build() -> AnomalyScorer:
+                try:
+                    plan, records = pcal.calibration_plan(pattern)
+                    return pcal.build(pattern, plan, records, await self._log_p(entry, plan.rows, plan.noise, None))
+                finally:
+                    builds.pop(pattern, None)
+
+            task = builds[pattern] = asyncio.ensure_future(build())
+        try:
+            return await asyncio.shield(task)
+        except NoPatternCalibration as e:
+            raise BadRequest(f"records: {e}; send more of its features or use missing='median'") from None
+
     async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
                       explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",
-                      gone: Gone | None = None) -> AnomalyReport:
+                      gone: Gone | None = None, observed: np.ndarray | None = None, missing: Missing = "marginal") -> AnomalyReport:
         """Calibrated anomaly scores of validated rows ``x``, with counterfactual attributions.
 
         Per row (see :meth:`models.anomaly.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
-        (nats), ``percentile``, conformal ``p_value``, ``is_anomaly`` at ``target_fpr``,
-        ``threshold``; and ``attribution`` (top ``top`` features or time segments, nats of the
-        statistic that disappear when that part is made typical) for the rows ``explain`` picks.
-        Rows are scored at the dequantization bins' midpoints, as the calibration was.
+        (nats; per observed feature for records with absent ones), ``percentile``, conformal
+        ``p_value``, ``is_anomaly`` at ``target_fpr``, ``threshold``; and ``attribution`` (top
+        ``top`` features, feature groups or time segments: nats of the statistic that disappear
+        when that part is made typical) for the rows ``explain`` picks.
+
+        Records: ``observed (N, D)`` marks the features the client sent (absent ones hold the
+        calibration medians). ``missing="marginal"`` scores them by the marginal likelihood of the
+        observed features against calibration records masked to the same pattern
+        (:mod:`models.missing`); ``"median"`` scores the median-filled record against the complete
+        records' calibration. Only observed features are attributed.
         """
         entry = self.ready_entry(name)
-        manifest, spec = entry.manifest, entry.manifest.data_spec
+        spec = entry.manifest.data_spec
         scorer = self.anomaly_scorer(entry)
         try:
             statistic = scorer.resolve(statistic)
         except ValueError as e:
             raise BadRequest(f"statistic: {e}") from None
         self._check_rows(len(x), field)
-        batcher = entry.batcher("score")
-        noise = np.full(x.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
-        lp = await batcher.submit({"x": x} if noise is None else {"x": x, "noise": noise}, self.settings.request_timeout_s, gone)
-        check_support(spec, x, lp, field)
-        results = scorer.assess(-lp, spec.dims, target_fpr, statistic, x)
+        if spec.kind != "record":
+            return AnomalyReport(entry, statistic, await self._anomaly_group(entry, scorer, None, x, None, target_fpr, statistic,
+                                                                               explain, segments, top, field, gone))
+        observed = np.ones(x.shape, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+        pcal = self.pattern_calibrations(entry)
+        if missing == "marginal" and pcal is None and not observed.all():
+            raise BadRequest(f"missing: model {name!r} was calibrated before absent features were supported; recalibrate it "
+                             "(`flowserve calibrate`) or use missing='median'")
+        groups: dict[Pattern, list[int]] = {}
+        for i, row in enumerate(observed):
+            groups.setdefault(pattern_of(row), []).append(i)
+        results: list[dict | None] = [None] * len(x)
+        for pattern, idx in groups.items():
+            rows = np.asarray(idx)
+            complete = missing == "median" or len(pattern) == spec.dims
+            group_scorer = scorer if complete else await self.pattern_scorer(entry, pcal, pattern)
+            part = await self._anomaly_group(entry, group_scorer, None if complete else pcal, x[rows], None if complete else pattern,
+                                             target_fpr, statistic, explain, segments, top, field, gone, pattern, rows)
+            for i, r in zip(idx, part):
+                results[i] = r
+        return AnomalyReport(entry, statistic, results, missing)  # type: ignore[arg-type]
+
+    async def _anomaly_group(self, entry: ModelEntry, scorer: AnomalyScorer, pcal: PatternCalibrations | None, x: np.ndarray,
+                             pattern: Pattern | None, target_fpr: float, statistic: str, explain: Explain, segments: int, top: int,
+                             field: str, gone: Gone | None, attributed: Pattern | None = None,
+                             index: np.ndarray | None = None) -> list[dict]:
+        """Rows that share one scorer: complete (or median-filled) records or windows (``pcal`` None), or records
+        of one ``pattern`` scored by their marginal; ``attributed`` are the features that may be blamed (all: None)."""
+        manifest, spec = entry.manifest, entry.manifest.data_spec
+
+        async def nll_of(rows: np.ndarray) -> np.ndarray:
+            if pcal is None:
+                noise = np.full(rows.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
+                return -(await self._log_p(entry, rows, noise, gone))
+            plan = pcal.plan(rows, pattern)
+            return -plan.combine(await self._log_p(entry, plan.rows, plan.noise, gone))
+
+        nll = await nll_of(x)
+        check_support(spec, x, -nll, field, index)
+        dims = spec.dims if pattern is None else len(pattern)
+        results = scorer.assess(nll, dims, target_fpr, statistic, x)
+        if spec.kind == "record":
+            names = spec.feature_names or []
+            for r in results:
+                r["calibration_n"] = scorer.n
+                r["p_value_resolution"] = 1.0 / (scorer.n + 1)
         chosen = [i for i, r in enumerate(results) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
         if chosen and (spec.kind == "waveform" or "reference" in manifest.calibration):
-            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[chosen], segments, top)
-            if len(variants) > self.settings.max_queue_rows:
-                raise BadRequest(f"explain: {len(chosen)} records need {len(variants)} extra rows (limit {self.settings.max_queue_rows}); "
+            obs = None if attributed is None else np.asarray(attributed)
+            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[chosen], segments, top, obs)
+            if len(variants) * (1 if pcal is None else pcal.samples) > self.settings.max_queue_rows * 16:
+                raise BadRequest(f"explain: {len(chosen)} records need {len(variants)} extra rows (limit "
+                                 f"{self.settings.max_queue_rows * 16 // (1 if pcal is None else pcal.samples)}); "
                                  "send fewer records or set explain to 'anomalies' or 'none'")
-            vp = {"x": variants}
-            if noise is not None:
-                vp["noise"] = np.repeat(noise[chosen], per, axis=0)
-            vlp = await batcher.submit(vp, self.settings.request_timeout_s, gone)
+            v_nll = await nll_of(variants)
             # A variant the model cannot represent removes nothing from the score.
-            v_nll = np.where(np.isfinite(vlp), -vlp, np.inf)
-            base = scorer.statistic(-lp[chosen], statistic, x[chosen])
+            v_nll = np.where(np.isfinite(v_nll), v_nll, np.inf)
+            base = scorer.statistic(nll[chosen], statistic, x[chosen])
             v_stat = np.where(np.isfinite(v_nll), scorer.statistic(np.nan_to_num(v_nll, posinf=0.0), statistic, variants), np.inf)
             for i, a in zip(chosen, describe(base, v_stat)):
                 results[i]["attribution"] = a
-        return AnomalyReport(entry, statistic, results)
+        return results
 
 
-def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int):  # noqa: ANN202
-    """Variant rows to score, variants per row, and a function (statistic, variant statistic) → attribution lists."""
+def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int,
+                      observed: np.ndarray | None = None):  # noqa: ANN202
+    """Variant rows to score, variants per row, and a function (statistic, variant statistic) → attribution lists.
+
+    Records: the observed features (``observed`` indices; all when ``None``) and the schema's feature groups.
+    """
     if spec.kind == "record":
-        ref = np.asarray(calibration["reference"], dtype=np.float64)
-        d, m = ref.shape
-        names = spec.feature_names
+        parts, labels, members = attr.record_parts(spec, calibration, observed)
+        m = parts[0][1].shape[0]
 
         def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
-            a = attr.feature_attribution(s, v, d, m)
-            return [[{"feature": names[k], "nats": float(row[k])} for k in np.argsort(-row, kind="stable")[:top]] for row in a]
+            a = attr.part_attribution(s, v, len(parts), m)
+            return [[{**labels[p], "nats": float(row[p])} for p in attr.rank_parts(row, members)[:top]] for row in a]
 
-        return attr.feature_variants(x, ref), d * m, describe
+        return attr.part_variants(x, parts), len(parts) * m, describe
     bounds = attr.segment_bounds(spec.shape[-1], segments)
 
     def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:

@@ -121,11 +121,20 @@ def test_anomaly_route(record_run: Path, tmp_path: Path) -> None:
         for x in res[-3:]:
             assert x["attribution"][0]["feature"] == "systolic_bp" and x["attribution"][0]["nats"] > 0
         assert all("attribution" not in x for x in res[:-3] if not x["is_anomaly"])
-        # missing or null features are imputed with the calibration medians and reported
+        # absent or null features: the marginal of the observed ones, against calibration records of the same pattern;
+        # only what was sent is blamed
         r = c.post("/v1/models/vitals/anomaly", json={"records": [{"heart_rate": 80, "spo2": None}], "explain": "all"})
         assert r.status_code == 200, r.text
         one = r.json()["results"][0]
-        assert one["imputed"] == ["systolic_bp", "diastolic_bp", "spo2"] and len(one["attribution"]) == 4
+        assert one["absent"] == ["systolic_bp", "diastolic_bp", "spo2"] and "imputed" not in one
+        assert one["calibration_n"] == 150 and one["p_value_resolution"] == pytest.approx(1 / 151)
+        assert [a["feature"] for a in one["attribution"]] == ["heart_rate"]
+        assert r.json()["calibration"]["missing"] == "marginal" and r.json()["calibration"]["samples"] == 32
+        # the median fill remains, named as such; it still blames only observed features
+        r = c.post("/v1/models/vitals/anomaly", json={"records": [{"heart_rate": 80, "spo2": None}], "explain": "all",
+                                                      "missing": "median"})
+        one = r.json()["results"][0]
+        assert one["imputed"] == ["systolic_bp", "diastolic_bp", "spo2"] and [a["feature"] for a in one["attribution"]] == ["heart_rate"]
         typ = c.post("/v1/models/vitals/anomaly", json={"records": records, "statistic": "typicality", "explain": "none"}).json()
         assert typ["statistic"] == "typicality" and all(x["is_anomaly"] for x in typ["results"][-3:])
         assert all("attribution" not in x for x in typ["results"])

@@ -265,14 +265,17 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
         r = client.post("/v1/models/vitals/anomaly", json={"records": records, "explain": "all", "top": 3})
         assert r.status_code == 200, r.text
         res = r.json()["results"]
-        assert res[2]["imputed"] == ["pH"] and res[3]["imputed"] == ["Weight"] and res[0]["imputed"] == []
+        assert res[2]["absent"] == ["pH"] and res[3]["absent"] == ["Weight"] and res[0]["absent"] == []
         assert res[1]["nll"] > res[0]["nll"] and res[1]["attribution"][0]["feature"] == "Temperature"
         assert all(len(x["attribution"]) == 3 for x in res)
+        assert all(a.get("feature") != "pH" and "pH" not in a.get("features", []) for a in res[2]["attribution"])
+        # a record with absent features is compared with calibration records of its own pattern
+        assert res[0]["calibration_n"] == r.json()["calibration"]["n"] and res[2]["calibration_n"] <= 1000
         r = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "explain": "all", "segments": 8})
         assert r.status_code == 200, r.text
         assert r.json()["statistic"] == "typicality"  # the waveform model's default (set at training)
         res = r.json()["results"]
-        assert len(res) == 4 and all(0 < x["p_value"] <= 1 and "imputed" not in x for x in res)
+        assert len(res) == 4 and all(0 < x["p_value"] <= 1 and "imputed" not in x and "absent" not in x for x in res)
         seg = res[0]["attribution"][0]
         assert set(seg) == {"segment", "start", "end", "nats"} and 0 <= seg["start"] < seg["end"] <= WINDOW
         bad = client.post("/v1/models/waves/anomaly", json={"records": windows[:, :, :100].tolist()})

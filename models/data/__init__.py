@@ -16,10 +16,15 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Arrays for each split plus the spec that describes one example."""
+    """Arrays for each split plus the spec that describes one example.
+
+    ``known`` (records with gaps, e.g. MIMIC vitals): per split, which cells hold a measurement
+    (or one carried forward) rather than a default for a variable never measured; ``None``: all.
+    """
 
     spec: DataSpec
     splits: dict[str, np.ndarray]
+    known: dict[str, np.ndarray] | None = None
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:

@@ -32,7 +32,7 @@ from ..errors import DataError
 from ..spec import DataSpec
 from .cohort import generate_vitals, generate_waveforms
 from .images import split_fixed
-from .mimic_schema import GCS_TEXT, SAMPLE_RATE_HZ, VITAL_NAMES, VITALS, WAVE_CHANNELS, WAVE_SCALING, WAVE_UNITS, WINDOW
+from .mimic_schema import GCS_TEXT, SAMPLE_RATE_HZ, VITAL_DERIVED, VITAL_GROUPS, VITAL_NAMES, VITALS, WAVE_CHANNELS, WAVE_SCALING, WAVE_UNITS, WINDOW
 
 _LEADING_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)")
 
@@ -153,7 +153,8 @@ def hot_deck(values: np.ndarray, unseen: np.ndarray, rng: np.random.Generator) -
 def vitals_spec(source: str) -> DataSpec:
     return DataSpec(kind="record", shape=(len(VITALS),), feature_names=list(VITAL_NAMES), units=[v.unit for v in VITALS],
                     ranges=[(float(v.low), float(v.high)) for v in VITALS], source=source,
-                    discrete_features=[i for i, v in enumerate(VITALS) if v.discrete])
+                    discrete_features=[i for i, v in enumerate(VITALS) if v.discrete],
+                    feature_groups={k: list(v) for k, v in VITAL_GROUPS.items()}, derived={k: list(v) for k, v in VITAL_DERIVED.items()})
 
 
 def read_vitals(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -348,9 +349,9 @@ def _vitals(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset
         values, episode = cohort.values, cohort.patient
     filled = impute(values, episode)
     splits = split_by_group(filled.values, episode)
-    unseen = split_by_group(filled.unseen, episode)["train"]
-    splits["train"] = hot_deck(splits["train"], unseen, np.random.default_rng(0))
-    return Dataset(vitals_spec(spec), splits)
+    unseen = split_by_group(filled.unseen, episode)
+    splits["train"] = hot_deck(splits["train"], unseen["train"], np.random.default_rng(0))
+    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()})
 
 
 # The generated waveform cohort spreads its 8,000 windows over many patients (2 each): the validation

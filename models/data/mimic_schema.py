@@ -46,6 +46,19 @@ VITALS: tuple[Variable, ...] = (
 VITAL_NAMES: tuple[str, ...] = tuple(v.name for v in VITALS)
 INDEX: dict[str, int] = {n: i for i, n in enumerate(VITAL_NAMES)}
 
+# Coupled variables, attributed together (models.attribution): the pressures move together in
+# hypotension, and the Glasgow total is the sum of its components.
+VITAL_GROUPS: dict[str, tuple[str, ...]] = {
+    "blood pressure": ("Systolic blood pressure", "Diastolic blood pressure", "Mean blood pressure"),
+    "Glasgow coma scale": ("Glascow coma scale eye opening", "Glascow coma scale motor response",
+                           "Glascow coma scale verbal response", "Glascow coma scale total"),
+}
+# Derived variables: the sum of their components (samples compute them; models.sampling).
+VITAL_DERIVED: dict[str, tuple[str, ...]] = {
+    "Glascow coma scale total": ("Glascow coma scale eye opening", "Glascow coma scale motor response",
+                                 "Glascow coma scale verbal response"),
+}
+
 # Text forms of the Glasgow coma scale components in MIMIC-III (CareVue and MetaVision spellings).
 GCS_TEXT: dict[str, dict[str, float]] = {
     "Glascow coma scale eye opening": {

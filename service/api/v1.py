@@ -46,8 +46,8 @@ class SampleRequest(Strict):
 
 
 class AnomalyRequest(Strict):
-    records: list[Any] = Field(..., min_length=1, description="records {feature: value} (null or absent: imputed), arrays in "
-                               "feature order, or waveform windows (C, T)")
+    records: list[Any] = Field(..., min_length=1, description="records {feature: value} (null or absent: not measured), "
+                               "arrays in feature order, or waveform windows (C, T)")
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-positive rate at which is_anomaly is decided")
     statistic: Literal["nll", "typicality", "conditional"] | None = Field(
         None, description="nll: one-sided; typicality: |nll − mean| (two-sided); conditional (records): nll minus its "
@@ -55,6 +55,10 @@ class AnomalyRequest(Strict):
     explain: Literal["anomalies", "all", "none"] = Field("anomalies", description="which records get an attribution")
     segments: int = Field(16, ge=2, le=128, description="time segments per waveform window for the attribution")
     top: int = Field(5, ge=1, le=128, description="attribution entries returned per record")
+    missing: Literal["marginal", "median"] = Field(
+        "marginal", description="records with absent features: 'marginal' scores the marginal likelihood of the observed "
+        "features (importance sampling over the absent ones) against calibration records masked to the same pattern; "
+        "'median' fills absent features with calibration medians and uses the complete records' calibration")
 
 
 # --- response bodies ------------------------------------------------------------------------
@@ -107,6 +111,12 @@ class FeatureAttribution(BaseModel):
     nats: float = Field(..., description="how much of the statistic disappears when this feature alone is made typical")
 
 
+class GroupAttribution(BaseModel):
+    group: str = Field(..., description="a group of coupled features declared in the schema (e.g. blood pressure)")
+    features: list[str] = Field(..., description="its observed members, replaced together")
+    nats: float = Field(..., description="how much of the statistic disappears when the whole group is made typical")
+
+
 class SegmentAttribution(BaseModel):
     segment: int
     start: int = Field(..., description="first sample of the segment")
@@ -123,15 +133,23 @@ class AnomalyResult(BaseModel):
     is_anomaly: bool
     threshold: float | None = Field(None, description="statistic above which records are flagged; absent when the calibration "
                                     "set is too small for target_fpr (then nothing is flagged)")
-    attribution: list[FeatureAttribution] | list[SegmentAttribution] | None = Field(
-        None, description="present for the records the request's `explain` picks")
-    imputed: list[str] | None = Field(None, description="record models only: features absent or null in the request, filled "
+    attribution: list[FeatureAttribution | GroupAttribution] | list[SegmentAttribution] | None = Field(
+        None, description="present for the records the request's `explain` picks; records: observed features and groups only")
+    absent: list[str] | None = Field(None, description="record models: features absent or null in the request (the record's "
+                                     "missingness pattern is every other feature)")
+    imputed: list[str] | None = Field(None, description="record models with missing='median': the absent features, filled "
                                       "with calibration medians")
+    calibration_n: int | None = Field(None, description="record models: calibration records the p-value compares with "
+                                      "(those of the same pattern for missing='marginal')")
+    p_value_resolution: float | None = Field(None, description="smallest possible p-value, 1/(calibration_n + 1)")
 
 
 class CalibrationUsed(BaseModel):
     method: str
-    n: int
+    n: int = Field(..., description="calibration records of complete records")
+    p_value_resolution: float = Field(..., description="1/(n + 1)")
+    missing: Literal["marginal", "median"] | None = Field(None, description="record models: how absent features were scored")
+    samples: int | None = Field(None, description="importance samples K per record with absent features (missing='marginal')")
 
 
 class AnomalyResponse(BaseModel):
@@ -220,14 +238,24 @@ async def anomaly(name: str, request: Request) -> AnomalyResponse:
     c.anomaly_scorer(entry)
     body = await read_body(request, c.settings.max_body_bytes)
     opts = parse(AnomalyRequest, parse_json(body))
-    records, imputed = opts.records, None
+    records, absent, observed = opts.records, None, None
     if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
-        records, imputed = impute_records(records, spec, manifest.calibration["fill"], "records")
+        records, absent = impute_records(records, spec, manifest.calibration["fill"], "records")
+        names = spec.feature_names or []
+        observed = np.array([[n not in set(a) for n in names] for a in absent], dtype=bool)
     x = instances_to_array(records, spec, "records")
     report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
-                             gone=request.is_disconnected)
-    results = [AnomalyResult(**r, imputed=(imputed[i] if imputed else [] if spec.kind == "record" else None))
-               for i, r in enumerate(report.results)]
+                             gone=request.is_disconnected, observed=observed, missing=opts.missing)
+    results = []
+    for i, r in enumerate(report.results):
+        if spec.kind == "record":
+            r = {**r, "absent": absent[i] if absent else [], "imputed": (absent[i] if absent else []) if opts.missing == "median" else None}
+        results.append(AnomalyResult(**r))
+    n = int(manifest.calibration["n"])
+    marginal = spec.kind == "record" and opts.missing == "marginal"
+    pcal = c.pattern_calibrations(entry) if marginal else None
     return AnomalyResponse(model=name, version=report.entry.version, target_fpr=opts.target_fpr, statistic=report.statistic,
-                           calibration=CalibrationUsed(method=manifest.calibration["method"], n=manifest.calibration["n"]),
+                           calibration=CalibrationUsed(method=manifest.calibration["method"], n=n, p_value_resolution=1 / (n + 1),
+                                                       missing=opts.missing if spec.kind == "record" else None,
+                                                       samples=pcal.samples if pcal else None),
                            results=results)
