@@ -56,17 +56,39 @@ def group_reference(normal: np.ndarray, features: list[int], m: int = 9) -> np.n
 
 
 def part_variants(x: np.ndarray, parts: list[tuple[list[int], np.ndarray]]) -> np.ndarray:
-    """``(B, D)`` and parts ``(features, reference (M, len(features)))`` → ``(B·P·M, D)``: row ``(b, p, m)`` is
-    record b with part p's features set to its m-th reference tuple."""
+    """``(B, D)`` and parts ``(features, reference)`` → ``(B·P·M, D)``: row ``(b, p, m)`` is record b with part p's
+    features set to its m-th reference tuple. A reference is ``(M, g)`` (shared) or ``(B, M, g)`` (per record)."""
     b, d = x.shape
-    m = parts[0][1].shape[0]
+    m = parts[0][1].shape[-2]
     v = np.repeat(np.asarray(x, dtype=np.float64)[:, None, None, :], len(parts), 1).repeat(m, 2)  # (B, P, M, D)
     for p, (features, ref) in enumerate(parts):
-        v[:, p, :, features] = np.asarray(ref, dtype=np.float64).T[:, None, :]
+        ref = np.broadcast_to(np.asarray(ref, dtype=np.float64), (b, m, len(features)))
+        v[:, p, :, features] = ref.transpose(2, 0, 1)
     return v.reshape(b * len(parts) * m, d).astype(np.float32)
 
 
-def part_attribution(score: np.ndarray, variant_score: np.ndarray, parts: int, m: int) -> np.ndarray:
+def conditional_reference(mean: np.ndarray, cov: np.ndarray, x: np.ndarray, features: list[int], given: list[int],
+                          discrete: list[int] | None = None) -> np.ndarray:
+    """``(B, g)``: the Gaussian conditional expectation ``E[x_G | x_R]`` of a part's features given the record's other
+    observed features ``given`` (mean and covariance of the dequantized training records, :mod:`models.marginal`);
+    discrete features are rounded back to their levels. The value the part would typically take in *this* record."""
+    x = np.asarray(x, dtype=np.float64)
+    g, r = list(features), [j for j in given if j not in set(features)]
+    shift = np.zeros(x.shape[1])
+    if discrete:
+        shift[discrete] = 0.5
+    if r:
+        coef = np.linalg.solve(cov[np.ix_(r, r)], cov[np.ix_(r, g)])  # (r, g)
+        out = mean[g] + (x[:, r] + shift[r] - mean[r]) @ coef
+    else:
+        out = np.broadcast_to(mean[g], (len(x), len(g))).copy()
+    out = out - shift[g]
+    disc = [i for i, j in enumerate(g) if discrete and j in discrete]
+    out[:, disc] = np.round(out[:, disc])
+    return out
+
+
+def part_attribution(score: np.ndarray, variant_score: np.ndarray, parts: int, m: int) -> np.ndarray:  # noqa: D417
     """``(B,)`` scores and ``(B·P·M,)`` variant scores → ``(B, P)`` attributions in nats (≥ 0)."""
     best = np.asarray(variant_score, dtype=np.float64).reshape(-1, parts, m).min(2)
     return np.maximum(np.asarray(score, dtype=np.float64)[:, None] - best, 0.0)
@@ -162,17 +184,23 @@ def attribute(score: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarr
     return feature_attribution(nll, v, d, m) if x.ndim == 2 else segment_attribution(nll, v, segments)
 
 
-def record_parts(spec, calibration: dict, observed: np.ndarray | None = None) -> tuple[list[tuple[list[int], np.ndarray]], list[dict], list[list[int] | None]]:  # noqa: ANN001
-    """The parts attributed for records of one pattern (``observed`` feature indices; all when ``None``).
+def record_parts(spec, calibration: dict, observed: np.ndarray | None = None,  # noqa: ANN001 - DataSpec
+                 x: np.ndarray | None = None) -> tuple[list[tuple[list[int], np.ndarray]], list[dict], list[list[int] | None]]:
+    """The parts attributed for records ``x (B, D)`` of one pattern (``observed`` feature indices; all when ``None``).
 
     Returns ``parts`` for :func:`part_variants`, a label per part (``{"feature": name}`` or
     ``{"group": name, "features": [...]}``), and per part the indices of its member parts
     (groups) or ``None`` (features). Groups keep their observed members and need two of them.
+    The references of a part are the ``M`` stored ones plus, with ``x`` and a calibration that
+    holds the proposal's Gaussian fit, its :func:`conditional_reference` given the rest of the
+    record: a high heart rate that a low blood pressure explains (compensation) is then no
+    longer blamed, and the pressures are, because replacing them by what this record's heart
+    rate makes typical removes the surprise.
     """
     names = spec.feature_names or [str(k) for k in range(spec.dims)]
     seen = list(range(spec.dims)) if observed is None else [int(j) for j in observed]
     ref = np.asarray(calibration["reference"], dtype=np.float64)  # (D, M)
-    parts: list[tuple[list[int], np.ndarray]] = [([j], ref[j][:, None]) for j in seen]
+    specs: list[tuple[list[int], np.ndarray]] = [([j], ref[j][:, None]) for j in seen]
     labels: list[dict] = [{"feature": names[j]} for j in seen]
     members: list[list[int] | None] = [None] * len(seen)
     for group, tuples in (calibration.get("group_reference") or {}).items():
@@ -180,7 +208,20 @@ def record_parts(spec, calibration: dict, observed: np.ndarray | None = None) ->
         keep = [i for i, j in enumerate(feats) if j in seen]
         if len(keep) < 2 or len(feats) != np.asarray(tuples).shape[1]:
             continue
-        parts.append(([feats[i] for i in keep], np.asarray(tuples, dtype=np.float64)[:, keep]))
+        specs.append(([feats[i] for i in keep], np.asarray(tuples, dtype=np.float64)[:, keep]))
         labels.append({"group": group, "features": [names[feats[i]] for i in keep]})
         members.append([seen.index(feats[i]) for i in keep])
+    fit = calibration.get("proposal")
+    if x is None or fit is None:
+        return specs, labels, members
+    mean, cov = np.asarray(fit["mean"], dtype=np.float64), np.asarray(fit["cov"], dtype=np.float64)
+    parts = []
+    for features, shared in specs:
+        cond = conditional_reference(mean, cov, x, features, seen, spec.discrete_features)  # (B, g)
+        parts.append((features, np.concatenate([np.broadcast_to(shared, (len(x), *shared.shape)), cond[:, None, :]], 1)))
     return parts, labels, members
+
+
+def describe_parts(a: np.ndarray, labels: list[dict], members: list[list[int] | None], top: int) -> list[list[dict]]:
+    """``(B, P)`` part attributions → per record the ``top`` parts in :func:`rank_parts` order, as ``{**label, "nats"}``."""
+    return [[{**labels[p], "nats": float(row[p])} for p in rank_parts(row, members)[:top]] for row in np.asarray(a)]

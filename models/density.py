@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import seeding
+import numpy as np
+
+from . import sampling, seeding
 from .dequantization import UniformDequantizer
 from .flows import Bijector, standard_normal_log_prob
 from .spec import DataSpec
@@ -86,6 +88,15 @@ class DensityModel(nn.Module):
             out.append(torch.logsumexp(torch.cat(terms), 0) - math.log(samples))
         return torch.stack(out).to(torch.get_default_dtype())
 
+    def _valid_records(self, n: int, temperature: float, generator: torch.Generator | None, seed: int | None) -> "np.ndarray":
+        def latent(k: int, r: int) -> np.ndarray:
+            if seed is not None:
+                return seeding.latent(k, self.spec.dims, temperature, sampling.round_seed(seed, r))
+            return (torch.randn(k, self.spec.dims, generator=generator) * temperature).numpy()
+
+        return sampling.run(sampling.rejection(self.spec, n, latent),
+                            lambda z: self.sample(len(z), 1.0, z=torch.from_numpy(z)).cpu().numpy())
+
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, z: Tensor | None = None,
                seed: int | None = None) -> Tensor:
@@ -93,8 +104,12 @@ class DensityModel(nn.Module):
         (and integers for a record's discrete features).
 
         Draws ``z ~ N(0, T² I)`` (``temperature`` T) unless ``z`` is given: from ``seed`` as the
-        service does (:func:`models.seeding.latent`), else from ``generator``.
+        service does (:func:`models.seeding.latent`), else from ``generator``. Records without a
+        given ``z`` are valid records (:mod:`models.sampling`: derived features computed, ranges
+        enforced by rejection); with ``z`` the flow's inverse is returned as it is.
         """
+        if z is None and sampling.needs_rejection(self.spec):
+            return torch.from_numpy(self._valid_records(n, temperature, generator, seed))
         if z is None and seed is not None:
             z, temperature = torch.from_numpy(seeding.latent(n, self.spec.dims, temperature, seed)), 1.0
         if z is None:

@@ -25,7 +25,7 @@ def dequantization_noise(distribution: str, shape: tuple[int, ...], seed: int) -
     raise ValueError(f"unknown noise distribution {distribution!r}; expected one of {NOISE_DISTRIBUTIONS}")
 
 
-def latent(n: int, dims: int, temperature: float, seed: int) -> np.ndarray:
+def latent(n: int, dims: int, temperature: float, seed: int | list[int]) -> np.ndarray:
     """``z ~ N(0, T² I)``, float32 ``(n, dims)``, for ``n`` samples at temperature ``T``."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, dims), dtype=np.float32) * np.float32(temperature)

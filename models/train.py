@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import artifact
 from .architectures import ArchitectureConfig, build
-from .data import load_dataset
+from .anomaly import FEW_CALIBRATION
+from .data import Dataset, load_dataset
 from .density import DensityModel
 from .errors import ConfigError, FlowserveError
 from .evaluate import evaluate
@@ -47,6 +48,16 @@ class OptimConfig(BaseModel):
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
 
 
+class CalibrationConfig(BaseModel):
+    """How many held-out normal records calibrate the anomaly scores (record and waveform data)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of the training and validation records held out "
+                                   "to calibrate (default: the loader's validation split; csv: 5%)")
+    min_records: int = Field(100, ge=1, description="hold out at least this many (at most half the records); fewer than "
+                             "100 give p-values no finer than 1/(n + 1), and training warns")
+
+
 class TrainConfig(BaseModel):
     """A training run: data spec, architecture, optimisation."""
 
@@ -58,6 +69,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     anomaly_statistic: Literal["nll", "typicality", "conditional"] = Field(
         "nll", description="record and waveform models: the anomaly statistic a request gets by default (models.anomaly)")
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -75,6 +87,31 @@ def load_config(path: str | Path) -> TrainConfig:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+
+
+def calibration_split(data: Dataset, cfg: CalibrationConfig, seed: int = 0) -> Dataset:
+    """Move records between the training and validation splits so that the validation split (the
+    anomaly calibration) holds ``cfg.fraction`` of them and at least ``cfg.min_records`` (at most half).
+
+    Only for record and waveform data split without groups (``csv:``, ``waveform:``); data split
+    by patient (the MIMIC loaders) keep their split, because calibration records must come from
+    patients the model never saw.
+    """
+    if data.spec.kind == "image":
+        return data
+    train, val = data.split("train"), data.split("val")
+    total = len(train) + len(val)
+    want = max(math.ceil(cfg.fraction * total) if cfg.fraction else len(val), min(cfg.min_records, total // 2))
+    grouped = data.spec.source.split(":")[0].startswith("mimic")
+    if want != len(val) and not grouped:
+        pool = np.concatenate([train, val])[np.random.default_rng(seed).permutation(total)]
+        data = Dataset(data.spec, {**data.splits, "val": pool[:want], "train": pool[want:]})
+        log.info("calibration: %d of %d records held out (fraction %s, min_records %d)", want, total, cfg.fraction, cfg.min_records)
+    n = len(data.split("val"))
+    if n < FEW_CALIBRATION:
+        log.warning("only %d calibration records: anomaly p-values have a resolution of 1/%d (no record is flagged at a "
+                    "target_fpr below that); set calibration.min_records or calibrate on more records with `flowserve calibrate`", n, n + 1)
+    return data
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,6 +156,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     data = load_dataset(cfg.data)
     if cfg.anomaly_statistic == "conditional" and data.spec.kind != "record":
         raise ConfigError(f"anomaly_statistic: 'conditional' is for record data, not {data.spec.kind} ({cfg.data})")
+    data = calibration_split(data, cfg.calibration, cfg.seed)
     train_x = data.split("train")
     model = build(cfg.model, data.spec).to(device)
     oc = cfg.train
@@ -226,6 +264,8 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,
     }
+    if data.spec.kind in ("record", "waveform"):
+        metrics["calibration_records"] = len(data.split("val"))
     calibration = None
     if data.spec.kind in ("record", "waveform"):
         from .anomaly import calibrate

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from models import attribution as attr
+from models import sampling
 from models.anomaly import BIN_MIDPOINT, AnomalyScorer
 from models.marginal import Pattern, pattern_of
 from models.missing import NoPatternCalibration, PatternCalibrations
@@ -157,8 +158,20 @@ class InferenceCore:
         entry = self.ready_entry(name)
         if n > self.settings.max_samples:
             raise BadRequest(f"n: {n} samples exceed the limit of {self.settings.max_samples}")
+        batcher = entry.batcher("sample")
+        spec = entry.manifest.data_spec
+        if sampling.needs_rejection(spec):  # valid records (models.sampling): derived features, ranges by rejection
+            gen = sampling.rejection(spec, n, lambda k, r: tasks.latent(entry.manifest, k, temperature, sampling.round_seed(seed, r)))
+            z = next(gen)
+            try:
+                while True:
+                    z = gen.send(await batcher.submit({"z": z}, self.settings.request_timeout_s, gone))
+            except StopIteration as done:
+                return entry, done.value
+            except sampling.SamplingError as e:
+                raise BadRequest(f"temperature: {e}") from None
         z = tasks.latent(entry.manifest, n, temperature, seed)
-        x = await entry.batcher("sample").submit({"z": z}, self.settings.request_timeout_s, gone)
+        x = await batcher.submit({"z": z}, self.settings.request_timeout_s, gone)
         if not np.isfinite(x).all():
             raise BadRequest(f"temperature: {temperature:g} takes this model's inverse outside what float32 represents; "
                              "use a lower temperature")
@@ -313,12 +326,11 @@ def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments
     Records: the observed features (``observed`` indices; all when ``None``) and the schema's feature groups.
     """
     if spec.kind == "record":
-        parts, labels, members = attr.record_parts(spec, calibration, observed)
-        m = parts[0][1].shape[0]
+        parts, labels, members = attr.record_parts(spec, calibration, observed, x)
+        m = parts[0][1].shape[-2]
 
         def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
-            a = attr.part_attribution(s, v, len(parts), m)
-            return [[{**labels[p], "nats": float(row[p])} for p in attr.rank_parts(row, members)[:top]] for row in a]
+            return attr.describe_parts(attr.part_attribution(s, v, len(parts), m), labels, members, top)
 
         return attr.part_variants(x, parts), len(parts) * m, describe
     bounds = attr.segment_bounds(spec.shape[-1], segments)

@@ -43,7 +43,7 @@ def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | 
     return seeding.dequantization_noise(noise_distribution(manifest.architecture), (n, *spec.shape), seed)
 
 
-def latent(manifest: Manifest, n: int, temperature: float, seed: int) -> np.ndarray:
+def latent(manifest: Manifest, n: int, temperature: float, seed: int | list[int]) -> np.ndarray:
     """``z ~ N(0, T² I)`` for ``n`` samples, float32 ``(n, D)``."""
     return seeding.latent(n, manifest.data_spec.dims, temperature, seed)
 

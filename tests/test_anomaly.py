@@ -168,3 +168,38 @@ def test_conditional_statistic_is_refused_for_non_record_data_before_training(tm
     with pytest.raises(ConfigError, match="record data"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "artifact").exists()
+
+
+def test_small_csv_holds_out_a_minimum_and_calibrate_cli_recalibrates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A few hundred records: the calibration split is raised to `min_records`; fewer warn and say the resolution;
+    `flowserve calibrate --data csv:FILE` recalibrates on a separate CSV without retraining."""
+    import json
+    import logging
+    import subprocess
+    import sys
+
+    csv = tmp_path / "small.csv"
+    csv.write_text(",".join(FEATURES) + "\n" + "\n".join(",".join(f"{v:.3f}" for v in r) for r in normal_records(300, 1)) + "\n")
+    cfg = {"data": f"csv:{csv}", "model": {"name": "vector", "steps": 2, "hidden": 16},
+           "train": {"steps": 30, "batch_size": 64, "eval_every": 30, "init_batch": 64}}
+    m = train(TrainConfig.model_validate(cfg), tmp_path / "run", progress=False)
+    assert m["calibration_records"] == 100  # csv's 5% (15) raised to min_records
+    assert load(str(tmp_path / "run" / "artifact")).manifest.calibration["n"] == 100
+    with caplog.at_level(logging.WARNING, logger="models.train"):
+        m = train(TrainConfig.model_validate({**cfg, "calibration": {"min_records": 40}}), tmp_path / "run40", progress=False)
+    assert m["calibration_records"] == 40 and "resolution of 1/41" in caplog.text
+    cal40 = load(str(tmp_path / "run40" / "artifact")).manifest.calibration
+    assert cal40["p_value_resolution"] == pytest.approx(1 / 41) and "proposal" in cal40
+    other = tmp_path / "calibration.csv"
+    other.write_text(",".join(FEATURES) + "\n" + "\n".join(",".join(f"{v:.3f}" for v in r) for r in normal_records(400, 2)) + "\n")
+    art = tmp_path / "run40" / "artifact"
+    r = subprocess.run([sys.executable, "-m", "models.cli", "calibrate", str(art), "--data", f"csv:{other}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated on 400 records" in r.stdout
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["calibration"]["n"] == 400 and manifest["calibration"]["split"].startswith(f"csv:{other}")
+    assert load(str(art)).manifest.calibration["n"] == 400  # the artifact still verifies and loads
+    bad = subprocess.run([sys.executable, "-m", "models.cli", "calibrate", str(art), "--data", "mimic-vitals"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "the model expects" in bad.stderr

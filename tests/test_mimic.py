@@ -282,3 +282,59 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
         assert bad.status_code == 400 and "shape" in bad.json()["error"]
         bad = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "statistic": "conditional"})
         assert bad.status_code == 400 and "record model" in bad.json()["error"]
+
+
+def test_sampled_vitals_are_valid_records(mimic_repository: Path, tmp_path: Path) -> None:
+    """Samples respect the schema's ranges and integer levels, and the Glasgow total is the sum of its components;
+    HTTP and models.load(...).sample give the same records for a seed."""
+    from models import load
+    from models.sampling import valid
+    from tests.server import running_server
+
+    model = load(str(mimic_repository / "vitals" / "1"))
+    raw = model.sample(500, z=torch_latent(500, model.spec.dims))  # the flow's inverse as it is
+    assert not valid(model.spec, raw.numpy()).all()  # an undertrained flow leaves the ranges: rejection has work to do
+    x = model.sample(500, seed=11).numpy()
+    assert valid(model.spec, x).all()
+    gcs = [INDEX[f"Glascow coma scale {p}"] for p in ("eye opening", "motor response", "verbal response")]
+    assert (x[:, INDEX["Glascow coma scale total"]] == x[:, gcs].sum(1)).all()
+    assert (x[:, model.spec.discrete_features] == np.floor(x[:, model.spec.discrete_features])).all()
+    with running_server(mimic_repository, tmp_path) as s, s.client() as c:
+        r = c.post("/v1/models/vitals/sample", json={"n": 500, "seed": 11})
+        assert r.status_code == 200, r.text
+        assert np.allclose(np.array(r.json()["samples"]), x, atol=1e-4)
+        hot = c.post("/v1/models/vitals/sample", json={"n": 4, "temperature": 10, "seed": 1})
+        assert hot.status_code == 400 and "temperature" in hot.json()["error"]
+
+
+def torch_latent(n: int, d: int):  # noqa: ANN201
+    import torch
+
+    return torch.from_numpy(np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
+
+
+def test_waveform_routes_draw_png_plots(mimic_repository: Path, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from tests.server import running_server
+
+    w = generate_waveforms(2, 2, seed=5, anomaly_fraction=0.5)
+    windows = scale_windows(w.windows, "global")
+    with running_server(mimic_repository, tmp_path) as s, s.client() as c:
+        png = {"accept": "image/png"}
+        r = c.post("/v1/models/waves/sample", json={"n": 3, "seed": 2}, headers=png)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        img.load()
+        assert img.format == "PNG" and img.size[0] == 800 and img.size[1] > 3 * 2 * 100  # 3 windows × 2 channels
+        r = c.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "explain": "all", "segments": 8}, headers=png)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        img.load()
+        assert img.size[0] == 800 and 10_000 < len(r.content) < 2_000_000
+        many = c.post("/v1/models/waves/sample", json={"n": 17}, headers=png)
+        assert many.status_code == 400 and "at most 16" in many.json()["error"]
+        rec = c.post("/v1/models/vitals/sample", json={"n": 2}, headers=png)
+        assert rec.status_code == 400 and "image or waveform" in rec.json()["error"]

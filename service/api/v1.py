@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from models.imageio import png_bytes
+from models.plots import MAX_PANELS, waveform_png
 
 from ..core import Bound
 from ..errors import BadRequest
@@ -167,6 +168,14 @@ class ReloadResponse(BaseModel):
 
 # --- routes ---------------------------------------------------------------------------------
 
+def _wants_png(request: Request, spec: Any, name: str) -> bool:
+    """``Accept: image/png``: image and waveform models answer with a picture; others get a 400."""
+    wants = "image/png" in request.headers.get("accept", "")
+    if wants and spec.kind not in ("image", "waveform"):
+        raise BadRequest(f"Accept: image/png needs an image or waveform model; {name!r} is a {spec.kind} model")
+    return wants
+
+
 @router.get("/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> ModelList:
     repo = state(request).repository
@@ -199,8 +208,8 @@ async def score(name: str, request: Request) -> ScoreResponse:
 
 
 @router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse, response_model_exclude_none=True,
-             responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "samples (JSON), or a PNG grid "
-                                                  "of them with Accept: image/png (image models)"}},
+             responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "samples (JSON), or with "
+                                                  "Accept: image/png a PNG: a grid (image models) or traces (waveform models)"}},
              openapi_extra=json_body(SampleRequest, required=False))
 async def sample(name: str, request: Request) -> Response | SampleResponse:
     """``n`` samples at ``temperature`` from ``seed``: JSON, or a PNG grid with ``Accept: image/png``."""
@@ -208,10 +217,13 @@ async def sample(name: str, request: Request) -> Response | SampleResponse:
     spec = c.ready_entry(name).manifest.data_spec
     body = await read_body(request, c.settings.max_body_bytes)
     opts = parse(SampleRequest, parse_json(body) if body.strip() else {})
-    wants_png = "image/png" in request.headers.get("accept", "")
-    if wants_png and spec.kind != "image":
-        raise BadRequest(f"Accept: image/png needs an image model; {name!r} is a {spec.kind} model")
+    wants_png = _wants_png(request, spec, name)
+    if wants_png and spec.kind == "waveform" and opts.n > MAX_PANELS:
+        raise BadRequest(f"n: a plot shows at most {MAX_PANELS} windows; ask for fewer or for JSON")
     entry, x = await c.sample(name, opts.n, opts.temperature, opts.seed, request.is_disconnected)
+    if wants_png and spec.kind == "waveform":
+        titles = [f"sample {i} (seed {opts.seed}, T = {opts.temperature:g})" for i in range(len(x))]
+        return Response(waveform_png(x, spec.feature_names or [], spec.units, titles), media_type="image/png")
     if wants_png:
         return Response(png_bytes(x, spec.levels or 256), media_type="image/png")
     samples = x.astype(np.int64).tolist() if spec.discrete else x.tolist()
@@ -228,16 +240,23 @@ async def reload(request: Request) -> ReloadResponse:
 
 
 @router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)], response_model=AnomalyResponse, response_model_exclude_none=True,
-             responses=INFERENCE_ERRORS, openapi_extra=json_body(AnomalyRequest))
-async def anomaly(name: str, request: Request) -> AnomalyResponse:
+             responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "anomaly scores (JSON), or "
+                                                  "with Accept: image/png (waveform models) a plot of the windows with their "
+                                                  "attributed segments shaded"}},
+             openapi_extra=json_body(AnomalyRequest))
+async def anomaly(name: str, request: Request) -> Response | AnomalyResponse:
     """Calibrated anomaly scores for records or waveform windows: NLL, per-dim NLL, percentile,
-    conformal p-value, decision at the target false-positive rate, attribution, imputed fields."""
+    conformal p-value, decision at the target false-positive rate, attribution, the absent
+    features and the calibration the p-value used; for waveform models a PNG plot with ``Accept: image/png``."""
     c = core(request)
     entry = c.ready_entry(name)
     manifest, spec = entry.manifest, entry.manifest.data_spec
     c.anomaly_scorer(entry)
+    wants_png = _wants_png(request, spec, name)
     body = await read_body(request, c.settings.max_body_bytes)
     opts = parse(AnomalyRequest, parse_json(body))
+    if wants_png and len(opts.records) > MAX_PANELS:
+        raise BadRequest(f"records: a plot shows at most {MAX_PANELS} windows; send fewer or ask for JSON")
     records, absent, observed = opts.records, None, None
     if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
         records, absent = impute_records(records, spec, manifest.calibration["fill"], "records")
@@ -246,6 +265,11 @@ async def anomaly(name: str, request: Request) -> AnomalyResponse:
     x = instances_to_array(records, spec, "records")
     report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
                              gone=request.is_disconnected, observed=observed, missing=opts.missing)
+    if wants_png:
+        titles = [f"window {i}: p = {r['p_value']:.3g}, {report.statistic} {'ANOMALY' if r['is_anomaly'] else 'normal'} "
+                  f"at {opts.target_fpr:g}" for i, r in enumerate(report.results)]
+        shaded = [r.get("attribution") or [] for r in report.results]
+        return Response(waveform_png(x, spec.feature_names or [], spec.units, titles, shaded), media_type="image/png")
     results = []
     for i, r in enumerate(report.results):
         if spec.kind == "record":
