@@ -24,7 +24,7 @@ from .anomaly import AnomalyScorer, pattern_calibration, pattern_records
 from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, plan
 
 Score = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
-CACHE_PATTERNS = 256
+CACHE_PATTERNS = 1024
 
 
 class NoPatternCalibration(ValueError):

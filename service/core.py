@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,7 @@ from .settings import Settings
 Bound = Literal["exact", "variational", "iw"]
 Explain = Literal["anomalies", "all", "none"]
 Missing = Literal["marginal", "median"]
+BUILD_SLOTS = 2  # pattern calibrations built at once per model (each streams n × K rows through the batcher)
 
 
 class OutOfSupport(BadRequest):
@@ -217,10 +219,13 @@ class InferenceCore:
         builds: dict = entry.extras.setdefault("pattern_builds", {})
         task = builds.get(pattern)
         if task is None:
+            slots: asyncio.Semaphore = entry.extras.setdefault("pattern_build_slots", asyncio.Semaphore(BUILD_SLOTS))
+
             async def build() -> AnomalyScorer:
                 try:
-                    plan, records = pcal.calibration_plan(pattern)
-                    return pcal.build(pattern, plan, records, await self._log_p(entry, plan.rows, plan.noise, None))
+                    async with slots:  # a few at a time, so that builds never fill the batcher's queue
+                        plan, records = pcal.calibration_plan(pattern)
+                        return pcal.build(pattern, plan, records, await self._log_p(entry, plan.rows, plan.noise, None))
                 finally:
                     builds.pop(pattern, None)
 
@@ -245,78 +250,90 @@ class InferenceCore:
         calibration medians). ``missing="marginal"`` scores them by the marginal likelihood of the
         observed features against calibration records masked to the same pattern
         (:mod:`models.missing`); ``"median"`` scores the median-filled record against the complete
-        records' calibration. Only observed features are attributed.
+        records' calibration. Only observed features are attributed. All rows of a request, of
+        every pattern, go to the batcher as one stream of rows.
         """
         entry = self.ready_entry(name)
-        spec = entry.manifest.data_spec
+        manifest, spec = entry.manifest, entry.manifest.data_spec
         scorer = self.anomaly_scorer(entry)
         try:
             statistic = scorer.resolve(statistic)
         except ValueError as e:
             raise BadRequest(f"statistic: {e}") from None
         self._check_rows(len(x), field)
-        if spec.kind != "record":
-            return AnomalyReport(entry, statistic, await self._anomaly_group(entry, scorer, None, x, None, target_fpr, statistic,
-                                                                               explain, segments, top, field, gone))
-        observed = np.ones(x.shape, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
-        pcal = self.pattern_calibrations(entry)
+        observed = np.ones((len(x), spec.dims), dtype=bool) if observed is None or spec.kind != "record" else np.asarray(observed, dtype=bool)
+        pcal = self.pattern_calibrations(entry) if spec.kind == "record" else None
         if missing == "marginal" and pcal is None and not observed.all():
             raise BadRequest(f"missing: model {name!r} was calibrated before absent features were supported; recalibrate it "
                              "(`flowserve calibrate`) or use missing='median'")
-        groups: dict[Pattern, list[int]] = {}
+        groups: dict[Pattern, np.ndarray] = {}
         for i, row in enumerate(observed):
-            groups.setdefault(pattern_of(row), []).append(i)
-        results: list[dict | None] = [None] * len(x)
-        for pattern, idx in groups.items():
-            rows = np.asarray(idx)
-            complete = missing == "median" or len(pattern) == spec.dims
-            group_scorer = scorer if complete else await self.pattern_scorer(entry, pcal, pattern)
-            part = await self._anomaly_group(entry, group_scorer, None if complete else pcal, x[rows], None if complete else pattern,
-                                             target_fpr, statistic, explain, segments, top, field, gone, pattern, rows)
+            groups.setdefault(pattern_of(row), []).append(i)  # type: ignore[attr-defined]
+        groups = {p: np.asarray(idx) for p, idx in groups.items()}
+
+        def marginal(pattern: Pattern) -> bool:
+            return spec.kind == "record" and missing == "marginal" and len(pattern) < spec.dims
+
+        built = await asyncio.gather(*(self.pattern_scorer(entry, pcal, p) for p in groups if marginal(p)))
+        scorers = dict(zip([p for p in groups if marginal(p)], built))
+
+        def plan(pattern: Pattern, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Callable[[np.ndarray], np.ndarray]]:
+            """Rows for the flow, their noise, and log p of the rows → NLL (nats) of the records."""
+            if marginal(pattern):
+                p = pcal.plan(rows, pattern)  # type: ignore[union-attr]
+                return p.rows, p.noise, lambda lp: -p.combine(lp)
+            noise = np.full(rows.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
+            return rows, noise, lambda lp: -np.asarray(lp, dtype=np.float64)
+
+        nll_by = await self._nll_many(entry, [plan(p, x[idx]) for p, idx in groups.items()], gone)
+        results: list[dict] = [{}] * len(x)
+        explained: list[tuple[Pattern, AnomalyScorer, np.ndarray, np.ndarray]] = []  # pattern, scorer, request rows, base NLL
+        for (pattern, idx), nll in zip(groups.items(), nll_by):
+            check_support(spec, x[idx], -nll, field, idx)
+            sc = scorers.get(pattern, scorer)
+            part = sc.assess(nll, len(pattern) if marginal(pattern) else spec.dims, target_fpr, statistic, x[idx])
             for i, r in zip(idx, part):
+                if spec.kind == "record":
+                    r.update(calibration_n=sc.n, p_value_resolution=1.0 / (sc.n + 1))
                 results[i] = r
-        return AnomalyReport(entry, statistic, results, missing)  # type: ignore[arg-type]
+            pick = [k for k, r in enumerate(part) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
+            if pick:
+                explained.append((pattern, sc, idx[pick], nll[pick]))
+        if explained and (spec.kind == "waveform" or "reference" in manifest.calibration):
+            await self._explain(entry, explained, x, statistic, segments, top, plan, gone, results)
+        return AnomalyReport(entry, statistic, results, missing if spec.kind == "record" else None)
 
-    async def _anomaly_group(self, entry: ModelEntry, scorer: AnomalyScorer, pcal: PatternCalibrations | None, x: np.ndarray,
-                             pattern: Pattern | None, target_fpr: float, statistic: str, explain: Explain, segments: int, top: int,
-                             field: str, gone: Gone | None, attributed: Pattern | None = None,
-                             index: np.ndarray | None = None) -> list[dict]:
-        """Rows that share one scorer: complete (or median-filled) records or windows (``pcal`` None), or records
-        of one ``pattern`` scored by their marginal; ``attributed`` are the features that may be blamed (all: None)."""
+    async def _nll_many(self, entry: ModelEntry, plans: list[tuple[np.ndarray, np.ndarray | None, Callable]], gone: Gone | None) -> list[np.ndarray]:
+        """Score the rows of several plans as one stream through the batcher; each plan's NLLs."""
+        sizes = [len(p[0]) for p in plans]
+        rows = np.concatenate([p[0] for p in plans])
+        noise = None if plans[0][1] is None else np.concatenate([p[1] for p in plans])
+        lp = np.split(await self._log_p(entry, rows, noise, gone), np.cumsum(sizes)[:-1])
+        return [p[2](v) for p, v in zip(plans, lp)]
+
+    async def _explain(self, entry: ModelEntry, explained: list, x: np.ndarray, statistic: str, segments: int, top: int,
+                       plan: Callable, gone: Gone | None, results: list[dict]) -> None:
+        """Attributions for the chosen rows of each pattern, all variants scored as one stream."""
         manifest, spec = entry.manifest, entry.manifest.data_spec
-
-        async def nll_of(rows: np.ndarray) -> np.ndarray:
-            if pcal is None:
-                noise = np.full(rows.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
-                return -(await self._log_p(entry, rows, noise, gone))
-            plan = pcal.plan(rows, pattern)
-            return -plan.combine(await self._log_p(entry, plan.rows, plan.noise, gone))
-
-        nll = await nll_of(x)
-        check_support(spec, x, -nll, field, index)
-        dims = spec.dims if pattern is None else len(pattern)
-        results = scorer.assess(nll, dims, target_fpr, statistic, x)
-        if spec.kind == "record":
-            names = spec.feature_names or []
-            for r in results:
-                r["calibration_n"] = scorer.n
-                r["p_value_resolution"] = 1.0 / (scorer.n + 1)
-        chosen = [i for i, r in enumerate(results) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
-        if chosen and (spec.kind == "waveform" or "reference" in manifest.calibration):
-            obs = None if attributed is None else np.asarray(attributed)
-            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[chosen], segments, top, obs)
-            if len(variants) * (1 if pcal is None else pcal.samples) > self.settings.max_queue_rows * 16:
-                raise BadRequest(f"explain: {len(chosen)} records need {len(variants)} extra rows (limit "
-                                 f"{self.settings.max_queue_rows * 16 // (1 if pcal is None else pcal.samples)}); "
-                                 "send fewer records or set explain to 'anomalies' or 'none'")
-            v_nll = await nll_of(variants)
+        jobs, plans, extra = [], [], 0
+        for pattern, sc, idx, nll in explained:
+            attributed = np.asarray(pattern) if spec.kind == "record" else None
+            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[idx], segments, top, attributed)
+            rows, noise, combine = plan(pattern, variants)
+            extra += len(rows)
+            jobs.append((sc, idx, nll, variants, describe))
+            plans.append((rows, noise, combine))
+        if extra > self.settings.max_queue_rows * 16:
+            n = sum(len(j[1]) for j in jobs)
+            raise BadRequest(f"explain: {n} records need {extra} extra rows (limit {self.settings.max_queue_rows * 16}); "
+                             "send fewer records or set explain to 'anomalies' or 'none'")
+        for (sc, idx, nll, variants, describe), v_nll in zip(jobs, await self._nll_many(entry, plans, gone)):
             # A variant the model cannot represent removes nothing from the score.
             v_nll = np.where(np.isfinite(v_nll), v_nll, np.inf)
-            base = scorer.statistic(nll[chosen], statistic, x[chosen])
-            v_stat = np.where(np.isfinite(v_nll), scorer.statistic(np.nan_to_num(v_nll, posinf=0.0), statistic, variants), np.inf)
-            for i, a in zip(chosen, describe(base, v_stat)):
+            base = sc.statistic(nll, statistic, x[idx])
+            v_stat = np.where(np.isfinite(v_nll), sc.statistic(np.nan_to_num(v_nll, posinf=0.0), statistic, variants), np.inf)
+            for i, a in zip(idx, describe(base, v_stat)):
                 results[i]["attribution"] = a
-        return results
 
 
 def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int,

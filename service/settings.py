@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_iw_samples: int = Field(256, ge=1)
     anomaly_samples: int = Field(32, ge=1, le=4096, description="importance samples K for records with absent features "
                                  "(models.marginal); each such record costs K flow rows")
-    anomaly_pattern_cache: int = Field(256, ge=1, description="missingness patterns whose calibration is kept (LRU)")
+    anomaly_pattern_cache: int = Field(1024, ge=1, description="missingness patterns whose calibration is kept (LRU)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")
     drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")
