@@ -187,7 +187,7 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     with torch.no_grad():
         for i in range(0, len(normal), batch_size):
             x = torch.from_numpy(np.asarray(normal[i : i + batch_size], dtype=np.float32))
-            scores.append(-model.log_prob(x, scoring_noise(model, len(x))).double().numpy())
+            scores.append(-model.log_prob(x, scoring_noise(model, len(x))).double().cpu().numpy())
     nll = np.concatenate(scores)
     if not np.isfinite(nll).all():
         raise ValueError("calibration scores contain non-finite values")

@@ -40,7 +40,10 @@ class DensityModel(nn.Module):
         return next(self.parameters()).device
 
     def noise(self, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> Tensor | None:
-        """Dequantization noise for ``n`` examples (``None`` for continuous data); CPU tensor.
+        """Dequantization noise for ``n`` examples (``None`` for continuous data).
+
+        Drawn on the model's device, or on ``generator``'s when one is given (a CPU generator keeps
+        results reproducible across devices); from ``seed``: a CPU tensor.
 
         With ``seed``, the noise is :func:`models.seeding.dequantization_noise` of that seed, the
         same the service draws for a request's ``seed``; otherwise it comes from ``generator``.
@@ -50,7 +53,7 @@ class DensityModel(nn.Module):
         shape = (n, *self.spec.shape)
         if seed is not None:
             return torch.from_numpy(seeding.dequantization_noise(self.dequantizer.distribution, shape, seed))
-        return self.dequantizer.noise(shape, generator=generator)
+        return self.dequantizer.noise(shape, generator=generator, device=None if generator is not None else self.device)
 
     def log_prob(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None) -> Tensor:
@@ -113,7 +116,7 @@ class DensityModel(nn.Module):
         if z is None and seed is not None:
             z, temperature = torch.from_numpy(seeding.latent(n, self.spec.dims, temperature, seed)), 1.0
         if z is None:
-            z = torch.randn(n, self.spec.dims, generator=generator)
+            z = torch.randn(n, self.spec.dims, generator=generator, device=generator.device if generator is not None else self.device)
         x = self.flow.inverse((z * temperature).to(self.device))
         x = x.reshape(n, *self.spec.shape)
         if self.spec.discrete:

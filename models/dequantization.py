@@ -26,9 +26,9 @@ class UniformDequantizer(nn.Module):
 
     distribution = "uniform[0,1)"
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-        """Draw the noise ``ε`` this dequantizer consumes, shape ``(B, *data_shape)``."""
-        return torch.rand(shape, generator=generator)
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
+        """Draw the noise ``ε`` this dequantizer consumes, shape ``(B, *data_shape)``, on ``generator``'s device or ``device``."""
+        return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))`` with ``log q`` per sample ``(B,)`` in nats."""
@@ -53,9 +53,9 @@ class VariationalDequantizer(nn.Module):
 
     distribution = "normal(0,1)"
 
-    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
-        """Standard normal ``ε``, shape ``(B, *data_shape)``."""
-        return torch.randn(shape, generator=generator)
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
+        """Standard normal ``ε``, shape ``(B, *data_shape)``, on ``generator``'s device or ``device``."""
+        return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, ε) -> (u, log q(u|x))``; ``u ∈ (0, 1)`` with the shape of ``x``, ``log q`` ``(B,)`` nats."""

@@ -10,7 +10,13 @@ import torch
 from .density import DensityModel
 
 
-@torch.no_grad()
+def _batch_log_prob(model: DensityModel, batch: np.ndarray, g: torch.Generator, iw_samples: int) -> float:
+    """Summed log-probability (nats) of one batch, on the model's device."""
+    x = torch.from_numpy(np.asarray(batch))
+    lp = model.log_prob_iw(x, iw_samples, generator=g) if iw_samples > 1 else model.log_prob(x, noise=model.noise(len(x), g))
+    return float(lp.double().sum())
+
+
 def evaluate(
     model: DensityModel,
     data: np.ndarray,
@@ -27,14 +33,10 @@ def evaluate(
     model.eval()
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x = torch.from_numpy(np.asarray(data[start : start + batch_size]))
-        if iw_samples > 1:
-            lp = model.log_prob_iw(x, iw_samples, generator=g)
-        else:
-            lp = model.log_prob(x, noise=model.noise(len(x), g))
-        total += float(lp.double().sum())
-        n += len(x)
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            total += _batch_log_prob(model, data[start : start + batch_size], g, iw_samples)
+            n += len(data[start : start + batch_size])
     nll = -total / n
     return {
         "nll_nats": nll,

@@ -114,6 +114,21 @@ def calibration_split(data: Dataset, cfg: CalibrationConfig, seed: int = 0) -> D
     return data
 
 
+DEVICE_DATA_FRACTION = 0.25  # training data this share of the device's memory or less lives on it
+
+
+def batch_source(train_x: np.ndarray, device: torch.device):  # noqa: ANN201 - Callable[[np.ndarray], Tensor]
+    """``idx (B,) -> x (B, *shape)`` on ``device``. On a GPU, data that fits (a quarter of its memory) is copied
+    there once and batches are gathered on the device; otherwise batches are gathered on the host into pinned
+    memory and copied with ``non_blocking``. On the CPU: plain indexing."""
+    if device.type != "cuda":
+        return lambda idx: torch.from_numpy(train_x[idx])
+    if train_x.nbytes <= DEVICE_DATA_FRACTION * torch.cuda.get_device_properties(device).total_memory:
+        on_device = torch.from_numpy(train_x).to(device)
+        return lambda idx: on_device[torch.from_numpy(idx).to(device, non_blocking=True)]
+    return lambda idx: torch.from_numpy(train_x[idx]).pin_memory().to(device, non_blocking=True)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,11 +141,28 @@ def _lr_lambda(warmup: int):  # noqa: ANN202
     return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
-def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: AveragedModel, opt, sched, best: dict) -> None:  # noqa: ANN001
+def _rng_state(batches: np.random.Generator) -> dict[str, Any]:
+    """Every random state a resumed run needs: torch CPU and CUDA, and the numpy batch generator."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "batches": batches.bit_generator.state}
+
+
+def _restore_rng(state: dict[str, Any] | torch.Tensor, batches: np.random.Generator) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the batch generator was saved
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    batches.bit_generator.state = state["batches"]
+
+
+def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: AveragedModel, opt, sched, best: dict,  # noqa: ANN001
+                     batches: np.random.Generator) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-         "sched": sched.state_dict(), "best": best, "rng": torch.get_rng_state()},
+         "sched": sched.state_dict(), "best": best, "rng": _rng_state(batches)},
         tmp,
     )
     tmp.replace(path)
@@ -153,6 +185,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (the precision policy: README)
+        torch.backends.cudnn.allow_tf32 = True
     data = load_dataset(cfg.data)
     if cfg.anomaly_statistic == "conditional" and data.spec.kind != "record":
         raise ConfigError(f"anomaly_statistic: 'conditional' is for record data, not {data.spec.kind} ({cfg.data})")
@@ -183,7 +218,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         best = ck["best"]
-        torch.set_rng_state(ck["rng"])
+        _restore_rng(ck["rng"], rng)
         start_step = ck["step"]
         if (out / "best.safetensors").is_file():
             from safetensors.torch import load_file
@@ -193,6 +228,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     elif not resume:
         metrics_path.unlink(missing_ok=True)
 
+    batches = batch_source(train_x, device)
     dims = data.spec.dims
     nonfinite = skipped = 0
     t0 = time.monotonic()
@@ -217,7 +253,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     for step in bar:
         model.train()
         idx = rng.integers(0, len(train_x), oc.batch_size)
-        x = torch.from_numpy(train_x[idx]).to(device)
+        x = batches(idx)
         bpd = model.bits_per_dim(x).mean()
         if not torch.isfinite(bpd):
             nonfinite += 1
@@ -238,7 +274,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         out_of_time = oc.max_minutes is not None and time.monotonic() - t0 > 60 * oc.max_minutes
         if (step + 1) % oc.eval_every == 0 or step + 1 == steps or out_of_time:
             validate(step + 1)
-            _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best)
+            _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best, rng)
         if out_of_time:
             log.info("wall-clock budget of %.1f min reached at step %d", oc.max_minutes, step + 1)
             break
@@ -247,7 +283,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     final: DensityModel = copy.deepcopy(ema.module)  # type: ignore[arg-type]
     if best_state is not None:
         final.load_state_dict(best_state)
-    final = final.cpu().eval()
+    final = final.eval()  # evaluation, calibration and the sample grid run on the training device
     test = evaluate(final, data.split("test"), oc.eval_batch, seed=cfg.seed)
     val = evaluate(final, data.split("val"), oc.eval_batch, seed=cfg.seed)
     metrics = {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import TINY_GLOW
@@ -117,3 +118,21 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     steps = [rec["step"] for rec in records if "step" in rec]
     assert steps == [10, 20]  # first run validates at step 10, the resumed run at 20
     assert json.loads((out / "artifact" / "manifest.json").read_text())["metrics"]["steps"] == 20
+
+
+def test_resumed_run_continues_the_same_batch_sequence(tmp_path: Path) -> None:
+    """Interrupted at step 10 and resumed, a run ends with the same weights as one that ran 20 steps straight:
+    the checkpoint restores the torch RNG and the numpy batch generator, not only the model and optimiser."""
+    from safetensors.numpy import load_file
+
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig.model_validate({**TINY_GLOW, "train": {**TINY_GLOW["train"], "steps": 20, "eval_every": 10}})
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", max_steps=10, progress=False)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(str(tmp_path / "straight" / "artifact" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "artifact" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert set(ck["rng"]) == {"torch", "cuda", "batches"} and ck["rng"]["batches"]["bit_generator"] == "PCG64"

@@ -50,6 +50,20 @@ def test_inverse_reaches_1e5_on_the_reference_mixture(method: str) -> None:
     assert iterations < 200
 
 
+@pytest.mark.parametrize("method", ["bisection", "newton"])
+def test_float32_inverse_reaches_float32_accuracy(method: str) -> None:
+    """The default precision: CDF and inverse in float32, stopping when the bracket stops shrinking."""
+    x = torch.linspace(-30.0, 30.0, 20001, dtype=torch.float32)
+    mix = tuple(p.float() for p in _reference_mixture(len(x)))
+    target = mixture_logit_cdf(x, *mix)
+    inv, iterations = mixture_inverse_cdf(target, *mix, InverseOptions(method=method))
+    assert inv.dtype == torch.float32 and iterations < 200
+    # where the logit CDF is steep enough for float32 to resolve x (|σ⁻¹F| < 15), 1e-4 absolute
+    resolvable = target.abs() < 15
+    assert float((inv - x)[resolvable].abs().max()) < 1e-4
+    assert torch.isfinite(inv).all()
+
+
 def test_inverse_stops_at_the_iteration_cap() -> None:
     x = torch.linspace(-3.0, 3.0, 11, dtype=torch.float64)
     mix = _reference_mixture(len(x))
@@ -262,3 +276,30 @@ def test_service_scores_and_samples_flowpp_on_both_backends(tmp_path: Path) -> N
             samples = np.array(r.json()["samples"])
             assert samples.shape == (3, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 16
     np.testing.assert_allclose(results["onnxruntime"], results["torch"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_attention_runs_on_a_fused_sdpa_kernel(device: str) -> None:
+    """Flow++ attention must not fall back to the math kernel (which keeps every T×T matrix for backward):
+    with only the fused kernels allowed, forward and backward still run (flash on the CPU; flash or
+    memory-efficient on CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from models.nets.flowpp import GatedAttention
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    att = GatedAttention(32, heads=4).to(device)
+    x = torch.randn(4, 32, 14, 14, device=device, requires_grad=True)
+    pos = torch.zeros(1, 32, 14, 14, device=device)
+    with torch.no_grad():
+        att.train()
+        att(x, pos)  # data-dependent init of its convolutions
+    fused = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == "cuda" else [])
+    with sdpa_kernel(fused):
+        out = att(x, pos)
+        out.square().mean().backward()
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = att(x, pos)
+    assert torch.allclose(out, ref, atol=1e-5) and x.grad is not None and torch.isfinite(x.grad).all()

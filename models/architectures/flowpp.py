@@ -52,7 +52,7 @@ class FlowppConfig(BaseModel):
     heads: int = Field(4, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
     attention: bool = Field(True, description="False swaps attention for a gated pointwise MLP (ablation)")
-    float64: bool = Field(True, description="evaluate the mixture CDF and pdf in float64")
+    float64: bool = Field(False, description="evaluate the mixture CDF and pdf in float64 (default float32, as the official code trains)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="logit preprocessing margin")
     dequantization: Literal["variational", "uniform"] = "variational"
     dequant_couplings: int = Field(4, ge=1)

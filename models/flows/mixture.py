@@ -10,7 +10,7 @@ with ``log|dy/dx| = log f(x) − log F(x) − log(1 − F(x)) + a`` (nats, per e
 in log space: ``log F = logsumexp_k(log w_k + logsigmoid(z_k))``, ``log(1 − F)`` likewise with
 ``logsigmoid(−z_k)``, never ``log1p(−F)``. ``σ⁻¹(F) = log F − log(1 − F)``.
 
-The inverse solves ``σ⁻¹(F(x)) = (y − b) e^{−a}`` elementwise in float64, comparing in logit
+The inverse solves ``σ⁻¹(F(x)) = (y − b) e^{−a}`` elementwise (float32 by default, float64 as an option), comparing in logit
 space (so no clipping of ``F*`` to ``(0, 1)`` is needed), by bisection on the bracket
 ``[min_k μ_k − c·S, max_k μ_k + c·S]`` with ``S = Σ_k e^{ℓ_k}``; or by Newton steps kept inside
 that (shrinking) bracket, falling back to bisection whenever a step leaves it or fails to halve
@@ -51,9 +51,7 @@ def _tracing() -> bool:
 
 
 def _converged(width: Tensor, tol: float) -> bool:
-    """Early exit in eager mode only: an exported graph runs a fixed iteration count."""
-    if _tracing():
-        return False
+    """Every element's bracket (or step) within ``tol`` (reads the value on the host)."""
     return bool(width.max() <= tol) if width.numel() else True
 
 
@@ -88,27 +86,43 @@ def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tens
     return log_f - log_1mf
 
 
+def _early_exit(ref: Tensor) -> bool:
+    """Stop iterating once converged: eager and on the CPU only. Checking needs the host to read a
+    device value each iteration, which on a GPU costs more than the iterations it saves (and a
+    captured or exported graph cannot branch), so there the solve runs its fixed iteration count."""
+    return not _tracing() and ref.device.type == "cpu"
+
+
 @torch.no_grad()
 def mixture_inverse_cdf(
-    target_logit: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor, options: InverseOptions = InverseOptions()
+    target_logit: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor, options: InverseOptions = InverseOptions(),
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, int]:
-    """Solve ``σ⁻¹(F(x)) = target_logit`` for ``x``, elementwise; returns ``(x, iterations)`` in float64.
+    """Solve ``σ⁻¹(F(x)) = target_logit`` for ``x``, elementwise; returns ``(x, iterations)`` in ``dtype``.
 
-    ``target_logit`` is ``(...)``, the parameters ``(..., K)``. No gradient flows through the solve.
+    ``dtype`` defaults to the target's (float32 or float64). ``target_logit`` is ``(...)``, the
+    parameters ``(..., K)``. No gradient flows through the solve. Bisection halves the bracket
+    each step, so ``options.unrolled`` (64) steps take any bracket narrower than 2¹³ to float64
+    resolution (float32's after about 40); that fixed count is what runs off the CPU and in
+    exported graphs. On the CPU the loop exits once the bracket is narrower than ``2·tol`` or
+    stops shrinking (float32 reaches its resolution long before 1e-12).
     """
-    t = target_logit.double()
-    logits, means, log_scales = logits.double(), means.double(), log_scales.double()
+    dtype = dtype or (torch.float64 if target_logit.dtype == torch.float64 else torch.float32)
+    t = target_logit.to(dtype)
+    logits, means, log_scales = logits.to(dtype), means.to(dtype), log_scales.to(dtype)
     spread = options.bracket * torch.exp(log_scales).sum(-1)
     lo = means.min(-1).values - spread
     hi = means.max(-1).values + spread
-    iterations = min(options.max_iter, options.unrolled) if _tracing() else options.max_iter
+    early = _early_exit(t)
+    iterations = options.max_iter if early else min(options.max_iter, options.unrolled)
     if options.method == "bisection":
         for i in range(1, iterations + 1):
             mid = 0.5 * (lo + hi)
             above = mixture_logit_cdf(mid, logits, means, log_scales) > t
+            stalled = (mid == lo) | (mid == hi)
             hi = torch.where(above, mid, hi)
             lo = torch.where(above, lo, mid)
-            if _converged(hi - lo, 2 * options.tol):
+            if early and (_converged(hi - lo, 2 * options.tol) or bool(stalled.all())):
                 break
         return 0.5 * (lo + hi), i
     x = 0.5 * (lo + hi)
@@ -125,8 +139,9 @@ def mixture_inverse_cdf(
         use_newton = (newton > lo) & (newton < hi) & torch.isfinite(newton) & ((2 * g).abs() <= (last_step * slope).abs())
         new = torch.where(use_newton, newton, 0.5 * (lo + hi))
         last_step = (new - x).abs()
+        stalled = new == x
         x = new
-        if _converged(last_step, options.tol):
+        if early and (_converged(last_step, options.tol) or bool(stalled.all())):
             break
     return x, i
 
@@ -137,10 +152,11 @@ class MixtureCDFCoupling(Bijector):
     ``net(x_a, context) -> (B, C·(2 + 3K), H, W)`` gives, per transformed element, the raw
     scale, the shift and ``K`` mixture logits, means and log-scales (clamped at −7). With
     ``components = 0`` the coupling is affine, ``y = e^{a} x + b`` (the paper's ablation).
-    ``float64`` evaluates the mixture in float64 (as the official ImageNet code does).
+    ``float64`` evaluates the mixture (CDF, pdf and inverse) in float64; the default is float32, in
+    which the official Flow++ trains (``flow_training.py``: ``tf.float32``).
     """
 
-    def __init__(self, net: nn.Module, components: int, float64: bool = True, inverse: InverseOptions = InverseOptions()) -> None:
+    def __init__(self, net: nn.Module, components: int, float64: bool = False, inverse: InverseOptions = InverseOptions()) -> None:
         super().__init__()
         self.net = net
         self.components = components
@@ -180,7 +196,8 @@ class MixtureCDFCoupling(Bijector):
         scale, shift, logits, means, log_scales = self._params(a, context)
         target = (yb - shift) * torch.exp(-scale)
         if self.components:
-            xb, self.last_inverse_iterations = mixture_inverse_cdf(target, logits, means, log_scales, self.inverse_options)
+            dtype = torch.float64 if self.float64 else None
+            xb, self.last_inverse_iterations = mixture_inverse_cdf(target, logits, means, log_scales, self.inverse_options, dtype)
             if torch.is_grad_enabled():
                 xb = self._implicit_gradient(xb, target, logits, means, log_scales)
             target = xb.to(yb.dtype)
@@ -190,10 +207,10 @@ class MixtureCDFCoupling(Bijector):
     def _implicit_gradient(x: Tensor, target: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
         """One Newton step with the root and slope held constant: same value, exact gradients
         ``∂x/∂t = 1/G'(x)``, ``∂x/∂θ = −(∂G/∂θ)/G'(x)`` (implicit function theorem, ``G = σ⁻¹∘F``)."""
-        mix = (logits.double(), means.double(), log_scales.double())
+        mix = (logits.to(x.dtype), means.to(x.dtype), log_scales.to(x.dtype))
         log_f, log_1mf = mixture_log_cdf(x, *mix)
         slope = torch.exp(mixture_log_pdf(x, *mix) - log_f - log_1mf).detach()
-        return x - (log_f - log_1mf - target.double()) / slope
+        return x - (log_f - log_1mf - target.to(x.dtype)) / slope
 
 
 __all__ = [
