@@ -49,18 +49,11 @@ def trained(config: str, artifact_dir: str | None, minutes: float, tmp: Path) ->
     return out / "artifact"
 
 
-def nll(model, x: np.ndarray, batch: int = 2048) -> np.ndarray:  # noqa: ANN001
+def nll(model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """NLL (nats) as the anomaly route computes it (discrete features at their bin midpoints)."""
-    import torch
+    from models.anomaly import model_scorer
 
-    from models.anomaly import scoring_noise
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch], dtype=np.float32))
-            out.append(-model.log_prob(xb, scoring_noise(model, len(xb))).double().numpy())
-    return np.concatenate(out)
+    return -model_scorer(model)(x, None)
 
 
 def baselines(train_x: np.ndarray, test_x: np.ndarray) -> dict[str, np.ndarray]:

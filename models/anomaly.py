@@ -183,12 +183,7 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     if statistic == "conditional" and model.spec.kind != "record":
         raise ValueError("the conditional statistic is for record models (point masses of features)")
     model.eval()
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(normal), batch_size):
-            x = torch.from_numpy(np.asarray(normal[i : i + batch_size], dtype=np.float32))
-            scores.append(-model.log_prob(x, scoring_noise(model, len(x))).double().cpu().numpy())
-    nll = np.concatenate(scores)
+    nll = -model_scorer(model, batch_size)(np.asarray(normal, dtype=np.float32), None)
     if not np.isfinite(nll).all():
         raise ValueError("calibration scores contain non-finite values")
     s = _sorted_sample(nll)
@@ -320,7 +315,7 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
     if spec.kind == "record":
         try:
             train = ds.split("train") if same else load_dataset(trained_on).split("train")
-        except Exception as e:  # noqa: BLE001 - the training data may be gone; the proposal then uses the calibration records
+        except DataError as e:  # the training data may be gone; the proposal then uses the calibration records
             log.warning("training data %r not loadable (%s); fitting the absent-feature proposal on the calibration records", trained_on, e)
             train = normal
     if ds.spec.feature_names == spec.feature_names and ds.spec.shape == spec.shape:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-
-import numpy as np
 
 from . import sampling, seeding
 from .dequantization import UniformDequantizer
@@ -91,7 +90,8 @@ class DensityModel(nn.Module):
             out.append(torch.logsumexp(torch.cat(terms), 0) - math.log(samples))
         return torch.stack(out).to(torch.get_default_dtype())
 
-    def _valid_records(self, n: int, temperature: float, generator: torch.Generator | None, seed: int | None) -> "np.ndarray":
+    def _valid_records(self, n: int, temperature: float, generator: torch.Generator | None, seed: int | None) -> np.ndarray:
+        """``n`` valid records (:mod:`models.sampling`), latents from ``seed`` (per round) or ``generator``."""
         def latent(k: int, r: int) -> np.ndarray:
             if seed is not None:
                 return seeding.latent(k, self.spec.dims, temperature, sampling.round_seed(seed, r))

@@ -45,13 +45,9 @@ class PatternCalibrations:
         self.min_records = min_records
         self.proposal = Proposal.from_dict(calibration["proposal"])
         self.records = np.asarray(calibration["records"], dtype=np.float32)
-        self.dims = self.records.shape[1]
         self._cache: OrderedDict[Pattern, AnomalyScorer] = OrderedDict()
         self._size = cache
         self._lock = threading.Lock()
-
-    def complete(self, pattern: Pattern) -> bool:
-        return len(pattern) == self.dims
 
     def plan(self, x: np.ndarray, pattern: Pattern) -> MarginalPlan:
         """Rows to score for records ``x (N, D)`` of ``pattern`` (absent cells of ``x`` are ignored)."""

@@ -94,18 +94,22 @@ def calibration_split(data: Dataset, cfg: CalibrationConfig, seed: int = 0) -> D
     anomaly calibration) holds ``cfg.fraction`` of them and at least ``cfg.min_records`` (at most half).
 
     Only for record and waveform data split without groups (``csv:``, ``waveform:``); data split
-    by patient (the MIMIC loaders) keep their split, because calibration records must come from
-    patients the model never saw.
+    by patient (``Dataset.grouped``: the MIMIC loaders) keep their split, because calibration
+    records must come from patients the model never saw.
     """
     if data.spec.kind == "image":
         return data
     train, val = data.split("train"), data.split("val")
     total = len(train) + len(val)
     want = max(math.ceil(cfg.fraction * total) if cfg.fraction else len(val), min(cfg.min_records, total // 2))
-    grouped = data.spec.source.split(":")[0].startswith("mimic")
-    if want != len(val) and not grouped:
-        pool = np.concatenate([train, val])[np.random.default_rng(seed).permutation(total)]
-        data = Dataset(data.spec, {**data.splits, "val": pool[:want], "train": pool[want:]})
+    if want != len(val) and not data.grouped:
+        order = np.random.default_rng(seed).permutation(total)
+        pool = np.concatenate([train, val])[order]
+        known = None
+        if data.known:
+            k = np.concatenate([data.known["train"], data.known["val"]])[order]
+            known = {**data.known, "val": k[:want], "train": k[want:]}
+        data = Dataset(data.spec, {**data.splits, "val": pool[:want], "train": pool[want:]}, known)
         log.info("calibration: %d of %d records held out (fraction %s, min_records %d)", want, total, cfg.fraction, cfg.min_records)
     n = len(data.split("val"))
     if n < FEW_CALIBRATION:

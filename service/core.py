@@ -261,15 +261,16 @@ class InferenceCore:
         except ValueError as e:
             raise BadRequest(f"statistic: {e}") from None
         self._check_rows(len(x), field)
-        observed = np.ones((len(x), spec.dims), dtype=bool) if observed is None or spec.kind != "record" else np.asarray(observed, dtype=bool)
         pcal = self.pattern_calibrations(entry) if spec.kind == "record" else None
-        if missing == "marginal" and pcal is None and not observed.all():
-            raise BadRequest(f"missing: model {name!r} was calibrated before absent features were supported; recalibrate it "
-                             "(`flowserve calibrate`) or use missing='median'")
-        groups: dict[Pattern, np.ndarray] = {}
-        for i, row in enumerate(observed):
-            groups.setdefault(pattern_of(row), []).append(i)  # type: ignore[attr-defined]
-        groups = {p: np.asarray(idx) for p, idx in groups.items()}
+        groups: dict[Pattern, np.ndarray] = {tuple(range(spec.dims)) if spec.kind == "record" else (): np.arange(len(x))}
+        if spec.kind == "record" and observed is not None:  # records grouped by their pattern of observed features
+            if missing == "marginal" and pcal is None and not observed.all():
+                raise BadRequest(f"missing: model {name!r} was calibrated before absent features were supported; recalibrate "
+                                 "it (`flowserve calibrate`) or use missing='median'")
+            rows_of: dict[Pattern, list[int]] = {}
+            for i, row in enumerate(np.asarray(observed, dtype=bool)):
+                rows_of.setdefault(pattern_of(row), []).append(i)
+            groups = {p: np.asarray(idx) for p, idx in rows_of.items()}
 
         def marginal(pattern: Pattern) -> bool:
             return spec.kind == "record" and missing == "marginal" and len(pattern) < spec.dims
@@ -318,7 +319,7 @@ class InferenceCore:
         jobs, plans, extra = [], [], 0
         for pattern, sc, idx, nll in explained:
             attributed = np.asarray(pattern) if spec.kind == "record" else None
-            variants, per, describe = _attribution_plan(spec, manifest.calibration, x[idx], segments, top, attributed)
+            variants, describe = _attribution_plan(spec, manifest.calibration, x[idx], segments, top, attributed)
             rows, noise, combine = plan(pattern, variants)
             extra += len(rows)
             jobs.append((sc, idx, nll, variants, describe))
@@ -338,7 +339,7 @@ class InferenceCore:
 
 def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int,
                       observed: np.ndarray | None = None):  # noqa: ANN202
-    """Variant rows to score, variants per row, and a function (statistic, variant statistic) → attribution lists.
+    """Variant rows to score and a function (statistic, variant statistic) → attribution lists.
 
     Records: the observed features (``observed`` indices; all when ``None``) and the schema's feature groups.
     """
@@ -349,7 +350,7 @@ def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments
         def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
             return attr.describe_parts(attr.part_attribution(s, v, len(parts), m), labels, members, top)
 
-        return attr.part_variants(x, parts), len(parts) * m, describe
+        return attr.part_variants(x, parts), describe
     bounds = attr.segment_bounds(spec.shape[-1], segments)
 
     def describe(s: np.ndarray, v: np.ndarray) -> list[list[dict]]:
@@ -357,4 +358,4 @@ def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments
         return [[{"segment": int(j), "start": int(bounds[j][0]), "end": int(bounds[j][1]), "nats": float(row[j])}
                  for j in np.argsort(-row, kind="stable")[:top]] for row in a]
 
-    return attr.segment_variants(x, segments), segments, describe
+    return attr.segment_variants(x, segments), describe

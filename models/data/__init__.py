@@ -20,11 +20,13 @@ class Dataset:
 
     ``known`` (records with gaps, e.g. MIMIC vitals): per split, which cells hold a measurement
     (or one carried forward) rather than a default for a variable never measured; ``None``: all.
+    ``grouped``: the splits are by patient (or episode), so records must not move between them.
     """
 
     spec: DataSpec
     splits: dict[str, np.ndarray]
     known: dict[str, np.ndarray] | None = None
+    grouped: bool = False
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:

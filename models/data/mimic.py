@@ -351,7 +351,7 @@ def _vitals(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset
     splits = split_by_group(filled.values, episode)
     unseen = split_by_group(filled.unseen, episode)
     splits["train"] = hot_deck(splits["train"], unseen["train"], np.random.default_rng(0))
-    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()})
+    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()}, grouped=True)
 
 
 # The generated waveform cohort spreads its 8,000 windows over many patients (2 each): the validation
@@ -370,7 +370,7 @@ def _waveform(scaling: str):  # noqa: ANN202
         else:
             cohort = generate_waveforms(DEFAULT_WAVE_PATIENTS, 2, seed=0)
             raw, groups = cohort.windows, cohort.patient
-        return Dataset(waveform_spec(spec, scaling), split_by_group(scale_windows(raw, scaling), groups))
+        return Dataset(waveform_spec(spec, scaling), split_by_group(scale_windows(raw, scaling), groups), grouped=True)
 
     return load
 
