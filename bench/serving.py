@@ -1,38 +1,96 @@
-"""Serving benchmark over loopback: rows/s and latency percentiles against the digits model.
+"""Serving benchmark over loopback: rows/s and latency percentiles, every server measured alone, side by side in one run.
 
-Runs, side by side in one process tree:
-  * the service with dynamic batching (defaults), swept over client concurrency;
-  * the service with ``FLOWSERVE_MAX_BATCH_SIZE=1`` (no batching);
-  * the same model called in-process at the batch size the service formed.
-Prints a table and the ratios. Usage: ``python bench/serving.py [--seconds 4] [--rows 1] [--backend auto|torch|onnxruntime]``.
+Servers (each started, swept over client concurrency with the same closed-loop aiohttp load
+generator, and stopped before the next starts):
+
+* flowserve for each ``--http-workers`` value (``0``: one process; ``auto``: the default layout);
+* flowserve with ``FLOWSERVE_MAX_BATCH_SIZE=1`` (no batching), in the default layout;
+* with ``--baseline-ref REF``: flowserve as it was at git ``REF`` (a worktree), e.g. before a change;
+* the peer: the same model behind LitServe (``bench/litserve_peer.py``), ``max_batch_size`` as
+  ours, its default API-server processes; measured last (its idle workers spin) and stopped by
+  its process group;
+
+then the same runner called in-process at the batch size the service formed, and at batch 1.
+Prints a table, the CPU the server's processes used, and the ratios. Usage:
+``python bench/serving.py [--seconds 5] [--levels 1,16,64,256] [--rows 1] [--protocol v1|v2]
+[--backend auto|torch|onnxruntime] [--http-workers 0,auto] [--baseline-ref REF] [--no-peer]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.data import load_dataset  # noqa: E402
-from tests.server import running_server  # noqa: E402
+from tests.server import children, free_port  # noqa: E402
 
 REPO = ROOT / "model_repository"
+MODEL = "digits"
 
 
-async def load_level(url: str, concurrency: int, seconds: float, rows: int, data: np.ndarray, protocol: str = "v1") -> dict:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants (Linux ``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / tick + sum(tree_cpu_seconds(c) for c, _ in children(pid))
+
+
+@contextmanager
+def running(cmd: list[str], ready_path: str, port: int, env: dict[str, str] | None = None, cwd: Path | None = None,
+            log: Path | None = None) -> Iterator[tuple[str, int]]:
+    """Run ``cmd`` in its own process group until the block ends; waits until ``ready_path`` answers 200."""
+    url = f"http://127.0.0.1:{port}"
+    out = open(log or os.devnull, "w")
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited with {proc.returncode}" + (f"; see {log}" if log else ""))
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} not ready in 180 s")
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.close()
+
+
+def flowserve_cmd(port: int) -> list[str]:
+    return [sys.executable, "-m", "models.cli", "serve", "--port", str(port)]
+
+
+async def load_level(url: str, path: str, concurrency: int, seconds: float, rows: int, data: np.ndarray, protocol: str) -> dict:
     """``concurrency`` closed-loop clients for ``seconds``; each request scores ``rows`` rows."""
-    import json
-
     import aiohttp
 
     def chunk(i: int) -> np.ndarray:
@@ -40,21 +98,19 @@ async def load_level(url: str, concurrency: int, seconds: float, rows: int, data
         return np.resize(data[start:], (rows, *data.shape[1:]))
 
     if protocol == "v2":  # Open Inference Protocol with Triton's binary tensor extension
-        path = "/v2/models/digits/infer"
         bodies = []
         for i in range(64):
             head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [rows, *data.shape[1:]],
                                            "parameters": {"binary_data_size": rows * int(np.prod(data.shape[1:]))}}],
                                "parameters": {"seed": i, "binary_data_output": True}}).encode()
-            bodies.append((head + chunk(i).astype(np.uint8).tobytes(), {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}))
+            bodies.append((head + chunk(i).astype(np.uint8).tobytes(),
+                           {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}))
     else:
-        path = "/v1/models/digits/score"
         bodies = [(json.dumps({"instances": chunk(i).tolist(), "seed": i}).encode(), {"content-type": "application/json"}) for i in range(64)]
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url=url, connector=connector) as client:
+    async with aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=concurrency)) as client:
         async def worker(k: int) -> None:
             nonlocal errors
             i = k
@@ -72,91 +128,148 @@ async def load_level(url: str, concurrency: int, seconds: float, rows: int, data
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    arr = np.array(lat) * 1000
-    return {"rows_per_s": len(lat) * rows / elapsed, "p50": np.percentile(arr, 50), "p90": np.percentile(arr, 90),
-            "p99": np.percentile(arr, 99), "errors": errors, "requests": len(lat)}
+    arr = np.array(lat or [float("nan")]) * 1000
+    return {"rows_per_s": len(lat) * rows / elapsed, "p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "errors": errors, "requests": len(lat)}
 
 
 def batch_totals(url: str) -> tuple[float, float]:
-    """(rows, batches) executed so far for scoring, from ``/metrics``."""
+    """(rows, batches) executed so far for scoring, from ``/metrics`` (0, 0 for servers without it)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics").text
+    try:
+        text = httpx.get(f"{url}/metrics").text
+        families = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return 0.0, 0.0
     total = count = 0.0
-    for fam in text_string_to_metric_families(text):
+    for fam in families:
         if fam.name == "flowserve_batch_size_rows":
             for s in fam.samples:
-                if s.labels.get("task") == "score" and s.name.endswith("_sum"):
+                if s.labels.get("task") == "score" and s.labels.get("model") == MODEL and s.name.endswith("_sum"):
                     total += s.value
-                elif s.labels.get("task") == "score" and s.name.endswith("_count"):
+                elif s.labels.get("task") == "score" and s.labels.get("model") == MODEL and s.name.endswith("_count"):
                     count += s.value
     return total, count
 
 
-def in_process(batch: int, seconds: float, data: np.ndarray, backend: str) -> float:
-    """Rows/s of the service's own runner (same backend, same threads) called directly at ``batch`` rows."""
-    import os
+def sweep(url: str, pid: int, path: str, levels: list[int], seconds: float, rows: int, data: np.ndarray, protocol: str) -> dict[int, dict]:
+    out = {}
+    for c in levels:
+        asyncio.run(load_level(url, path, c, min(1.0, seconds / 4), rows, data, protocol))  # warm
+        rows0, batches0 = batch_totals(url)
+        cpu0, t0 = tree_cpu_seconds(pid), time.perf_counter()
+        out[c] = asyncio.run(load_level(url, path, c, seconds, rows, data, protocol))
+        out[c]["server_cores"] = (tree_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+        rows1, batches1 = batch_totals(url)
+        out[c]["mean_batch"] = (rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else float("nan")
+        r = out[c]
+        print(f"  c={c:4d} {r['rows_per_s']:9.0f} rows/s  p50 {r['p50']:7.1f} ms  p90 {r['p90']:7.1f}  p99 {r['p99']:7.1f}  "
+              f"mean batch {r['mean_batch']:5.1f}  server CPU {r['server_cores']:.2f} cores  errors {r['errors']}", flush=True)
+    return out
+
+
+def in_process(batch: int, seconds: float, data: np.ndarray, backend: str, threads: int) -> dict:
+    """Rows/s and latency of the service's own runner called directly at ``batch`` rows (same backend and threads)."""
+    import torch
 
     from service.runners import open_runner
     from service.settings import Settings
+    from service.tasks import dequantization_noise
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # the service's CPU worker default
-    runner = open_runner(REPO / "digits" / "1", "cpu", Settings(backend=backend))
-    x = data[:batch].astype(np.float32)
-    rng = np.random.default_rng(0)
-    best = 0.0
+    torch.set_num_threads(threads)
+    runner = open_runner(REPO / MODEL / "1", "cpu", Settings(backend=backend, batch_invariant=False))
+    x = np.resize(data, (batch, *data.shape[1:])).astype(np.float32)
+    noise = dequantization_noise(runner.manifest, batch, 0)
+    for _ in range(3):
+        runner.log_prob(x, noise)
+    best, times = 0.0, []
     for _ in range(3):  # best of three: the steady state, as the service's sweep reports its best level
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 3:
-            runner.log_prob(x, rng.random((batch, 1, 8, 8), dtype=np.float32))
+            t1 = time.perf_counter()
+            runner.log_prob(x, noise)
+            times.append(time.perf_counter() - t1)
             n += batch
         best = max(best, n / (time.perf_counter() - t0))
-    return best
-
-
-def sweep(url: str, levels: list[int], seconds: float, rows: int, data: np.ndarray, protocol: str) -> dict[int, dict]:
-    out = {}
-    for c in levels:
-        asyncio.run(load_level(url, c, 0.5, rows, data, protocol))  # warm
-        rows0, batches0 = batch_totals(url)
-        out[c] = asyncio.run(load_level(url, c, seconds, rows, data, protocol))
-        rows1, batches1 = batch_totals(url)
-        out[c]["mean_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
-        print(f"  c={c:4d} {out[c]['rows_per_s']:9.0f} rows/s  p50 {out[c]['p50']:7.1f} ms  p90 {out[c]['p90']:7.1f}  p99 {out[c]['p99']:7.1f}  mean batch {out[c]['mean_batch']:5.1f}  errors {out[c]['errors']}", flush=True)
-    return out
+    return {"rows_per_s": best, "p50_ms": float(np.median(times) * 1000)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rows", type=int, default=1, help="rows per request")
-    ap.add_argument("--levels", default="1,4,16,64,256")
+    ap.add_argument("--levels", default="1,16,64,256")
     ap.add_argument("--protocol", default="v1", choices=["v1", "v2"], help="v1 JSON, or V2 with binary tensors")
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="FLOWSERVE_BACKEND for the service and the in-process baseline")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"], help="FLOWSERVE_BACKEND (auto: the artifact's preferred)")
+    ap.add_argument("--http-workers", default="0,auto", help="comma-separated FLOWSERVE_HTTP_WORKERS values to measure; auto = the default")
+    ap.add_argument("--baseline-ref", default=None, help="also measure flowserve at this git ref (e.g. the commit before a change)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the FLOWSERVE_MAX_BATCH_SIZE=1 run")
     args = ap.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
-    data = load_dataset("digits").split("test")
-    results = {}
+    data = load_dataset(MODEL).split("test")
+    path = f"/v2/models/{MODEL}/infer" if args.protocol == "v2" else f"/v1/models/{MODEL}/score"
+    from service.process import available_cores, default_http_workers
+
+    cores = available_cores()
+    threads = max(1, cores - default_http_workers(1, cores)) if cores > 1 else 1  # the CPU executor's default
+    base_env = {"FLOWSERVE_BACKEND": args.backend, "FLOWSERVE_DEVICES": "cpu", "FLOWSERVE_REPOSITORY": str(REPO)}
+    results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = {"FLOWSERVE_BACKEND": args.backend}
-        for label, env in (("batching", base), ("max_batch_size=1", {**base, "FLOWSERVE_MAX_BATCH_SIZE": "1"})):
-            print(f"service, {label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
-            with running_server(REPO, Path(tmp), **env) as s:
-                results[label] = sweep(s.url, levels, args.seconds, args.rows, data, args.protocol)
-    b, nb = results["batching"], results["max_batch_size=1"]
-    sat = max(levels, key=lambda c: b[c]["rows_per_s"])
-    mean_batch = max(1, int(round(b[sat]["mean_batch"])))
-    inproc = in_process(mean_batch, args.seconds, data, args.backend)
-    inproc_1 = in_process(max(1, args.rows), args.seconds, data, args.backend)
+        logs = Path(tmp)
+        runs: list[tuple[str, dict[str, str], Path | None]] = []
+        if args.baseline_ref:
+            tree = logs / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline_ref], check=True,
+                           capture_output=True)
+            runs.append((f"flowserve @ {args.baseline_ref}", {}, tree))
+        for w in args.http_workers.split(","):
+            runs.append((f"flowserve http_workers={w}", {} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w}, None))
+        if not args.no_unbatched:
+            runs.append(("flowserve max_batch_size=1", {"FLOWSERVE_MAX_BATCH_SIZE": "1"}, None))
+        try:
+            for label, env, cwd in runs:
+                print(f"{label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
+                port = free_port()
+                with running(flowserve_cmd(port), "/v2/health/ready", port, {**base_env, **env}, cwd, logs / f"{len(results)}.log") as (url, pid):
+                    results[label] = sweep(url, pid, path, levels, args.seconds, args.rows, data, args.protocol)
+        finally:
+            if args.baseline_ref:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(logs / "baseline")], capture_output=True)
+        peer = None
+        if not args.no_peer and args.protocol == "v1":
+            print(f"LitServe peer (max_batch_size 256, {threads} torch thread(s)), {args.rows} row(s) per request:", flush=True)
+            port = free_port()
+            cmd = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(REPO / MODEL / "1"), str(port), "256", args.backend, str(threads)]
+            with running(cmd, "/health", port, log=logs / "litserve.log") as (url, pid):
+                peer = results["LitServe"] = sweep(url, pid, "/predict", levels, args.seconds, args.rows, data, args.protocol)
+
+    main_label = next(label for label in results if label.endswith("http_workers=auto"))
+    ours = results[main_label]
+    sat = max(levels, key=lambda c: ours[c]["rows_per_s"])
+    mean_batch = ours[sat]["mean_batch"]
+    batch = max(1, int(round(mean_batch))) if np.isfinite(mean_batch) else args.rows
+    inproc = in_process(batch, args.seconds, data, args.backend, threads)
+    inproc_1 = in_process(args.rows, args.seconds, data, args.backend, threads)
     print()
-    print(f"saturation (batching): {b[sat]['rows_per_s']:.0f} rows/s at concurrency {sat}; mean batch {b[sat]['mean_batch']:.1f} rows")
-    print(f"backend: {args.backend} (auto = the artifact's preferred backend)")
-    print(f"in-process log_prob at batch {mean_batch}: {inproc:.0f} rows/s; at batch {args.rows}: {inproc_1:.0f} rows/s")
-    print(f"ratio service/in-process at the service's mean batch size: {b[sat]['rows_per_s'] / inproc:.2f}")
-    c64 = 64 if 64 in levels else levels[-1]
-    print(f"ratio batching / max_batch_size=1 at concurrency {c64}: {b[c64]['rows_per_s'] / nb[c64]['rows_per_s']:.2f}")
-    half = min(levels, key=lambda c: abs(b[c]["rows_per_s"] - b[sat]["rows_per_s"] / 2))
-    print(f"p99 latency near half saturation (concurrency {half}): {b[half]['p99']:.1f} ms")
+    print(f"{cores} cores; default layout: 1 executor + {default_http_workers(1, cores)} front-end(s); backend {args.backend}")
+    print(f"in-process log_prob at batch {batch}: {inproc['rows_per_s']:.0f} rows/s; at batch {args.rows}: "
+          f"{inproc_1['rows_per_s']:.0f} rows/s, p50 {inproc_1['p50_ms']:.2f} ms")
+    print(f"service ({main_label}) / in-process at its mean batch ({mean_batch:.1f}) at saturation (c={sat}): "
+          f"{ours[sat]['rows_per_s'] / inproc['rows_per_s']:.2f}")
+    print("\nratios per concurrency (throughput; p99 as ours/theirs, ≤ 1 is better):")
+    for label, other in results.items():
+        if label == main_label:
+            continue
+        cells = [f"c={c}: {ours[c]['rows_per_s'] / max(other[c]['rows_per_s'], 1e-9):.2f}x, p99 {ours[c]['p99'] / other[c]['p99']:.2f}"
+                 for c in levels]
+        print(f"  {main_label} vs {label}: " + "; ".join(cells))
+    if peer is not None:
+        print(f"\ngoals vs the peer: throughput ≥ 2x at c ≥ 64: "
+              f"{all(ours[c]['rows_per_s'] >= 2 * peer[c]['rows_per_s'] for c in levels if c >= 64)}; "
+              f"p99 ≤ the peer's at every c: {all(ours[c]['p99'] <= peer[c]['p99'] for c in levels)}")
+    print("\n" + json.dumps({k: {c: {m: round(v, 2) for m, v in r.items()} for c, r in res.items()} for k, res in results.items()}))
 
 
 if __name__ == "__main__":

@@ -50,10 +50,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from .density import DensityModel
+import numpy as np
+
+if TYPE_CHECKING:  # torch stays out of the service's HTTP front-ends, which score through executors
+    import torch
+
+    from .density import DensityModel
 
 MAX_CALIBRATION = 5000
 MAX_PATTERN_RECORDS = 1000  # calibration records re-scored per missingness pattern
@@ -65,6 +69,8 @@ ATOM_SHARE = 0.05
 
 def scoring_noise(model: DensityModel, n: int) -> torch.Tensor | None:
     """Dequantization noise for anomaly scoring: bin midpoints ``(n, *shape)``, or ``None`` for continuous data."""
+    import torch
+
     if not model.spec.dequantized:
         return None
     return torch.full((n, *model.spec.shape), BIN_MIDPOINT)
@@ -105,6 +111,7 @@ def group_references(spec, normal: np.ndarray) -> dict[str, list[list[float]]]: 
 
 def model_scorer(model: DensityModel, batch_size: int = 4096):  # noqa: ANN201 - Callable[[rows, noise], log p]
     """``score(rows, noise) -> log p (rows,)`` float64 nats, for numpy rows through ``model`` in batches."""
+    import torch
 
     def score(rows: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         out = []

@@ -69,11 +69,3 @@ class VariationalDequantizer(nn.Module):
         h, _ = self.merge(h)
         u, ld = self.sigmoid(h)
         return u, standard_normal_log_prob(eps) - (logdet + ld)
-
-
-def noise_distribution(architecture: dict) -> str:
-    """The distribution of the dequantization noise a model with this architecture config consumes.
-
-    ``"normal(0,1)"`` for variational dequantization (``ε`` before the learned flow), else ``"uniform[0,1)"``.
-    """
-    return "normal(0,1)" if architecture.get("dequantization") == "variational" else "uniform[0,1)"

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import artifact
 from .density import DensityModel
-from .dequantization import noise_distribution
+from .seeding import noise_distribution
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)

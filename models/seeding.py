@@ -12,6 +12,14 @@ import numpy as np
 NOISE_DISTRIBUTIONS = ("uniform[0,1)", "normal(0,1)")
 
 
+def noise_distribution(architecture: dict) -> str:
+    """The distribution of the dequantization noise a model with this architecture config consumes.
+
+    ``"normal(0,1)"`` for variational dequantization (``ε`` before the learned flow), else ``"uniform[0,1)"``.
+    """
+    return "normal(0,1)" if architecture.get("dequantization") == "variational" else "uniform[0,1)"
+
+
 def dequantization_noise(distribution: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Noise a dequantizer consumes, float32 ``shape`` = ``(B, *data_shape)``.
 

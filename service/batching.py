@@ -16,22 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .entry import Gone, Payload, watch_client
 from .errors import ClientClosed, Unavailable
 from .metrics import Metrics
 from .workers import DeviceWorker
 
 log = logging.getLogger(__name__)
 
-Payload = dict[str, np.ndarray]
 Compute = Callable[[object, Payload], np.ndarray]
-Gone = Callable[[], Awaitable[bool]]
-GONE_POLL_S = 0.25
 
 
 @dataclass
@@ -94,9 +92,8 @@ class Batcher:
     async def submit(self, payload: Payload, timeout_s: float, gone: Gone | None = None) -> np.ndarray:
         """Queue ``payload`` (arrays with equal first dimension) and wait for its rows' results.
 
-        ``gone`` (e.g. Starlette's ``request.is_disconnected``) is asked every ``GONE_POLL_S`` once
-        the request has waited that long; when it says the client left, the rows leave the queue
-        and the request ends with :class:`ClientClosed` (499). Requests answered sooner never ask it.
+        ``gone`` (e.g. Starlette's ``request.is_disconnected``, see :func:`~service.entry.watch_client`):
+        when the client left, the rows leave the queue and the request ends with :class:`ClientClosed` (499).
         """
         rows = len(next(iter(payload.values())))
         if self._rows + rows > self.max_queue_rows:
@@ -108,9 +105,7 @@ class Batcher:
         self._rows += rows
         self._depth.set(self._rows)
         self._queue.put_nowait(item)
-        watch: list = []  # the timer, then the polling task, of the disconnect check
-        if gone is not None:
-            watch.append(loop.call_later(GONE_POLL_S, self._watch, item, gone, watch))
+        unwatch = watch_client(item.future, gone, f"model {self.model!r}")
         try:
             async with asyncio.timeout(timeout_s):
                 return await item.future  # on timeout or cancellation the future is cancelled; consumers skip it
@@ -118,25 +113,11 @@ class Batcher:
             self.metrics.rejections.labels(self.model, "timeout").inc()
             raise Unavailable(f"request to model {self.model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
         finally:
-            for w in watch:
-                w.cancel()
+            unwatch()
             if not item.future.done():
                 item.future.cancel()
             if item.future.cancelled() or isinstance(item.future.exception(), ClientClosed):
                 self._uncount(item)  # a request that gave up frees its share of the queue at once
-
-    def _watch(self, item: _Item, gone: Gone, handles: list) -> None:
-        """Still waiting after ``GONE_POLL_S``: from now on, ask ``gone`` every ``GONE_POLL_S``."""
-        async def poll() -> None:
-            while not item.future.done():
-                if await gone():
-                    if not item.future.done():
-                        item.future.set_exception(ClientClosed(f"the client left while its request to model {self.model!r} waited"))
-                    return
-                await asyncio.sleep(GONE_POLL_S)
-
-        if not item.future.done():
-            handles.append(asyncio.get_running_loop().create_task(poll()))
 
     def _uncount(self, item: _Item) -> None:
         if item.counted:

@@ -32,9 +32,8 @@ from models.missing import NoPatternCalibration, PatternCalibrations
 from models.spec import DataSpec
 
 from . import tasks
-from .batching import Gone
+from .entry import Gone, ModelEntry
 from .errors import BadRequest, NotFound
-from .repository import ModelEntry, ModelRepository
 from .settings import Settings
 
 Bound = Literal["exact", "variational", "iw"]
@@ -102,9 +101,10 @@ def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: st
 class InferenceCore:
     """What every protocol calls: one instance per service, over its model repository."""
 
-    def __init__(self, settings: Settings, repository: ModelRepository) -> None:
+    def __init__(self, settings: Settings, repository) -> None:  # noqa: ANN001 - in-process or remote (service.api.deps)
         self.settings = settings
         self.repository = repository
+        self.noise = tasks.NoiseCache()
 
     def entry(self, name: str, version: str | None = None) -> ModelEntry:
         """The served entry for ``name`` (any state); 404 when another ``version`` is asked for."""
@@ -142,7 +142,7 @@ class InferenceCore:
                 raise BadRequest(f"iw_samples: {iw_samples} × {len(x)} rows is over the limit (max {s.max_iw_samples} samples)")
             rows = np.repeat(x, iw_samples, axis=0)
         payload = {"x": rows}
-        noise = tasks.dequantization_noise(entry.manifest, len(rows), seed)
+        noise = self.noise.noise(entry.manifest, len(rows), seed)
         if noise is not None:
             payload["noise"] = noise
         lp = await entry.batcher("score").submit(payload, self.settings.request_timeout_s, gone)

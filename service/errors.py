@@ -1,6 +1,17 @@
-"""Service exceptions. ``service.app`` maps them (and everything else) to ``{"error": "..."}`` bodies."""
+"""Service exceptions, and the one JSON error body every non-2xx answer has: ``{"error": "..."}``.
+
+``service.app`` maps exceptions (and everything else) to it; the ASGI guard in
+``service.middleware`` renders its refusals with the same :func:`json_error`.
+"""
 
 from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None, request_id: str | None = None) -> JSONResponse:
+    body = {"error": message} if request_id is None else {"error": message, "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ServiceError(Exception):

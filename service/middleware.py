@@ -1,15 +1,20 @@
-"""Pure-ASGI middleware of the front end: request ids and request metrics.
+"""Pure-ASGI middleware of the front end: request ids, request metrics, and the guard on POST routes.
 
-Order (outermost first): :class:`RequestIdMiddleware`, :class:`MetricsMiddleware`, then the app.
+Order (outermost first): :class:`RequestIdMiddleware`, :class:`MetricsMiddleware`,
+:class:`GuardMiddleware`, then the app. Pure ASGI, not FastAPI dependencies: a dependency on
+every inference route cost about a third of a 1-row request's time in the front-end.
 """
 
 from __future__ import annotations
 
+import hmac
+import itertools
 import re
+import secrets
 import time
-import uuid
 
 from .api.deps import ServiceState
+from .errors import ServiceError, Unauthorized, Unavailable, json_error
 
 REQUEST_ID = "X-Request-ID"
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before the answer (nginx's convention)
@@ -22,12 +27,14 @@ class RequestIdMiddleware:
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
+        self._prefix = secrets.token_hex(8)  # per process: ids stay unique across front-ends and restarts
+        self._counter = itertools.count()
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(REQUEST_ID.lower().encode(), b"").decode("latin-1")
-        rid = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given if _SANE_ID.fullmatch(given) else f"{self._prefix}{next(self._counter):016x}"
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message) -> None:  # noqa: ANN001
@@ -73,3 +80,33 @@ class MetricsMiddleware:
             model, endpoint = metrics.model_label(m["model"], self.service.repository.models), m["endpoint"]
             metrics.requests.labels(model, endpoint, str(status["code"])).inc()
             metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
+
+
+class GuardMiddleware:
+    """Every POST route (inference and reload) is refused with 503 once draining began (requests that
+    arrived before are served), and needs a Bearer key when ``FLOWSERVE_API_KEYS`` is set (401)."""
+
+    def __init__(self, app, service: ServiceState) -> None:  # noqa: ANN001
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http" and scope["method"] == "POST":
+            try:
+                self._check(scope)
+            except ServiceError as e:
+                return await json_error(e.status, e.message, e.headers)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: dict) -> None:
+        s = self.service
+        if s.draining and scope.get("state", {}).get("arrived_draining", True):
+            raise Unavailable("server is shutting down", "draining", 5)
+        keys = s.settings.api_keys
+        if not keys:
+            return
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+            s.metrics.rejections.labels("", "unauthorized").inc()
+            raise Unauthorized()

@@ -10,75 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.artifact import Manifest, read_manifest
+from models.manifest import read_manifest
 
 from . import tasks
 from .batching import Batcher, Replica
+from .entry import ModelEntry, manifest_mtime
 from .errors import NotFound, Unavailable
 from .metrics import Metrics
-from .runners import Runner, open_runner
+from .runners import check_batch_invariance, open_runner
 from .settings import Settings
 from .workers import DeviceWorker
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelEntry:
-    """One served model version and its state: ``loading``, ``ready`` or ``failed``."""
-
-    name: str
-    version: str
-    path: Path
-    state: str = "loading"
-    reason: str | None = None
-    manifest: Manifest | None = None
-    runners: list[Runner] = field(default_factory=list)
-    batchers: dict[str, Batcher] = field(default_factory=dict)
-    load_seconds: float | None = None
-    mtime: float = 0.0
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready"
-
-    def batcher(self, task: str) -> Batcher:
-        if not self.ready:
-            raise Unavailable(f"model {self.name!r} is not ready ({self.state}: {self.reason or 'loading'})", "not_ready", 5)
-        return self.batchers[task]
-
-    def describe(self) -> dict:
-        d: dict = {"name": self.name, "version": self.version, "state": self.state}
-        if self.reason:
-            d["reason"] = self.reason
-        if self.manifest is not None:
-            spec = self.manifest.data_spec
-            d.update(
-                architecture=self.manifest.architecture.get("name"),
-                data_spec=spec.model_dump(mode="json"),
-                metrics=self.manifest.metrics,
-                calibration=None if not self.manifest.calibration else
-                {k: v for k, v in self.manifest.calibration.items() if k not in ("scores", "reference")},
-                tasks=sorted(self.batchers),
-            )
-        if self.runners:
-            d.update(devices=[r.device for r in self.runners], backend=self.runners[0].backend)
-        if self.load_seconds is not None:
-            d["load_seconds"] = round(self.load_seconds, 3)
-        return d
-
-
 def _versions(model_dir: Path) -> list[Path]:
     return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def _mtime(path: Path) -> float:
-    m = path / "manifest.json"
-    return m.stat().st_mtime if m.exists() else 0.0
 
 
 class ModelRepository:
@@ -90,6 +39,7 @@ class ModelRepository:
         self.workers = workers
         self.metrics = metrics
         self.models: dict[str, ModelEntry] = {}
+        self._draining: dict[tuple[str, str], ModelEntry] = {}  # replaced versions still finishing their work
         self._lock = asyncio.Lock()
         self.loaded_once = asyncio.Event()
 
@@ -98,6 +48,28 @@ class ModelRepository:
             return self.models[name]
         except KeyError:
             raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}") from None
+
+    def get_version(self, name: str, version: str) -> ModelEntry:
+        """The entry serving ``name`` at ``version``: the current one, or a replaced one still draining
+        (a front-end may send work for the version it knew a moment before a reload)."""
+        entry = self.models.get(name)
+        if entry is not None and entry.version == version:
+            return entry
+        old = self._draining.get((name, version))
+        if old is not None:
+            return old
+        current = self.get(name)
+        raise Unavailable(f"model {name!r} version {version} was replaced by version {current.version}; retry", "not_ready", 1)
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready (``None`` when it is): the first load has not finished."""
+        return None if self.loaded_once.is_set() else "models are still loading"
+
+    def table(self) -> list[dict]:
+        """What a front-end needs to know of each served model (JSON-ready)."""
+        return [{"name": e.name, "version": e.version, "path": str(e.path), "state": e.state, "reason": e.reason,
+                 "load_seconds": e.load_seconds, "mtime": e.mtime, "devices": e.devices, "backend": e.backend, "execution": e.execution}
+                for e in self.models.values()]
 
     def scan(self) -> dict[str, Path]:
         """``{name: path of its highest version}`` on disk."""
@@ -112,14 +84,17 @@ class ModelRepository:
         return found
 
     async def _load(self, name: str, path: Path) -> ModelEntry:
-        entry = ModelEntry(name=name, version=path.name, path=path, mtime=_mtime(path))
+        entry = ModelEntry(name=name, version=path.name, path=path, mtime=manifest_mtime(path))
         t0 = time.perf_counter()
         try:
             entry.manifest = read_manifest(path)
             runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings) for w in self.workers))
             for w, r in zip(self.workers, runners):
                 await w.run(tasks.warm, r)
+                await w.run(check_batch_invariance, r, self.settings)
             entry.runners = list(runners)
+            entry.devices, entry.backend = [r.device for r in runners], runners[0].backend
+            entry.execution = dict(runners[0].execution)
             replicas = [Replica(w, r) for w, r in zip(self.workers, runners)]
             entry.batchers = {
                 task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size,
@@ -143,7 +118,7 @@ class ModelRepository:
             changes: dict[str, str] = {}
             for name, path in on_disk.items():
                 old = self.models.get(name)
-                if old and old.path == path and old.mtime == _mtime(path) and old.state != "failed":
+                if old and old.path == path and old.mtime == manifest_mtime(path) and old.state != "failed":
                     continue
                 if old is None:
                     self.models[name] = ModelEntry(name=name, version=path.name, path=path)
@@ -155,12 +130,12 @@ class ModelRepository:
                 self._set_ready_metric(new, old)
                 changes[name] = f"{new.state} version {new.version}"
                 if old is not None and old.batchers:
-                    asyncio.create_task(self._drain(old))
+                    self._retire(old)
             for name in set(self.models) - set(on_disk):
                 old = self.models.pop(name)
                 self._set_ready_metric(None, old)
                 changes[name] = "removed"
-                asyncio.create_task(self._drain(old))
+                self._retire(old)
             self.loaded_once.set()
             return changes
 
@@ -170,10 +145,24 @@ class ModelRepository:
         if new is not None:
             self.metrics.model_ready.labels(new.name, new.version).set(1 if new.ready else 0)
 
-    async def _drain(self, entry: ModelEntry, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while any(not b.idle for b in entry.batchers.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    def _retire(self, entry: ModelEntry) -> None:
+        """Keep a replaced entry reachable by its version while its queued work finishes, then stop it."""
+        key = (entry.name, entry.version)
+        if self.models.get(entry.name) is not entry:
+            self._draining[key] = entry
+        asyncio.create_task(self._drain(entry, key))
+
+    async def _drain(self, entry: ModelEntry, key: tuple[str, str], timeout_s: float = 30.0, grace_s: float = 2.0) -> None:
+        """Stop ``entry`` once its queues are empty, after at least ``grace_s`` (front-ends learn of
+        the new version within milliseconds; work they sent for the old one meanwhile is served)."""
+        try:
+            start = time.monotonic()
+            while time.monotonic() < start + timeout_s and (time.monotonic() < start + grace_s
+                                                             or any(not b.idle for b in entry.batchers.values())):
+                await asyncio.sleep(0.05)
+        finally:
+            if self._draining.get(key) is entry:
+                del self._draining[key]
         for b in entry.batchers.values():
             await b.stop()
 

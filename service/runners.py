@@ -1,11 +1,28 @@
 """Backends behind one interface: a model on one device that scores and samples numpy batches.
 
 ``log_prob(x, noise) -> (B,)`` nats; ``sample(z) -> (B, *shape)`` in data space.
+
+**Rows never depend on their batch-mates, bit for bit.** Kernels need not promise that: BLAS and
+oneDNN on the CPU, cuBLAS and cuDNN on a GPU pick algorithms by problem size, so the same row can
+round differently in a batch of 3 and in a batch of 16 (measured: torch on the CPU differs from
+16 rows up; ONNX Runtime's CPU kernels do not). Within one batch size a row's result does not
+depend on its position. So a runner whose backend is not batch-invariant computes every batch
+as **tiles** of one fixed size (``tile_rows``; the last tile padded with copies of its last row,
+whose results are dropped). Loading checks the property on probe rows and falls back to tiles
+(with a warning) if a backend that should be invariant is not. ``FLOWSERVE_BATCH_INVARIANT=0``
+turns tiles off for throughput.
+
+**CUDA graphs** (torch on CUDA, ``FLOWSERVE_CUDA_GRAPHS``): at warm-up each task's forward is
+captured once per batch size it will run at: the tile size, or without tiles a ladder of powers
+of two up to ``max_batch_size`` (a batch is padded to the next captured size). A task that cannot
+be captured (a host sync inside it) runs eager, and :attr:`Runner.execution` says so.
+**ONNX Runtime on CUDA** binds inputs and outputs (IO binding) instead of copying through ``run``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -20,15 +37,89 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+Arrays = tuple[np.ndarray | None, ...]
+
 
 class Runner(Protocol):
     backend: str
     device: str
     manifest: Manifest
+    execution: dict[str, str]  # per task: how it runs ("eager", "cuda graphs at 1,2,4…", "tiles of 64 rows")
 
     def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray: ...
 
     def sample(self, z: np.ndarray) -> np.ndarray: ...
+
+
+def pad_rows(arrays: Arrays, rows: int) -> Arrays:
+    """Each array padded to ``rows`` rows with copies of its last row (valid inputs, dropped afterwards)."""
+    out = []
+    for a in arrays:
+        if a is None or len(a) == rows:
+            out.append(a)
+        else:
+            out.append(np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)]))
+    return tuple(out)
+
+
+def in_tiles(fn: Callable[..., np.ndarray], arrays: Arrays, tile: int | None) -> np.ndarray:
+    """``fn`` over the rows of ``arrays``, in calls of exactly ``tile`` rows (``None``: one call)."""
+    n = len(arrays[0])
+    if tile is None:
+        return fn(*arrays)
+    parts = []
+    for i in range(0, n, tile):
+        chunk = tuple(None if a is None else a[i : i + tile] for a in arrays)
+        k = len(chunk[0])
+        parts.append(fn(*pad_rows(chunk, tile))[:k])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def ladder(max_rows: int) -> list[int]:
+    """Powers of two up to ``max_rows`` (and ``max_rows`` itself)."""
+    sizes, b = [], 1
+    while b < max_rows:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_rows]
+
+
+class GraphedTask:
+    """A torch function of fixed-shape CUDA tensors, captured as one CUDA graph per batch size.
+
+    Inputs are copied into the graph's static tensors (padded to the captured size), the graph
+    is replayed, and the first ``n`` rows of its static output are copied back.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], examples: Callable[[int], tuple[torch.Tensor | None, ...]],
+                 sizes: list[int]) -> None:
+        self.sizes = sorted(sizes)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(sizes, reverse=True):  # the largest first: smaller graphs reuse its memory pool
+            static = examples(b)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):
+                    fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                out = fn(*static)
+            self.graphs[b] = (graph, static, out)
+
+    def size_for(self, n: int) -> int:
+        return next(b for b in self.sizes if b >= n)
+
+    def __call__(self, *arrays: np.ndarray | None) -> np.ndarray:
+        n = len(arrays[0])
+        graph, static, out = self.graphs[self.size_for(n)]
+        for dst, src in zip(static, pad_rows(arrays, len(static[0]))):
+            if dst is not None:
+                dst.copy_(torch.from_numpy(np.ascontiguousarray(src)), non_blocking=False)
+        graph.replay()
+        return out[:n].cpu().numpy()
 
 
 class TorchRunner:
@@ -36,27 +127,77 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, path: Path, device: str) -> None:
+    def __init__(self, path: Path, device: str, settings: Settings) -> None:
         self.device = device
         self.model: DensityModel = load(path, device)
         self.manifest = self.model.manifest
+        self.tile = settings.tile_rows if settings.batch_invariant else None
+        self.execution: dict[str, str] = {}
+        self._tasks: dict[str, Callable[..., np.ndarray]] = {"score": self._score_eager, "sample": self._sample_eager}
+        if device.startswith("cuda") and settings.cuda_graphs:
+            self._capture(settings)
+        for task in self._tasks:
+            self.execution.setdefault(task, "eager" + (f", tiles of {self.tile} rows" if self.tile else ""))
 
-    def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    # eager forwards on numpy, any number of rows
+    def _score_eager(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         with torch.inference_mode():
             xt = torch.from_numpy(x).to(self.device, torch.float32)
             nt = None if noise is None else torch.from_numpy(noise).to(self.device)
             return self.model.log_prob(xt, nt).double().cpu().numpy()
 
-    def sample(self, z: np.ndarray) -> np.ndarray:
+    def _sample_eager(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.model.sample(len(z), 1.0, z=torch.from_numpy(z)).cpu().numpy()
+
+    def _capture(self, settings: Settings) -> None:
+        """Replace each task by its CUDA graphs where capture works; say why where it does not."""
+        spec, dev = self.model.spec, self.device
+        sizes = [self.tile] if self.tile else ladder(settings.max_batch_size)
+        dequantized = self.model.dequantizer is not None
+
+        def score_examples(b: int) -> tuple:
+            x = torch.from_numpy(spec.random_examples(1).astype(np.float32)).to(dev).repeat(b, *[1] * len(spec.shape))
+            return x, (torch.full_like(x, 0.5) if dequantized else None)
+
+        def score(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+            return self.model.log_prob(x, noise).double()
+
+        def sample(z: torch.Tensor) -> torch.Tensor:
+            return self.model.sample(len(z), 1.0, z=z)
+
+        for task, fn, examples in (("score", score, score_examples),
+                                   ("sample", sample, lambda b: (torch.zeros(b, spec.dims, device=dev),))):
+            try:
+                graphed = GraphedTask(fn, examples, sizes)
+            except Exception as e:  # noqa: BLE001 - a host sync or an unsupported op inside the task: stay eager
+                log.warning("%s: CUDA graph capture of %s failed (%s); it runs eager", self.manifest.data_spec.source or "model",
+                            task, str(e).splitlines()[0])
+                self.execution[task] = f"eager (capture failed: {str(e).splitlines()[0][:120]})"
+                torch.cuda.synchronize()
+                continue
+            self._tasks[task] = graphed
+            self.execution[task] = f"cuda graphs at {','.join(map(str, sorted(sizes)))} rows"
+
+    def _run(self, task: str, arrays: Arrays) -> np.ndarray:
+        fn = self._tasks[task]
+        if isinstance(fn, GraphedTask):
+            return in_tiles(fn, arrays, self.tile or fn.sizes[-1])
+        return in_tiles(fn, arrays, self.tile)
+
+    def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        return self._run("score", (x, noise))
+
+    def sample(self, z: np.ndarray) -> np.ndarray:
+        return self._run("sample", (z,))
 
 
 class OnnxRunner:
     """The artifact's ONNX graphs in ONNX Runtime sessions (CUDA provider on a GPU device).
 
     onnxruntime falls back to the CPU silently when CUDA cannot be used, so the providers a
-    session really got are checked; with ``require_gpu`` a CPU fallback is an error.
+    session really got are checked; with ``require_gpu`` a CPU fallback is an error. On CUDA the
+    inputs and outputs are bound to device buffers (IO binding).
     """
 
     backend = "onnxruntime"
@@ -72,9 +213,9 @@ class OnnxRunner:
         opts.intra_op_num_threads = settings.ort_threads or torch.get_num_threads()
         opts.enable_cpu_mem_arena = settings.ort_cpu_arena
         providers: list = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            index = int(device.partition(":")[2] or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        self._device_id = int(device.partition(":")[2] or 0) if device.startswith("cuda") else None
+        if self._device_id is not None:
+            providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
         self.sessions = {}
         for task in ("score", "sample"):
             sess = ort.InferenceSession(str(path / self.manifest.graphs[task]["file"]), opts, providers=providers)
@@ -83,16 +224,78 @@ class OnnxRunner:
                     raise RuntimeError(f"ONNX Runtime cannot use CUDA for {device} (providers {sess.get_providers()}) and FLOWSERVE_REQUIRE_GPU=1")
                 log.warning("ONNX Runtime fell back to %s for %s", sess.get_providers(), device)
             self.sessions[task] = sess
-        self.device = device if "CUDAExecutionProvider" in self.sessions["score"].get_providers() else "cpu"
+        on_gpu = "CUDAExecutionProvider" in self.sessions["score"].get_providers()
+        self.device = device if on_gpu else "cpu"
+        # ONNX Runtime's CPU kernels (MLAS) are batch-invariant (checked again at load); cuDNN/cuBLAS are not.
+        self.tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
+        mode = "io binding" if on_gpu else "run"
+        self.execution = {t: mode + (f", tiles of {self.tile} rows" if self.tile else "") for t in self.sessions}
 
-    def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    def _infer(self, task: str, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        sess = self.sessions[task]
+        if self._device_id is None or self.device == "cpu":
+            return sess.run([output], feeds)[0]
+        import onnxruntime as ort
+
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", self._device_id))
+        binding.bind_output(output, "cuda", self._device_id)
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _score(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         feeds = {"x": x.astype(np.float32, copy=False)}
         if noise is not None:
             feeds["noise"] = noise.astype(np.float32, copy=False)
-        return self.sessions["score"].run(["log_prob"], feeds)[0].astype(np.float64)
+        return self._infer("score", "log_prob", feeds).astype(np.float64)
+
+    def _sample(self, z: np.ndarray) -> np.ndarray:
+        return self._infer("sample", "x", {"z": z.astype(np.float32, copy=False), "temperature": np.array(1.0, dtype=np.float32)})
+
+    def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        return in_tiles(self._score, (x, noise), self.tile)
 
     def sample(self, z: np.ndarray) -> np.ndarray:
-        return self.sessions["sample"].run(["x"], {"z": z.astype(np.float32, copy=False), "temperature": np.array(1.0, dtype=np.float32)})[0]
+        return in_tiles(self._sample, (z,), self.tile)
+
+
+def check_batch_invariance(runner: Runner, settings: Settings) -> None:
+    """Probe rows scored alone and inside larger batches must agree bit for bit (``batch_invariant``).
+
+    A runner without tiles that fails switches to tiles of ``tile_rows`` (with a warning); one that
+    fails with tiles (kernels that depend on a row's position) is reported in its ``execution``.
+    """
+    from .tasks import dequantization_noise
+
+    if not settings.batch_invariant:
+        return
+    m = runner.manifest
+    n = 2 * max(settings.tile_rows, 64) + 5
+    x = m.data_spec.random_examples(n, seed=11).astype(np.float32)
+    noise = dequantization_noise(m, n, 11)
+
+    def agrees() -> bool:
+        alone = runner.log_prob(x[:3], None if noise is None else noise[:3])
+        for size, at in ((19, 7), (n, n - 3), (n, settings.tile_rows - 1)):
+            idx = np.r_[np.arange(3, 3 + at), np.arange(3), np.arange(3 + at, size)]
+            got = runner.log_prob(x[idx], None if noise is None else noise[idx])[at : at + 3]
+            if not np.array_equal(got, alone, equal_nan=True):
+                return False
+        return True
+
+    if agrees():
+        return
+    if runner.tile is None:
+        log.warning("%s on %s: rows differ with their batch-mates; computing in tiles of %d rows", runner.backend, runner.device,
+                    settings.tile_rows)
+        runner.tile = settings.tile_rows
+        runner.execution = {t: f"{mode}, tiles of {runner.tile} rows" for t, mode in runner.execution.items()}
+        if agrees():
+            return
+    log.warning("%s on %s: rows differ with their position in a tile; results may change in the last bits with batch-mates",
+                runner.backend, runner.device)
+    runner.execution = {t: f"{mode}, not batch-invariant" for t, mode in runner.execution.items()}
 
 
 def choose_backend(manifest: Manifest, setting: str) -> str:
@@ -110,4 +313,4 @@ def open_runner(path: Path, device: str, settings: Settings) -> Runner:
         return OnnxRunner(path, device, settings)
     if settings.require_gpu and not device.startswith("cuda"):
         raise RuntimeError(f"FLOWSERVE_REQUIRE_GPU=1 but the worker device is {device}")
-    return TorchRunner(path, device)
+    return TorchRunner(path, device, settings)

@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"], description="'auto', 'cpu', or e.g. 'cuda:0,cuda:1'")
+    http_workers: int | None = Field(None, ge=0, le=256, description="HTTP front-end processes in front of one model-executor "
+                                     "process per device; 0 = one process for everything; default: the cores left after one per "
+                                     "executor (service.server.default_http_workers)")
+    cuda_graphs: bool = Field(True, description="torch models on CUDA replay CUDA graphs captured per batch size at warm-up")
+    batch_invariant: bool = Field(True, description="every row's result is bit-for-bit independent of its batch-mates: backends "
+                                  "whose kernels depend on the batch size compute in tiles of tile_rows rows (service.runners)")
+    tile_rows: int = Field(64, ge=1, le=65536, description="rows per tile for batch-invariant execution (a lone request is "
+                           "padded to this)")
+    shm_arena_mb: int = Field(64, ge=1, le=65536, description="shared memory per front-end for tensors on their way to and from "
+                              "the executors (MiB, in /dev/shm)")
+    access_log: bool = Field(False, description="uvicorn's access log line per request (Prometheus counts requests either way)")
     backend: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="auto: the manifest's preferred backend, else torch")
     require_gpu: bool = Field(False, description="a model that would run on CPU is not ready")
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: as torch)")

@@ -9,14 +9,15 @@ batch-mates and equal ``models.load(...).log_prob(x, seed=seed)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models import seeding
-from models.artifact import Manifest
-from models.dequantization import noise_distribution
+from models.manifest import Manifest
 
-from .runners import Runner
+if TYPE_CHECKING:
+    from .runners import Runner
 
 Payload = dict[str, np.ndarray]
 
@@ -35,12 +36,53 @@ def sample(runner: Runner, payload: Payload) -> np.ndarray:
 TASKS: dict[str, Callable[[Runner, Payload], np.ndarray]] = {"score": score, "sample": sample}
 
 
+def output_of(task: str, manifest: Manifest, rows: int) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of what ``task`` returns for ``rows`` rows (where a front-end makes room for it)."""
+    if task == "score":
+        return (rows,), np.dtype(np.float64)
+    if task == "sample":
+        return (rows, *manifest.data_spec.shape), np.dtype(np.float32)
+    raise KeyError(task)
+
+
 def dequantization_noise(manifest: Manifest, n: int, seed: int) -> np.ndarray | None:
     """Noise the model's dequantizer consumes for ``n`` rows (``None`` for continuous data)."""
     spec = manifest.data_spec
     if not spec.dequantized:
         return None
-    return seeding.dequantization_noise(noise_distribution(manifest.architecture), (n, *spec.shape), seed)
+    return seeding.dequantization_noise(seeding.noise_distribution(manifest.architecture), (n, *spec.shape), seed)
+
+
+class NoiseCache:
+    """Dequantization noise by ``(distribution, shape, seed)``, least recently used first out.
+
+    Drawing it (a PCG64 seeded per request) is a sixth of a small request's time in a front-end;
+    clients mostly send the default seed. Only small arrays are kept (``max_elements`` each), and
+    they are read-only, so a cached array cannot be changed by whoever receives it.
+    """
+
+    def __init__(self, entries: int = 256, max_elements: int = 1 << 14) -> None:
+        from collections import OrderedDict
+
+        self.entries, self.max_elements = entries, max_elements
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def noise(self, manifest: Manifest, n: int, seed: int) -> np.ndarray | None:
+        spec = manifest.data_spec
+        if not spec.dequantized:
+            return None
+        key = (seeding.noise_distribution(manifest.architecture), n, *spec.shape, seed)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        out = dequantization_noise(manifest, n, seed)
+        if out.size <= self.max_elements:
+            out.flags.writeable = False
+            self._cache[key] = out
+            if len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+        return out
 
 
 def latent(manifest: Manifest, n: int, temperature: float, seed: int | list[int]) -> np.ndarray:

@@ -26,13 +26,21 @@ def resolve_devices(devices: list[str]) -> list[str]:
 
 
 class DeviceWorker:
-    """Runs callables on one device, one at a time, in its own thread."""
+    """Runs callables on one device, one at a time, in its own thread, or ``inline`` on the caller's.
 
-    def __init__(self, device: str) -> None:
+    Inline suits an executor process (:mod:`service.executor`), where nothing else needs the event
+    loop while a batch computes (messages wait in ZeroMQ and join the next batch), and a second
+    thread would contend for the GIL with the loop's socket I/O and add a thread hop to every batch.
+    """
+
+    def __init__(self, device: str, inline: bool = False) -> None:
         self.device = device
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flowserve-{device}")
+        self.inline = inline
+        self._executor = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flowserve-{device}")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            return fn(*args)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
@@ -43,4 +51,5 @@ class DeviceWorker:
         return int(torch.cuda.memory_allocated(torch.device(self.device)))
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)

@@ -40,5 +40,6 @@ def repository(tiny_glow_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from tests.server import running_server
 
-    with running_server(repository, tmp_path_factory.mktemp("srv"), FLOWSERVE_MAX_QUEUE_DELAY_MS="5") as s:
+    # The default process layout, with two HTTP front-ends in front of the executor (as on a machine with 3+ cores).
+    with running_server(repository, tmp_path_factory.mktemp("srv"), FLOWSERVE_MAX_QUEUE_DELAY_MS="5", FLOWSERVE_HTTP_WORKERS="2") as s:
         yield s

@@ -41,14 +41,17 @@ def running_server(repository: Path, tmp: Path, **env: str) -> Iterator[Server]:
     server = Server(proc, port, log)
     try:
         deadline = time.monotonic() + 60
+        ready = 0
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200:
+            try:  # every HTTP front-end answers on the port; 8 fresh connections in a row ready ≈ all of them
+                ready = ready + 1 if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200 else 0
+                if ready >= 8:
                     break
+                continue
             except httpx.HTTPError:
-                pass
+                ready = 0
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready in 60 s:\n{log.read_text()}")
             time.sleep(0.1)
@@ -60,6 +63,31 @@ def running_server(repository: Path, tmp: Path, **env: str) -> Iterator[Server]:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the direct children of ``pid`` (Linux ``/proc``)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                out.append((int(child), Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except FileNotFoundError:  # it exited meanwhile
+                pass
+    return out
+
+
+def executor_pids(server: Server) -> list[int]:
+    return [p for p, cmd in children(server.proc.pid) if "service.executor" in cmd]
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            total += int(line.split()[1]) * 1024
+    return total + sum(tree_rss_bytes(c) for c, _ in children(pid))
 
 
 def metric_samples(server: Server, family: str) -> list:

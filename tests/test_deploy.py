@@ -2,7 +2,8 @@
 
 * Kubernetes manifests validate against the Kubernetes schemas (kubernetes-validate, strict).
 * The KServe InferenceService (a CRD) and the adapter rules are checked for the fields we rely on.
-* Every metric name the dashboard, the HPA and the adapter rules use is exported by the running service.
+* Every metric name the dashboard, the HPA and the adapter rules use is exported by the running
+  service in its multi-process layout (two front-ends and an executor, metrics aggregated).
 * The Dockerfile installs through the Makefile (no second dependency list) and probes the V2 health route.
 * ``docker compose config`` accepts the compose file where the compose plugin is installed.
 """
@@ -52,6 +53,20 @@ def test_deployment_probes_gpu_and_draining() -> None:
     cm = docs(ROOT / "deploy/k8s/configmap.yaml")[0]["data"]
     sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > sleep + float(cm["FLOWSERVE_DRAIN_TIMEOUT_S"])
+
+
+def test_shared_memory_for_the_process_layout() -> None:
+    """Front-ends pass tensors to executors through /dev/shm: every way of running the image gives it room
+    (Docker's default /dev/shm is 64 MiB, one front-end's arena)."""
+    pod = docs(ROOT / "deploy/k8s/deployment.yaml")[0]["spec"]["template"]["spec"]
+    isvc = docs(ROOT / "deploy/kserve/inferenceservice.yaml")[0]["spec"]["predictor"]
+    for spec in (pod, isvc):
+        [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        [vol] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert vol["emptyDir"]["medium"] == "Memory"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for svc in ("flowserve", "flowserve-cpu"):
+        assert compose["services"][svc]["shm_size"] in ("1gb", "2gb")
 
 
 def test_kserve_inferenceservice_shape() -> None:

@@ -22,20 +22,13 @@ import numpy as np
 import pytest
 
 from models.data import load_dataset
-from tests.server import metric_value, running_server, wait_for_metric
+from tests.server import metric_value, running_server, tree_rss_bytes, wait_for_metric
 
 pytestmark = pytest.mark.slow
 TEST = load_dataset("digits").split("test")
 BODIES = [json.dumps({"instances": TEST[i : i + 1].tolist(), "seed": i}).encode() for i in range(64)]
 SOAK_SECONDS = int(os.environ.get("FLOWSERVE_SOAK_SECONDS", "300"))  # shorter for a quick look, never in CI
 WARMUP_SECONDS = 60
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def closed_loop(url: str, concurrency: int, seconds: float) -> float:
@@ -121,12 +114,12 @@ def test_twice_saturation_for_five_minutes(repository: Path, tmp_path: Path) -> 
 
         def tick(t: float) -> None:
             if int(t) % 15 == 0:
-                series.append(rss_bytes(s.proc.pid) // 2**20)
+                series.append(tree_rss_bytes(s.proc.pid) // 2**20)
             if t >= WARMUP_SECONDS and "warm" not in rss:
-                rss["warm"] = rss_bytes(s.proc.pid)
+                rss["warm"] = tree_rss_bytes(s.proc.pid)
 
         tally = asyncio.run(open_loop(s.url, 2 * saturation, SOAK_SECONDS, tick))
-        rss["end"] = rss_bytes(s.proc.pid)
+        rss["end"] = tree_rss_bytes(s.proc.pid)
         print(f"\nsoak: saturation {saturation:.0f} req/s, offered {2 * saturation:.0f} req/s for {SOAK_SECONDS} s: {tally}; "
               f"RSS after warm-up {rss['warm'] / 2**20:.1f} MiB, at end {rss['end'] / 2**20:.1f} MiB; every 15 s (MiB): {series}")
         assert tally["other"] == 0 and tally["connection_errors"] == 0 and tally["503_without_retry_after"] == 0, tally

@@ -1,18 +1,14 @@
-"""Request-scoped dependencies: the service state, API-key check, drain check."""
+"""Request-scoped dependencies: the service state and its inference core."""
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from ..core import InferenceCore
-from ..errors import Unauthorized, Unavailable
 from ..metrics import Metrics
-from ..repository import ModelRepository
 from ..settings import Settings
-from ..workers import DeviceWorker
 
 
 @dataclass
@@ -21,8 +17,7 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics
-    workers: list[DeviceWorker]
-    repository: ModelRepository
+    repository: object  # ModelRepository (in-process) or frontend.RemoteRepository: models, get, reload, not_ready_reason
     core: InferenceCore
     draining: bool = False
     inflight: int = 0
@@ -35,19 +30,3 @@ def state(request: Request) -> ServiceState:
 
 def core(request: Request) -> InferenceCore:
     return state(request).core
-
-
-def require_key(request: Request) -> None:
-    """Bearer API key check when ``FLOWSERVE_API_KEYS`` is set; also refuses work that arrived while draining
-    (requests already in flight when SIGTERM came are served)."""
-    s = state(request)
-    if s.draining and request.scope.get("state", {}).get("arrived_draining", True):
-        raise Unavailable("server is shutting down", "draining", 5)
-    keys = s.settings.api_keys
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        s.metrics.rejections.labels("", "unauthorized").inc()
-        raise Unauthorized()

@@ -64,6 +64,18 @@ def check_values(x: np.ndarray, spec: DataSpec, field: str) -> np.ndarray:
         raise BadRequest(f"{field}: expected shape (N, {', '.join(map(str, spec.shape))}), got {tuple(x.shape)}")
     if len(x) == 0:
         raise BadRequest(f"{field}: no instances")
+    # One vectorised test for the common case (NaN fails every comparison); the detailed checks name the culprit.
+    if spec.discrete:
+        ok = bool(((x >= 0) & (x <= spec.levels - 1) & (x == np.rint(x))).all())
+    else:
+        ok = bool(np.abs(x).max() <= FLOAT32_MAX)
+    if not ok:
+        _refuse(x, spec, field)
+    return x.astype(np.float32)
+
+
+def _refuse(x: np.ndarray, spec: DataSpec, field: str) -> None:
+    """Raise the :class:`BadRequest` that names the first offending value of ``x``."""
     bad = ~np.isfinite(x)
     if bad.any():
         i = int(np.argwhere(bad)[0][0])
@@ -72,13 +84,9 @@ def check_values(x: np.ndarray, spec: DataSpec, field: str) -> np.ndarray:
     if big.any():
         idx = tuple(int(v) for v in np.argwhere(big)[0])
         raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is beyond float32 (|x| ≤ {FLOAT32_MAX:.4g})")
-    if spec.discrete:
-        hi = spec.levels - 1
-        out = (x < 0) | (x > hi) | (x != np.round(x))
-        if out.any():
-            idx = tuple(int(v) for v in np.argwhere(out)[0])
-            raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is not an integer level in 0..{hi}")
-    return x.astype(np.float32)
+    hi = spec.levels - 1
+    idx = tuple(int(v) for v in np.argwhere((x < 0) | (x > hi) | (x != np.round(x)))[0])
+    raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is not an integer level in 0..{hi}")
 
 
 def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from models.imageio import png_bytes
@@ -17,7 +17,7 @@ from models.plots import MAX_PANELS, waveform_png
 
 from ..core import Bound
 from ..errors import BadRequest
-from .deps import core, require_key, state
+from .deps import core, state
 from .inputs import decode_upload, impute_records, instances_to_array, media_type, parse_json, read_body
 from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, error_responses, json_body, parse
 
@@ -76,6 +76,8 @@ class ModelInfo(BaseModel):
     tasks: list[str] | None = None
     devices: list[str] | None = None
     backend: str | None = None
+    execution: dict[str, str] | None = Field(None, description="per task: how it runs (CUDA graphs and their batch sizes, IO "
+                                             "binding, tiles for batch-invariant results, or eager)")
     load_seconds: float | None = None
 
 
@@ -187,7 +189,7 @@ async def describe_model(name: str, request: Request) -> ModelInfo:
     return ModelInfo(**core(request).entry(name).describe())
 
 
-@router.post("/models/{name}/score", dependencies=[Depends(require_key)], response_model=ScoreResponse, responses=INFERENCE_ERRORS,
+@router.post("/models/{name}/score", response_model=ScoreResponse, responses=INFERENCE_ERRORS,
              openapi_extra=json_body(ScoreRequest, "image/png", "image/jpeg", "application/x-npy"))
 async def score(name: str, request: Request) -> ScoreResponse:
     """Log-likelihood per instance: JSON ``{"instances": [...]}``, or a PNG/JPEG/NPY body
@@ -207,7 +209,7 @@ async def score(name: str, request: Request) -> ScoreResponse:
                          results=[ScoreResult(log_prob=lp, bits_per_dim=b) for lp, b in zip(s.log_prob.tolist(), s.bits_per_dim.tolist())])
 
 
-@router.post("/models/{name}/sample", dependencies=[Depends(require_key)], response_model=SampleResponse, response_model_exclude_none=True,
+@router.post("/models/{name}/sample", response_model=SampleResponse, response_model_exclude_none=True,
              responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "samples (JSON), or with "
                                                   "Accept: image/png a PNG: a grid (image models) or traces (waveform models)"}},
              openapi_extra=json_body(SampleRequest, required=False))
@@ -232,14 +234,14 @@ async def sample(name: str, request: Request) -> Response | SampleResponse:
                           samples=samples, records=records)
 
 
-@router.post("/repository/reload", dependencies=[Depends(require_key)], response_model=ReloadResponse,
+@router.post("/repository/reload", response_model=ReloadResponse,
              responses=error_responses(401, 500, 503))
 async def reload(request: Request) -> ReloadResponse:
     """Load new or changed model versions, warm them, swap atomically, drain the old ones."""
     return ReloadResponse(changes=await state(request).repository.reload())
 
 
-@router.post("/models/{name}/anomaly", dependencies=[Depends(require_key)], response_model=AnomalyResponse, response_model_exclude_none=True,
+@router.post("/models/{name}/anomaly", response_model=AnomalyResponse, response_model_exclude_none=True,
              responses={**INFERENCE_ERRORS, 200: {"content": {"image/png": {}}, "description": "anomaly scores (JSON), or "
                                                   "with Accept: image/png (waveform models) a plot of the windows with their "
                                                   "attributed segments shaded"}},

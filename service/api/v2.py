@@ -13,14 +13,14 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.artifact import flowserve_version
+from models.manifest import flowserve_version
 
 from ..errors import BadRequest
-from .deps import core, require_key, state
+from .deps import core, state
 from .inputs import check_values, parse_json, read_body
 from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, json_body, parse
 
@@ -152,8 +152,9 @@ async def live() -> Live:
 @router.get("/health/ready", response_model=Ready, responses=_not_ready(Ready))
 async def ready(request: Request) -> JSONResponse:
     s = state(request)
-    ok = not s.draining and s.repository.loaded_once.is_set()
-    body = Ready(ready=ok, error=None if ok else "server is shutting down" if s.draining else "models are still loading")
+    error = "server is shutting down" if s.draining else s.repository.not_ready_reason()
+    ok = error is None
+    body = Ready(ready=ok, error=error)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
 
@@ -162,7 +163,7 @@ async def ready(request: Request) -> JSONResponse:
 async def model_metadata(request: Request, name: str, version: str | None = None) -> ModelMetadata:
     entry = core(request).entry(name, version)
     meta = ModelMetadata(name=name, versions=[entry.version],
-                         platform=f"flowserve_{entry.runners[0].backend}" if entry.runners else "flowserve")
+                         platform=f"flowserve_{entry.backend}" if entry.backend else "flowserve")
     if entry.manifest is not None:
         meta.inputs = [MetadataTensor(name="input", datatype="FP32", shape=[-1, *entry.manifest.data_spec.shape])]
         meta.outputs = [MetadataTensor(name=o, datatype="FP64", shape=[-1]) for o in OUTPUTS]
@@ -237,11 +238,11 @@ def encode_outputs(req: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[l
     return tensors, blobs
 
 
-@router.post("/models/{name}/infer", dependencies=[Depends(require_key)], response_model=InferResponse,
+@router.post("/models/{name}/infer", response_model=InferResponse,
              responses={**INFERENCE_ERRORS, 200: {"content": {"application/octet-stream": {}},
                                                   "description": "JSON, or JSON + binary tensors (binary tensor extension)"}},
              openapi_extra=json_body(InferRequest, "application/octet-stream"))
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)], response_model=InferResponse,
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse,
              responses=INFERENCE_ERRORS,
              openapi_extra=json_body(InferRequest))
 async def infer(request: Request, name: str, version: str | None = None) -> Response:

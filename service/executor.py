@@ -1,0 +1,262 @@
+"""The model-executor process: one per device, owner of its models, batchers and compute.
+
+It loads the repository onto its device (:class:`~service.repository.ModelRepository`, the
+same code the single-process server runs), and serves the front-ends over a ZeroMQ ROUTER
+socket (:mod:`service.transport`). A ``run`` message names a model version, a task and where
+its tensors lie in the sending front-end's shared-memory arena; the executor copies the inputs
+out, submits them to that model's batcher, where rows from every front-end form batches
+together, writes the result into the arena and answers ``done`` (or ``error``/``cancelled``).
+
+The model table (each model's version, state and reason) goes to every front-end that said
+``hello``, again after each reload; a reload answers only once every front-end acknowledged
+the new table, so after ``POST /v1/repository/reload`` returns, every front-end routes to the
+new versions. SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have
+drained) finishes in-flight work and exits. A device fault that leaves the device unusable
+(a CUDA error other than out-of-memory) ends the process with :data:`EXIT_DEVICE_FAULT`, and
+the supervisor starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from .errors import ServiceError, Unavailable
+from .memory import limit_malloc_arenas, trim_malloc_every
+from .metrics import Metrics
+from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
+from .transport import Arena, pack, unpack
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 2.0
+_FATAL = re.compile(r"CUDA (error|failure)|illegal memory access|device-side assert|unspecified launch failure|ECC error", re.I)
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA error after which the device context cannot be trusted (out-of-memory is not one)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and bool(_FATAL.search(text)) and "out of memory" not in text.lower()
+
+
+class Executor:
+    """The executor's state and message handlers (one instance per process)."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        import torch
+
+        from .repository import ModelRepository
+        from .workers import DeviceWorker
+
+        self.spec = spec
+        self.settings = s = spec.settings
+        self.device = spec.devices[spec.index]
+        if self.device == "cpu":
+            torch.set_num_threads(s.torch_threads or max(1, _cores() - (s.http_workers or 1)))
+        self.metrics = Metrics()
+        if spec.incarnation > 0:
+            self.metrics.executor_restarts.labels(self.device).inc()
+        self.worker = DeviceWorker(self.device, inline=True)
+        self.repository = ModelRepository(s, [self.worker], self.metrics)
+        self.epoch = f"{os.getpid()}.{spec.incarnation}"
+        self.arenas: dict[str, Arena] = {}
+        self.peers: set[bytes] = set()
+        self.running: dict[tuple[bytes, int], asyncio.Task] = {}
+        self.generation = 0
+        self._acks: dict[int, tuple[set[bytes], asyncio.Event]] = {}
+        self._reload_lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self.sock: zmq.asyncio.Socket | None = None
+        self._outbox: dict[bytes, list[dict]] = {}
+        self._flush_scheduled = False
+
+    # --- the model table ---------------------------------------------------------------------
+
+    def _table(self) -> dict:
+        return {"op": "table", "epoch": self.epoch, "generation": self.generation, "device": self.device,
+                "loaded": self.repository.loaded_once.is_set(), "models": self.repository.table()}
+
+    async def _push_table(self) -> None:
+        """Send the table to every front-end and wait (bounded) until each acknowledged it."""
+        self.generation += 1
+        peers = set(self.peers)
+        if not peers:
+            return
+        waiting, done = set(peers), asyncio.Event()
+        self._acks[self.generation] = (waiting, done)
+        for p in peers:
+            self._post(p, self._table())
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT_S):
+                await done.wait()
+        except TimeoutError:  # a front-end that does not answer is gone (a new one says hello)
+            log.warning("no table acknowledgement from %d front-end(s); forgetting them", len(waiting))
+            self.peers -= waiting
+        finally:
+            self._acks.pop(self.generation, None)
+
+    async def reload(self) -> dict[str, str]:
+        async with self._reload_lock:
+            changes = await self.repository.reload()
+            await self._push_table()
+            return changes
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _arena(self, path: str) -> Arena:
+        arena = self.arenas.get(path)
+        if arena is None:
+            if Path(path).parent != Path(self.spec.shm_dir):
+                raise ServiceError(f"arena {path} is outside this server's shared-memory directory")
+            arena = self.arenas[path] = Arena.attach(path)
+        return arena
+
+    async def _run(self, peer: bytes, h: dict) -> None:
+        rid = h["id"]
+        try:
+            if h.get("epoch") != self.epoch:  # sent to this executor's predecessor: its region may be reused already
+                raise Unavailable("the model executor restarted; retry", "executor_restart", 1)
+            arena = self._arena(h["shm"])
+            payload = {k: arena.view(ref).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
+            entry = self.repository.get_version(h["model"], h["version"])
+            out = await entry.batcher(h["task"]).submit(payload, h["timeout_s"])
+            arena.view(h["output"])[...] = out
+            reply = {"op": "done", "id": rid}
+        except asyncio.CancelledError:
+            reply = {"op": "cancelled", "id": rid}
+        except ServiceError as e:
+            reply = {"op": "error", "id": rid, "status": e.status, "reason": e.reason, "message": e.message, "headers": e.headers}
+        except Exception as e:  # noqa: BLE001 - reported to the front-end, which answers 500 with a request id
+            fault = is_device_fault(e)
+            log.exception("task %s on %s/%s failed%s", h.get("task"), h.get("model"), h.get("version"),
+                          "; the device is unusable, exiting for a restart" if fault else "")
+            reply = {"op": "error", "id": rid, "status": 503 if fault else 500, "reason": "device_fault" if fault else "internal",
+                     "message": f"{type(e).__name__}: {e}".splitlines()[0], "headers": {"Retry-After": "5"} if fault else {}}
+            if fault:
+                asyncio.get_running_loop().call_later(0.05, os._exit, EXIT_DEVICE_FAULT)
+        finally:
+            self.running.pop((peer, rid), None)
+        self._post(peer, reply)
+
+    async def _reload_for(self, peer: bytes, rid: int) -> None:
+        try:
+            reply = {"op": "reloaded", "id": rid, "changes": await self.reload()}
+        except Exception as e:  # noqa: BLE001
+            log.exception("reload failed")
+            reply = {"op": "error", "id": rid, "status": 500, "reason": "internal", "message": f"reload failed: {e}", "headers": {}}
+        self._post(peer, reply)
+
+    def _post(self, peer: bytes, msg: dict) -> None:
+        """Queue ``msg`` for a front-end; what a turn of the event loop posts leaves as one frame per front-end."""
+        box = self._outbox.setdefault(peer, [])
+        box.append(msg)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        boxes, self._outbox = self._outbox, {}
+        for peer, msgs in boxes.items():
+            self.sock.send_multipart([peer, pack(msgs)], flags=zmq.NOBLOCK)  # a ROUTER drops what a gone peer cannot take
+
+    def _dispatch(self, peer: bytes, h: dict) -> None:
+        op = h["op"]
+        if op == "run":
+            self.running[(peer, h["id"])] = asyncio.create_task(self._run(peer, h))
+        elif op == "cancel":
+            task = self.running.get((peer, h["id"]))
+            if task is not None:
+                task.cancel()
+        elif op == "hello":
+            self.peers.add(peer)
+            self._post(peer, self._table())
+        elif op == "table_ack":
+            waiting = self._acks.get(h["generation"])
+            if waiting is not None:
+                waiting[0].discard(peer)
+                if not waiting[0]:
+                    waiting[1].set()
+        elif op == "reload":
+            asyncio.create_task(self._reload_for(peer, h["id"]))
+        else:
+            log.warning("unknown message %r from %r", op, peer)
+
+    # --- the process -------------------------------------------------------------------------
+
+    async def _publish_memory(self) -> None:
+        while True:
+            mem = self.worker.memory_allocated()
+            if mem is not None:
+                self.metrics.device_memory.labels(self.device).set(mem)
+            await asyncio.sleep(2.0)
+
+    async def _receive(self) -> None:
+        while True:
+            peer, frame = await self.sock.recv_multipart()
+            try:
+                for h in unpack(frame):
+                    self._dispatch(peer, h)
+            except Exception:  # noqa: BLE001 - a malformed message never stops the executor
+                log.exception("message from %r not handled", peer)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides when executors stop
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        ctx = zmq.asyncio.Context()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        address = self.spec.executor_address(self.spec.index)
+        Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
+        self.sock.bind(address)
+        log.info("executor %d on %s listening at %s", self.spec.index, self.device, address)
+        background = [asyncio.create_task(self.reload()), asyncio.create_task(self._publish_memory()),
+                      asyncio.create_task(trim_malloc_every(self.settings.malloc_trim_s))]
+        receiver = asyncio.create_task(self._receive())
+        await self.stopping.wait()
+        receiver.cancel()
+        # SIGTERM: the front-ends have drained; finish what is still running, then go.
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in background:
+            t.cancel()
+        await self.repository.close()
+        self.worker.shutdown()
+        self.sock.close(0)
+        ctx.term()
+        log.info("executor %d stopped", self.spec.index)
+
+
+def _cores() -> int:
+    from .process import available_cores
+
+    return available_cores()
+
+
+def main() -> None:
+    spec = read_child_spec()
+    die_with_parent(spec.parent)
+    child_logging("executor", spec.index)
+    limit_malloc_arenas(spec.settings.malloc_arenas)
+    try:
+        from uvloop import run
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
+        from asyncio import run
+    run(Executor(spec).serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""The HTTP front-end process and its view of the executors.
+
+A front-end runs the FastAPI app (codecs, validation, the inference core) and holds no model:
+its repository is a :class:`RemoteRepository` that mirrors the executors' model tables, and each
+entry's batchers are :class:`RemoteBatcher`\\ s that hand tensors to an executor through this
+process's shared-memory arena (:mod:`service.transport`). Several front-ends accept on one port
+(``SO_REUSEPORT``: the kernel spreads connections over them).
+
+When an executor dies, its connection drops at once (ZeroMQ's socket monitor): every request
+it held is answered 503 with Retry-After, its models read "loading" until the restarted
+executor has loaded them again, and the front-end itself stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from models.manifest import Manifest, read_manifest
+
+from . import tasks
+from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
+from .errors import BadRequest, NotFound, ServiceError, Unavailable
+from .process import ChildSpec
+from .settings import Settings
+from .transport import Arena, Layout, pack, unpack
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 1.0  # beyond the request timeout, for the executor's own timeout answer to arrive
+_RESTARTING = "executor_restart"
+
+
+class RemoteError(ServiceError):
+    """An error the executor reported, with its status, reason and headers."""
+
+    def __init__(self, h: dict) -> None:
+        super().__init__(h["message"], h.get("headers") or {})
+        self.status, self.reason = int(h["status"]), h.get("reason", "internal")
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future
+    offset: int | None  # the request's region in the arena (None for control requests)
+    holders: int = 2  # the waiting request and the executor's answer; the region is freed when both let go
+
+
+class ExecutorLink:
+    """This front-end's connection to one executor: a DEALER socket, its monitor, the requests in flight."""
+
+    def __init__(self, index: int, device: str, address: str, ctx: zmq.asyncio.Context, identity: bytes, arena: Arena,
+                 on_table) -> None:  # noqa: ANN001 - Callable[[ExecutorLink], None]
+        self.index, self.device, self.address, self.arena = index, device, address, arena
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, identity)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a dead executor: a send fails instead
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.on_table = on_table
+        self.connected = False
+        self.epoch: str | None = None
+        self.table: dict | None = None
+        self.ready: set[tuple[str, str]] = set()  # (model, version) this executor serves
+        self.ever_loaded = False
+        self.pending: dict[int, _Pending] = {}
+        self.rows = 0  # rows this front-end has in flight on this executor
+        self._outbox: list[dict] = []
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self.sock.connect(self.address)
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._read())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._lost("the server is shutting down")
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+
+    @property
+    def live(self) -> bool:
+        return self.connected and self.epoch is not None
+
+    # --- connection events -------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            event = await recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                await self._hello()
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self.connected:
+                log.warning("executor %d (%s) went away; its requests get 503 until it is back", self.index, self.device)
+                self._lost(f"the executor for {self.device} stopped; it is restarting")
+                self.on_table(self)
+
+    def _lost(self, why: str) -> None:
+        """The executor is gone: nothing it held will be answered, so answer and free everything now."""
+        self.connected, self.epoch = False, None
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(Unavailable(why, _RESTARTING, 2))
+            self._release(p)
+
+    async def _hello(self) -> None:
+        """Introduce this front-end (the executor answers with its table). The socket may take a
+        moment after the handshake before it accepts messages."""
+        for _ in range(100):
+            try:
+                return await self.sock.send(pack([{"op": "hello"}]), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                await asyncio.sleep(0.02)
+        log.warning("executor %d (%s): connected but not accepting messages", self.index, self.device)
+
+    async def _read(self) -> None:
+        while True:
+            for h in unpack(await self.sock.recv()):
+                if h["op"] == "table":
+                    self.epoch, self.table = h["epoch"], h
+                    self.ready = {(m["name"], m["version"]) for m in h["models"] if m["state"] == "ready"}
+                    self.ever_loaded = self.ever_loaded or bool(h["loaded"])
+                    self.on_table(self)
+                    self._post({"op": "table_ack", "generation": h["generation"]})
+                    continue
+                p = self.pending.pop(h.get("id"), None)
+                if p is None:  # an answer to a request this process already gave up and forgot
+                    continue
+                if not p.future.done():
+                    p.future.set_result(h)
+                self._release(p)
+
+    def _release(self, p: _Pending) -> None:
+        p.holders -= 1
+        if p.holders == 0 and p.offset is not None:
+            self.arena.free(p.offset)
+
+    def _post(self, msg: dict) -> None:
+        """Queue ``msg`` for the executor; everything posted in one turn of the event loop leaves as one frame."""
+        if not self.connected:
+            raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
+        self._outbox.append(msg)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        sent = self.sock.send(pack(batch), flags=zmq.NOBLOCK)  # completes at once: sent, or Again (IMMEDIATE)
+        if sent.done() and sent.exception() is not None:
+            sent.exception()  # retrieved
+            for msg in batch:  # never reached the executor: its share of each region is ours to release
+                p = self.pending.pop(msg.get("id"), None) if msg["op"] in ("run", "reload") else None
+                if p is not None:
+                    if not p.future.done():
+                        p.future.set_exception(Unavailable(f"the executor for {self.device} is not available; it is restarting",
+                                                           _RESTARTING, 2))
+                    self._release(p)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def request(self, msg: dict, timeout_s: float) -> dict:
+        """A control request (``reload``) and its answer."""
+        rid = next(self._ids)
+        p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), None)
+        try:
+            self._post({**msg, "id": rid})
+            async with asyncio.timeout(timeout_s):
+                h = await p.future
+        finally:
+            self.pending.pop(rid, None)
+        if h["op"] == "error":
+            raise RemoteError(h)
+        return h
+
+    async def run(self, model: str, version: str, task: str, arrays: Payload, out_shape: tuple[int, ...], out_dtype: np.dtype,
+                  timeout_s: float, gone: Gone | None) -> np.ndarray:
+        """Run ``task`` on ``arrays`` in the executor; the result has ``out_shape`` and ``out_dtype``."""
+        rows = len(next(iter(arrays.values())))
+        if not self.live:
+            raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
+        try:
+            offset = await self.arena.alloc_wait(Layout.size(arrays, out_shape, out_dtype), timeout_s)
+        except TimeoutError:
+            raise Unavailable("shared memory for requests stayed full; retry later", "queue_full", 1) from None
+        layout = Layout.plan(offset, arrays, out_shape, out_dtype)
+        for k, a in arrays.items():
+            self.arena.view(layout.inputs[k])[...] = a
+        rid = next(self._ids)
+        p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), offset)
+        self.rows += rows
+        unwatch = watch_client(p.future, gone, f"model {model!r}")
+        try:
+            if not self.live:  # it went away while we waited for room in the arena
+                raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
+            self._post({"op": "run", "id": rid, "epoch": self.epoch, "model": model, "version": version, "task": task,
+                        "timeout_s": timeout_s, "shm": str(self.arena.path), "inputs": layout.inputs, "output": layout.output})
+            try:
+                async with asyncio.timeout(timeout_s + GRACE_S):
+                    h = await p.future
+            except TimeoutError:
+                raise Unavailable(f"request to model {model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
+            if h["op"] == "done":
+                return self.arena.view(layout.output).copy()
+            if h["op"] == "cancelled":
+                raise Unavailable(f"request to model {model!r} was cancelled", "cancelled", 1)
+            raise RemoteError(h)
+        finally:
+            unwatch()
+            self.rows -= rows
+            if rid in self.pending:  # we gave up first (timeout, client gone, cancelled)
+                if self.live:  # the executor still holds the region: it answers the cancel, then we free it
+                    self._post({"op": "cancel", "id": rid})
+                else:  # nothing was or will be sent for it
+                    del self.pending[rid]
+                    self._release(p)
+            self._release(p)
+
+
+class RemoteBatcher:
+    """A (model, version, task) of the executors, with the in-process batcher's ``submit``."""
+
+    def __init__(self, repository: RemoteRepository, model: str, version: str, task: str, manifest: Manifest) -> None:
+        self.repository, self.model, self.version, self.task, self.manifest = repository, model, version, task, manifest
+
+    async def submit(self, payload: Payload, timeout_s: float, gone: Gone | None = None) -> np.ndarray:
+        """Rows of ``payload`` → their results, through the least-loaded executor serving this version.
+        A request larger than a quarter of the arena goes in row chunks (rows never depend on each other)."""
+        links = self.repository.serving(self.model, self.version)
+        if not links:
+            raise Unavailable(f"model {self.model!r} is not ready on any executor (restarting?)", "not_ready", 2)
+        link = min(links, key=lambda link: link.rows)
+        rows = len(next(iter(payload.values())))
+        out_shape, out_dtype = tasks.output_of(self.task, self.manifest, rows)
+        row_bytes = Layout.size({k: v[:1] for k, v in payload.items()}, (1, *out_shape[1:]), out_dtype)
+        arena = link.arena
+        if row_bytes > arena.size:
+            raise BadRequest(f"one row needs {row_bytes} bytes of shared memory; the arena holds {arena.size} "
+                             "(raise FLOWSERVE_SHM_ARENA_MB)")
+        step = max(1, arena.size // 4 // row_bytes)
+        if rows <= step:
+            return await link.run(self.model, self.version, self.task, payload, out_shape, out_dtype, timeout_s, gone)
+        parts: list[asyncio.Task] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(0, rows, step):
+                    chunk = {k: v[i : i + step] for k, v in payload.items()}
+                    shape, _ = tasks.output_of(self.task, self.manifest, len(next(iter(chunk.values()))))
+                    parts.append(group.create_task(link.run(self.model, self.version, self.task, chunk, shape, out_dtype, timeout_s, gone)))
+        except* ServiceError as eg:
+            raise eg.exceptions[0] from None
+        return np.concatenate([t.result() for t in parts])
+
+
+class RemoteRepository:
+    """The models the executors serve, as one repository: what the inference core and the API read."""
+
+    def __init__(self, settings: Settings, spec: ChildSpec) -> None:
+        self.settings, self.spec = settings, spec
+        self.models: dict[str, ModelEntry] = {}
+        self.loaded_once = asyncio.Event()
+        self._manifests: dict[tuple[str, float], Manifest] = {}
+        self.ctx = zmq.asyncio.Context()
+        name = f"flowserve-{spec.parent}-frontend-{spec.index}-{os.getpid()}"
+        self.arena = Arena.create(Path(spec.shm_dir) / name, settings.shm_arena_mb << 20)
+        identity = f"frontend-{spec.index}-{os.getpid()}".encode()
+        self.links = [ExecutorLink(i, d, spec.executor_address(i), self.ctx, identity, self.arena, self._update)
+                      for i, d in enumerate(spec.devices)]
+
+    def start(self) -> None:
+        for link in self.links:
+            link.start()
+
+    async def close(self) -> None:
+        for link in self.links:
+            await link.close()
+        self.ctx.term()
+        self.arena.close(unlink=True)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            if not self.loaded_once.is_set():  # not "unknown" before the executors have said what they serve
+                raise Unavailable("models are still loading", "not_ready", 2) from None
+            raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}") from None
+
+    def serving(self, name: str, version: str) -> list[ExecutorLink]:
+        return [link for link in self.links if link.live and (name, version) in link.ready]
+
+    def not_ready_reason(self) -> str | None:
+        if not self.loaded_once.is_set():
+            return "models are still loading"
+        if not any(link.live for link in self.links):
+            return "every model executor is restarting"
+        return None
+
+    async def reload(self) -> dict[str, str]:
+        """Reload every executor; answers once every front-end routes to what they now serve."""
+        live = [link for link in self.links if link.live]
+        if not live:
+            raise Unavailable("no model executor is available; retry", _RESTARTING, 2)
+        answers = await asyncio.gather(*(link.request({"op": "reload"}, 600) for link in live))
+        changes: dict[str, str] = {}
+        for link, h in zip(live, answers):
+            for name, what in h["changes"].items():
+                changes[name] = what if changes.get(name, what) == what or len(live) == 1 else f"{changes[name]}; {link.device}: {what}"
+        return changes
+
+    # --- the table ---------------------------------------------------------------------------
+
+    def _manifest(self, path: str, mtime: float) -> Manifest:
+        key = (path, mtime)
+        if key not in self._manifests:
+            self._manifests[key] = read_manifest(path)
+        return self._manifests[key]
+
+    def _update(self, _link: ExecutorLink) -> None:
+        """Rebuild the model entries from every executor's table (keeping what each entry cached)."""
+        down = [link for link in self.links if not link.live]
+        seen: dict[str, list[tuple[ExecutorLink, dict]]] = {}
+        for link in self.links:
+            if link.live:
+                for m in link.table["models"]:
+                    seen.setdefault(m["name"], []).append((link, m))
+        models: dict[str, ModelEntry] = {}
+        for name, rows in seen.items():
+            ready = [(link, m) for link, m in rows if m["state"] == "ready"]
+            if ready:
+                top = max(int(m["version"]) for _, m in ready)
+                chosen = [(link, m) for link, m in ready if int(m["version"]) == top]
+            else:
+                chosen = rows[:1]
+            m = chosen[0][1]
+            state, reason = m["state"], m["reason"]
+            if not ready and down:
+                state, reason = "loading", f"the executor for {', '.join(link.device for link in down)} is restarting"
+            models[name] = self._entry(m, state, reason, [d for _, mm in chosen for d in (mm["devices"] or [])] if ready else [])
+        for name, old in self.models.items():  # models of an executor that is restarting come back with it
+            if name not in models and down:
+                old.state, old.reason = "loading", f"the executor for {', '.join(link.device for link in down)} is restarting"
+                models[name] = old
+        self.models = models
+        if all(link.ever_loaded for link in self.links):
+            self.loaded_once.set()
+
+    def _entry(self, m: dict, state: str, reason: str | None, devices: list[str]) -> ModelEntry:
+        path = Path(m["path"])
+        old = self.models.get(m["name"])
+        if not (old and old.version == m["version"] and old.path == path and old.mtime == m["mtime"] and old.manifest is not None):
+            old = ModelEntry(name=m["name"], version=m["version"], path=path, mtime=m["mtime"])
+            if m["state"] != "loading":
+                try:
+                    old.manifest = self._manifest(m["path"], manifest_mtime(path))
+                except Exception as e:  # noqa: BLE001 - unreadable here: unavailable here (a failed model keeps its reason)
+                    if m["state"] == "ready":
+                        state, reason = "failed", f"manifest unreadable by the front-end: {e}"
+            if old.manifest is not None:
+                old.batchers = {t: RemoteBatcher(self, m["name"], m["version"], t, old.manifest) for t in tasks.TASKS}
+        old.state, old.reason = state, reason
+        old.devices, old.backend, old.load_seconds = devices, m["backend"], m["load_seconds"]
+        old.execution = m.get("execution") or {}
+        return old
+
+
+def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening socket on ``host:port`` that other front-ends share (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.set_inheritable(False)
+    return sock
+
+
+def main() -> None:
+    from .app import create_frontend_app
+    from .memory import limit_malloc_arenas
+    from .process import child_logging, die_with_parent, read_child_spec
+    from .server import run_uvicorn
+
+    spec = read_child_spec()
+    die_with_parent(spec.parent)
+    child_logging("frontend", spec.index)
+    limit_malloc_arenas(spec.settings.malloc_arenas)
+    sock = reuse_port_socket(spec.settings.host, spec.port)
+    run_uvicorn(create_frontend_app(spec), spec.settings, sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""How front-ends and executors talk: tensors through shared memory, small messages over ZeroMQ.
+
+Each HTTP front-end owns one :class:`Arena`, a file in ``/dev/shm`` mapped by the front-end and,
+read/write, by every executor. For a task the front-end allocates one region holding the input
+tensors and room for the output, writes the inputs, and sends the executor a short control
+message (:func:`pack`, JSON via orjson) that names the region's offsets, shapes and dtypes.
+The executor reads the inputs in place, writes the output into the region, and answers with
+another short message. The region stays the front-end's: it is freed only after the executor's
+answer (result, error or "cancelled"), or once that executor is known to be dead, so an
+executor never writes into memory that another request has been given.
+
+The control channel is ZeroMQ (pyzmq): ROUTER in each executor, one DEALER per front-end and
+executor, over ``ipc://`` sockets. ZeroMQ gives framing, reconnection after an executor
+restart, fair queuing across front-ends and a socket monitor that reports a dead peer at once;
+it is what vLLM and LitServe use for the same job, and replaces a hand-written protocol.
+
+Message types (``op``), front-end → executor: ``hello``, ``run``, ``cancel``, ``reload``,
+``table_ack``; executor → front-end: ``table``, ``done``, ``error``, ``cancelled``, ``reloaded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+ALIGN = 64  # bytes; every tensor starts on a cache line
+TensorRef = list  # [offset, shape, dtype string]: where a tensor lies in an arena
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    return orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def unpack(frame: bytes) -> dict[str, Any]:
+    return orjson.loads(frame)
+
+
+def shm_root() -> Path:
+    """Where arenas live: ``/dev/shm`` (tmpfs) when writable, else the temporary directory."""
+    dev = Path("/dev/shm")
+    return dev if dev.is_dir() and os.access(dev, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class ArenaFull(Exception):
+    """No region of the requested size is free now."""
+
+
+class Arena:
+    """A shared-memory file with a first-fit allocator (owner side) and typed views (both sides).
+
+    Offsets and sizes are bytes. The owner (a front-end) creates the file, reserves its pages
+    (``posix_fallocate``: a too-small ``/dev/shm`` fails at start with a clear error instead of
+    a SIGBUS later) and allocates; executors :meth:`attach` and only read and write views.
+    """
+
+    def __init__(self, path: Path, size: int, mm: mmap.mmap, owner: bool) -> None:
+        self.path, self.size, self._mm, self.owner = path, size, mm, owner
+        self._free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, size) of free blocks
+        self._used: dict[int, int] = {}
+        self._freed = asyncio.Event() if owner else None
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> Arena:
+        size = _aligned(size)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise OSError(f"cannot reserve {size >> 20} MiB of shared memory at {path} ({e.strerror}); "
+                              "give /dev/shm more room (docker: --shm-size; Kubernetes: an emptyDir with medium: Memory) "
+                              "or lower FLOWSERVE_SHM_ARENA_MB") from None
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(path, size, mm, owner=True)
+
+    @classmethod
+    def attach(cls, path: str | Path) -> Arena:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(Path(path), size, mm, owner=False)
+
+    # --- allocation (owner) ------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    def alloc(self, nbytes: int) -> int:
+        """Offset of a free region of at least ``nbytes``; :class:`ArenaFull` when none is free."""
+        need = _aligned(max(nbytes, 1))
+        for i, (off, size) in enumerate(self._free):
+            if size >= need:
+                if size == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + need, size - need)
+                self._used[off] = need
+                return off
+        raise ArenaFull(f"{need} bytes")
+
+    async def alloc_wait(self, nbytes: int, timeout_s: float) -> int:
+        """:meth:`alloc`, waiting up to ``timeout_s`` for regions to be freed (back-pressure)."""
+        if _aligned(nbytes) > self.size:
+            raise ValueError(f"{nbytes} bytes exceed the arena ({self.size} bytes)")
+        try:
+            return self.alloc(nbytes)
+        except ArenaFull:
+            pass
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    return self.alloc(nbytes)
+                except ArenaFull:
+                    self._freed.clear()
+                    await self._freed.wait()
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        i = bisect.bisect(self._free, (offset, size))
+        # coalesce with the next and the previous free block
+        if i < len(self._free) and self._free[i][0] == offset + size:
+            size += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
+            offset, size = self._free[i - 1][0], self._free[i - 1][1] + size
+            i -= 1
+            self._free[i] = (offset, size)
+        else:
+            self._free.insert(i, (offset, size))
+        self._freed.set()
+
+    # --- views (both sides) ------------------------------------------------------------------
+
+    def view(self, ref: TensorRef) -> np.ndarray:
+        """The tensor ``ref`` = ``[offset, shape, dtype]`` as a numpy view into the shared memory."""
+        offset, shape, dtype = ref
+        dt = np.dtype(dtype)
+        return np.frombuffer(self._mm, dtype=dt, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+
+    def close(self, unlink: bool = False) -> None:
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with the process
+            pass
+        if unlink:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a task's tensors go in one region: each input, then the output."""
+
+    inputs: dict[str, TensorRef]
+    output: TensorRef
+    nbytes: int
+
+    @classmethod
+    def plan(cls, base: int, arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> Layout:
+        refs, pos = {}, 0
+        for k, a in arrays.items():
+            refs[k] = [base + pos, list(a.shape), a.dtype.str]
+            pos += _aligned(a.nbytes)
+        out = [base + pos, list(out_shape), np.dtype(out_dtype).str]
+        pos += _aligned(int(np.prod(out_shape, dtype=np.int64)) * np.dtype(out_dtype).itemsize)
+        return cls(refs, out, pos)
+
+    @staticmethod
+    def size(arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> int:
+        return Layout.plan(0, arrays, out_shape, out_dtype).nbytes
