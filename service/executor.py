@@ -1,14 +1,14 @@
 """The model-executor process: one per device, owner of its models, batchers and compute.
 
 It loads the repository onto its device (:class:`~service.repository.ModelRepository`, the
-same code the single-process server runs), and serves the front-ends over a ZeroMQ ROUTER
-socket (:mod:`service.transport`). A ``run`` message names a model version, a task and where
+same code the single-process server runs), and serves each front-end over its own Unix-socket
+connection (:class:`~service.transport.Channel`). A ``run`` message names a model version, a task and where
 its tensors lie in the sending front-end's shared-memory arena; the executor copies the inputs
 out, submits them to that model's batcher, where rows from every front-end form batches
 together, writes the result into the arena and answers ``done`` (or ``error``/``cancelled``).
 
-The model table (each model's version, state and reason) goes to every front-end that said
-``hello``, again after each reload; a reload answers only once every front-end acknowledged
+The model table (each model's version, state and reason) goes to every connected front-end,
+again after each reload; a reload answers only once every front-end acknowledged
 the new table, so after ``POST /v1/repository/reload`` returns, every front-end routes to the
 new versions. SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have
 drained) finishes in-flight work and exits. A device fault that leaves the device unusable
@@ -26,14 +26,11 @@ import signal
 import time
 from pathlib import Path
 
-import zmq
-import zmq.asyncio
-
-from .errors import ServiceError, Unavailable
+from .errors import ServiceError
 from .memory import limit_malloc_arenas, trim_malloc_every
 from .metrics import Metrics
 from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
-from .transport import Arena, pack, unpack
+from .transport import Arena, Channel
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +65,12 @@ class Executor:
         self.repository = ModelRepository(s, [self.worker], self.metrics)
         self.epoch = f"{os.getpid()}.{spec.incarnation}"
         self.arenas: dict[str, Arena] = {}
-        self.peers: set[bytes] = set()
-        self.running: dict[tuple[bytes, int], asyncio.Task] = {}
+        self.peers: set[Channel] = set()
+        self.running: dict[tuple[Channel, int], asyncio.Task] = {}
         self.generation = 0
-        self._acks: dict[int, tuple[set[bytes], asyncio.Event]] = {}
+        self._acks: dict[int, tuple[set[Channel], asyncio.Event]] = {}
         self._reload_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
-        self.sock: zmq.asyncio.Socket | None = None
-        self._outbox: dict[bytes, list[dict]] = {}
-        self._flush_scheduled = False
 
     # --- the model table ---------------------------------------------------------------------
 
@@ -93,7 +87,7 @@ class Executor:
         waiting, done = set(peers), asyncio.Event()
         self._acks[self.generation] = (waiting, done)
         for p in peers:
-            self._post(p, self._table())
+            p.post(self._table())
         try:
             async with asyncio.timeout(ACK_TIMEOUT_S):
                 await done.wait()
@@ -119,16 +113,15 @@ class Executor:
             arena = self.arenas[path] = Arena.attach(path)
         return arena
 
-    async def _run(self, peer: bytes, h: dict) -> None:
+    async def _run(self, peer: Channel, h: dict) -> None:
         rid = h["id"]
         try:
-            if h.get("epoch") != self.epoch:  # sent to this executor's predecessor: its region may be reused already
-                raise Unavailable("the model executor restarted; retry", "executor_restart", 1)
             arena = self._arena(h["shm"])
-            payload = {k: arena.view(ref).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
+            base = h["at"]
+            payload = {k: arena.view(ref, base).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
             entry = self.repository.get_version(h["model"], h["version"])
             out = await entry.batcher(h["task"]).submit(payload, h["timeout_s"])
-            arena.view(h["output"])[...] = out
+            arena.view(h["output"], base)[...] = out
             reply = {"op": "done", "id": rid}
         except asyncio.CancelledError:
             reply = {"op": "cancelled", "id": rid}
@@ -144,31 +137,19 @@ class Executor:
                 asyncio.get_running_loop().call_later(0.05, os._exit, EXIT_DEVICE_FAULT)
         finally:
             self.running.pop((peer, rid), None)
-        self._post(peer, reply)
+        if not peer.closed:
+            peer.post(reply)
 
-    async def _reload_for(self, peer: bytes, rid: int) -> None:
+    async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:
             reply = {"op": "reloaded", "id": rid, "changes": await self.reload()}
         except Exception as e:  # noqa: BLE001
             log.exception("reload failed")
             reply = {"op": "error", "id": rid, "status": 500, "reason": "internal", "message": f"reload failed: {e}", "headers": {}}
-        self._post(peer, reply)
+        if not peer.closed:
+            peer.post(reply)
 
-    def _post(self, peer: bytes, msg: dict) -> None:
-        """Queue ``msg`` for a front-end; what a turn of the event loop posts leaves as one frame per front-end."""
-        box = self._outbox.setdefault(peer, [])
-        box.append(msg)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        boxes, self._outbox = self._outbox, {}
-        for peer, msgs in boxes.items():
-            self.sock.send_multipart([peer, pack(msgs)], flags=zmq.NOBLOCK)  # a ROUTER drops what a gone peer cannot take
-
-    def _dispatch(self, peer: bytes, h: dict) -> None:
+    def _dispatch(self, peer: Channel, h: dict) -> None:
         op = h["op"]
         if op == "run":
             self.running[(peer, h["id"])] = asyncio.create_task(self._run(peer, h))
@@ -177,8 +158,7 @@ class Executor:
             if task is not None:
                 task.cancel()
         elif op == "hello":
-            self.peers.add(peer)
-            self._post(peer, self._table())
+            peer.post(self._table())
         elif op == "table_ack":
             waiting = self._acks.get(h["generation"])
             if waiting is not None:
@@ -199,44 +179,48 @@ class Executor:
                 self.metrics.device_memory.labels(self.device).set(mem)
             await asyncio.sleep(2.0)
 
-    async def _receive(self) -> None:
-        while True:
-            peer, frame = await self.sock.recv_multipart()
-            try:
-                for h in unpack(frame):
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One front-end's connection, until it closes; then its unfinished work is cancelled."""
+        peer = Channel(reader, writer)
+        self.peers.add(peer)
+        try:
+            while True:
+                for h in await peer.receive():
                     self._dispatch(peer, h)
-            except Exception:  # noqa: BLE001 - a malformed message never stops the executor
-                log.exception("message from %r not handled", peer)
+        except ConnectionError:
+            pass
+        except Exception:  # noqa: BLE001 - a malformed frame ends that connection, never the executor
+            log.exception("closing a front-end connection after a message it could not handle")
+        finally:
+            self.peers.discard(peer)
+            for (p, _), task in list(self.running.items()):
+                if p is peer:
+                    task.cancel()
+            peer.close()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides when executors stop
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-        ctx = zmq.asyncio.Context()
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
         address = self.spec.executor_address(self.spec.index)
-        Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
-        self.sock.bind(address)
+        Path(address).unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(self._serve_peer, address)
         log.info("executor %d on %s listening at %s", self.spec.index, self.device, address)
         background = [asyncio.create_task(self.reload()), asyncio.create_task(self._publish_memory()),
                       asyncio.create_task(trim_malloc_every(self.settings.malloc_trim_s))]
-        receiver = asyncio.create_task(self._receive())
         await self.stopping.wait()
-        receiver.cancel()
         # SIGTERM: the front-ends have drained; finish what is still running, then go.
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for t in background:
             t.cancel()
+        server.close()
+        for peer in list(self.peers):
+            peer.close()
         await self.repository.close()
         self.worker.shutdown()
-        self.sock.close(0)
-        ctx.term()
         log.info("executor %d stopped", self.spec.index)
 
 

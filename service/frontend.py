@@ -6,8 +6,8 @@ entry's batchers are :class:`RemoteBatcher`\\ s that hand tensors to an executor
 process's shared-memory arena (:mod:`service.transport`). Several front-ends accept on one port
 (``SO_REUSEPORT``: the kernel spreads connections over them).
 
-When an executor dies, its connection drops at once (ZeroMQ's socket monitor): every request
-it held is answered 503 with Retry-After, its models read "loading" until the restarted
+When an executor dies, its connection ends at once: every request it held is answered 503 with
+Retry-After, its models read "loading" until the restarted
 executor has loaded them again, and the front-end itself stays up.
 """
 
@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
 
 from models.manifest import Manifest, read_manifest
 
@@ -33,7 +30,7 @@ from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
 from .errors import BadRequest, NotFound, ServiceError, Unavailable
 from .process import ChildSpec
 from .settings import Settings
-from .transport import Arena, Layout, pack, unpack
+from .transport import Arena, Channel, Layout
 
 log = logging.getLogger(__name__)
 
@@ -57,97 +54,86 @@ class _Pending:
 
 
 class ExecutorLink:
-    """This front-end's connection to one executor: a DEALER socket, its monitor, the requests in flight."""
+    """This front-end's connection to one executor (a :class:`~service.transport.Channel`, re-made
+    whenever the executor restarts) and the requests in flight on it."""
 
-    def __init__(self, index: int, device: str, address: str, ctx: zmq.asyncio.Context, identity: bytes, arena: Arena,
-                 on_table) -> None:  # noqa: ANN001 - Callable[[ExecutorLink], None]
+    def __init__(self, index: int, device: str, address: str, arena: Arena, on_table) -> None:  # noqa: ANN001
         self.index, self.device, self.address, self.arena = index, device, address, arena
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, identity)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a dead executor: a send fails instead
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.on_table = on_table
-        self.connected = False
+        self.on_table = on_table  # Callable[[ExecutorLink], None]: the executor's table (or its loss) changed
+        self.channel: Channel | None = None
         self.epoch: str | None = None
         self.table: dict | None = None
         self.ready: set[tuple[str, str]] = set()  # (model, version) this executor serves
         self.ever_loaded = False
         self.pending: dict[int, _Pending] = {}
         self.rows = 0  # rows this front-end has in flight on this executor
-        self._outbox: list[dict] = []
         self._ids = itertools.count(1)
-        self._tasks: list[asyncio.Task] = []
+        self._task: asyncio.Task | None = None
+        self._arena_path = str(arena.path)
 
     def start(self) -> None:
-        self.sock.connect(self.address)
-        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._read())]
+        self._task = asyncio.create_task(self._connection())
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         self._lost("the server is shutting down")
-        self.sock.disable_monitor()
-        self.monitor.close(0)
-        self.sock.close(0)
 
     @property
     def live(self) -> bool:
-        return self.connected and self.epoch is not None
+        """Connected, and the executor has said what it serves."""
+        return self.channel is not None and self.epoch is not None
 
-    # --- connection events -------------------------------------------------------------------
+    # --- the connection ----------------------------------------------------------------------
 
-    async def _watch(self) -> None:
+    async def _connection(self) -> None:
+        """Connect (again after every restart of the executor), say hello, and read answers until it goes."""
         while True:
-            event = await recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-                await self._hello()
-            elif event["event"] == zmq.EVENT_DISCONNECTED and self.connected:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.address)
+            except OSError:  # not started yet, or restarting
+                await asyncio.sleep(0.05)
+                continue
+            self.channel = Channel(reader, writer)
+            self.channel.post({"op": "hello"})
+            try:
+                while True:
+                    for h in await self.channel.receive():
+                        self._handle(h)
+            except ConnectionError:
+                pass
+            was_live = self.live
+            self._lost(f"the executor for {self.device} stopped; it is restarting")
+            if was_live:
                 log.warning("executor %d (%s) went away; its requests get 503 until it is back", self.index, self.device)
-                self._lost(f"the executor for {self.device} stopped; it is restarting")
-                self.on_table(self)
+            self.on_table(self)
 
     def _lost(self, why: str) -> None:
         """The executor is gone: nothing it held will be answered, so answer and free everything now."""
-        self.connected, self.epoch = False, None
+        if self.channel is not None:
+            self.channel.close()
+        self.channel, self.epoch = None, None
         pending, self.pending = self.pending, {}
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(Unavailable(why, _RESTARTING, 2))
             self._release(p)
 
-    async def _hello(self) -> None:
-        """Introduce this front-end (the executor answers with its table). The socket may take a
-        moment after the handshake before it accepts messages."""
-        for _ in range(100):
-            try:
-                return await self.sock.send(pack([{"op": "hello"}]), flags=zmq.NOBLOCK)
-            except zmq.Again:
-                await asyncio.sleep(0.02)
-        log.warning("executor %d (%s): connected but not accepting messages", self.index, self.device)
-
-    async def _read(self) -> None:
-        while True:
-            for h in unpack(await self.sock.recv()):
-                if h["op"] == "table":
-                    self.epoch, self.table = h["epoch"], h
-                    self.ready = {(m["name"], m["version"]) for m in h["models"] if m["state"] == "ready"}
-                    self.ever_loaded = self.ever_loaded or bool(h["loaded"])
-                    self.on_table(self)
-                    self._post({"op": "table_ack", "generation": h["generation"]})
-                    continue
-                p = self.pending.pop(h.get("id"), None)
-                if p is None:  # an answer to a request this process already gave up and forgot
-                    continue
-                if not p.future.done():
-                    p.future.set_result(h)
-                self._release(p)
+    def _handle(self, h: dict) -> None:
+        if h["op"] == "table":
+            self.epoch, self.table = h["epoch"], h
+            self.ready = {(m["name"], m["version"]) for m in h["models"] if m["state"] == "ready"}
+            self.ever_loaded = self.ever_loaded or bool(h["loaded"])
+            self.on_table(self)
+            self.channel.post({"op": "table_ack", "generation": h["generation"]})
+            return
+        p = self.pending.pop(h.get("id"), None)
+        if p is None:  # an answer to a request this process already gave up and forgot
+            return
+        if not p.future.done():
+            p.future.set_result(h)
+        self._release(p)
 
     def _release(self, p: _Pending) -> None:
         p.holders -= 1
@@ -155,27 +141,10 @@ class ExecutorLink:
             self.arena.free(p.offset)
 
     def _post(self, msg: dict) -> None:
-        """Queue ``msg`` for the executor; everything posted in one turn of the event loop leaves as one frame."""
-        if not self.connected:
+        """Queue ``msg`` for the executor (everything posted in one turn of the event loop leaves as one frame)."""
+        if self.channel is None:
             raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
-        self._outbox.append(msg)
-        if len(self._outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        batch, self._outbox = self._outbox, []
-        if not batch:
-            return
-        sent = self.sock.send(pack(batch), flags=zmq.NOBLOCK)  # completes at once: sent, or Again (IMMEDIATE)
-        if sent.done() and sent.exception() is not None:
-            sent.exception()  # retrieved
-            for msg in batch:  # never reached the executor: its share of each region is ours to release
-                p = self.pending.pop(msg.get("id"), None) if msg["op"] in ("run", "reload") else None
-                if p is not None:
-                    if not p.future.done():
-                        p.future.set_exception(Unavailable(f"the executor for {self.device} is not available; it is restarting",
-                                                           _RESTARTING, 2))
-                    self._release(p)
+        self.channel.post(msg)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -193,35 +162,34 @@ class ExecutorLink:
             raise RemoteError(h)
         return h
 
-    async def run(self, model: str, version: str, task: str, arrays: Payload, out_shape: tuple[int, ...], out_dtype: np.dtype,
-                  timeout_s: float, gone: Gone | None) -> np.ndarray:
-        """Run ``task`` on ``arrays`` in the executor; the result has ``out_shape`` and ``out_dtype``."""
+    async def run(self, model: str, version: str, task: str, arrays: Payload, layout: Layout, timeout_s: float,
+                  gone: Gone | None) -> np.ndarray:
+        """Run ``task`` on ``arrays`` in the executor; the result has ``layout.output``'s shape and dtype."""
         rows = len(next(iter(arrays.values())))
         if not self.live:
             raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
         try:
-            offset = await self.arena.alloc_wait(Layout.size(arrays, out_shape, out_dtype), timeout_s)
+            base = await self.arena.alloc_wait(layout.nbytes, timeout_s)
         except TimeoutError:
             raise Unavailable("shared memory for requests stayed full; retry later", "queue_full", 1) from None
-        layout = Layout.plan(offset, arrays, out_shape, out_dtype)
         for k, a in arrays.items():
-            self.arena.view(layout.inputs[k])[...] = a
+            self.arena.view(layout.inputs[k], base)[...] = a
         rid = next(self._ids)
-        p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), offset)
+        p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), base)
         self.rows += rows
         unwatch = watch_client(p.future, gone, f"model {model!r}")
         try:
             if not self.live:  # it went away while we waited for room in the arena
                 raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
-            self._post({"op": "run", "id": rid, "epoch": self.epoch, "model": model, "version": version, "task": task,
-                        "timeout_s": timeout_s, "shm": str(self.arena.path), "inputs": layout.inputs, "output": layout.output})
+            self._post({"op": "run", "id": rid, "model": model, "version": version, "task": task, "timeout_s": timeout_s,
+                        "shm": self._arena_path, "at": base, "inputs": layout.inputs, "output": layout.output})
             try:
                 async with asyncio.timeout(timeout_s + GRACE_S):
                     h = await p.future
             except TimeoutError:
                 raise Unavailable(f"request to model {model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
             if h["op"] == "done":
-                return self.arena.view(layout.output).copy()
+                return self.arena.view(layout.output, base).copy()
             if h["op"] == "cancelled":
                 raise Unavailable(f"request to model {model!r} was cancelled", "cancelled", 1)
             raise RemoteError(h)
@@ -249,24 +217,26 @@ class RemoteBatcher:
         links = self.repository.serving(self.model, self.version)
         if not links:
             raise Unavailable(f"model {self.model!r} is not ready on any executor (restarting?)", "not_ready", 2)
-        link = min(links, key=lambda link: link.rows)
+        link = links[0] if len(links) == 1 else min(links, key=lambda link: link.rows)
         rows = len(next(iter(payload.values())))
         out_shape, out_dtype = tasks.output_of(self.task, self.manifest, rows)
-        row_bytes = Layout.size({k: v[:1] for k, v in payload.items()}, (1, *out_shape[1:]), out_dtype)
-        arena = link.arena
-        if row_bytes > arena.size:
-            raise BadRequest(f"one row needs {row_bytes} bytes of shared memory; the arena holds {arena.size} "
+        layout = Layout.plan(payload, out_shape, out_dtype)
+        quarter = link.arena.size // 4
+        if layout.nbytes <= quarter:
+            return await link.run(self.model, self.version, self.task, payload, layout, timeout_s, gone)
+        row_bytes = -(-layout.nbytes // rows)
+        if row_bytes > link.arena.size // 2:
+            raise BadRequest(f"one row needs about {row_bytes} bytes of shared memory; the arena holds {link.arena.size} "
                              "(raise FLOWSERVE_SHM_ARENA_MB)")
-        step = max(1, arena.size // 4 // row_bytes)
-        if rows <= step:
-            return await link.run(self.model, self.version, self.task, payload, out_shape, out_dtype, timeout_s, gone)
+        step = max(1, quarter // row_bytes)
         parts: list[asyncio.Task] = []
         try:
             async with asyncio.TaskGroup() as group:
                 for i in range(0, rows, step):
                     chunk = {k: v[i : i + step] for k, v in payload.items()}
                     shape, _ = tasks.output_of(self.task, self.manifest, len(next(iter(chunk.values()))))
-                    parts.append(group.create_task(link.run(self.model, self.version, self.task, chunk, shape, out_dtype, timeout_s, gone)))
+                    parts.append(group.create_task(link.run(self.model, self.version, self.task, chunk,
+                                                            Layout.plan(chunk, shape, out_dtype), timeout_s, gone)))
         except* ServiceError as eg:
             raise eg.exceptions[0] from None
         return np.concatenate([t.result() for t in parts])
@@ -279,13 +249,11 @@ class RemoteRepository:
         self.settings, self.spec = settings, spec
         self.models: dict[str, ModelEntry] = {}
         self.loaded_once = asyncio.Event()
+        self._serving: dict[tuple[str, str], list[ExecutorLink]] = {}
         self._manifests: dict[tuple[str, float], Manifest] = {}
-        self.ctx = zmq.asyncio.Context()
-        name = f"flowserve-{spec.parent}-frontend-{spec.index}-{os.getpid()}"
+        name = f"frontend-{spec.index}-{os.getpid()}"
         self.arena = Arena.create(Path(spec.shm_dir) / name, settings.shm_arena_mb << 20)
-        identity = f"frontend-{spec.index}-{os.getpid()}".encode()
-        self.links = [ExecutorLink(i, d, spec.executor_address(i), self.ctx, identity, self.arena, self._update)
-                      for i, d in enumerate(spec.devices)]
+        self.links = [ExecutorLink(i, d, spec.executor_address(i), self.arena, self._update) for i, d in enumerate(spec.devices)]
 
     def start(self) -> None:
         for link in self.links:
@@ -294,7 +262,6 @@ class RemoteRepository:
     async def close(self) -> None:
         for link in self.links:
             await link.close()
-        self.ctx.term()
         self.arena.close(unlink=True)
 
     def get(self, name: str) -> ModelEntry:
@@ -306,7 +273,8 @@ class RemoteRepository:
             raise NotFound(f"unknown model {name!r}; available: {', '.join(sorted(self.models)) or 'none'}") from None
 
     def serving(self, name: str, version: str) -> list[ExecutorLink]:
-        return [link for link in self.links if link.live and (name, version) in link.ready]
+        """The executors serving ``name`` at ``version`` now (kept up to date by :meth:`_update`)."""
+        return self._serving.get((name, version), [])
 
     def not_ready_reason(self) -> str | None:
         if not self.loaded_once.is_set():
@@ -361,6 +329,12 @@ class RemoteRepository:
                 old.state, old.reason = "loading", f"the executor for {', '.join(link.device for link in down)} is restarting"
                 models[name] = old
         self.models = models
+        serving: dict[tuple[str, str], list[ExecutorLink]] = {}
+        for link in self.links:
+            if link.live:
+                for key in link.ready:
+                    serving.setdefault(key, []).append(link)
+        self._serving = serving
         if all(link.ever_loaded for link in self.links):
             self.loaded_once.set()
 

@@ -41,7 +41,8 @@ class ChildSpec(BaseModel):
     settings: Settings
 
     def executor_address(self, index: int) -> str:
-        return f"ipc://{Path(self.run_dir) / f'executor-{index}.sock'}"
+        """The Unix socket executor ``index`` listens on."""
+        return str(Path(self.run_dir) / f"executor-{index}.sock")
 
 
 def read_child_spec() -> ChildSpec:

@@ -1,4 +1,4 @@
-"""How front-ends and executors talk: tensors through shared memory, small messages over ZeroMQ.
+"""How front-ends and executors talk: tensors through shared memory, small messages over a Unix socket.
 
 Each HTTP front-end owns one :class:`Arena`, a file in ``/dev/shm`` mapped by the front-end and,
 read/write, by every executor. For a task the front-end allocates one region holding the input
@@ -9,10 +9,15 @@ another short message. The region stays the front-end's: it is freed only after 
 answer (result, error or "cancelled"), or once that executor is known to be dead, so an
 executor never writes into memory that another request has been given.
 
-The control channel is ZeroMQ (pyzmq): ROUTER in each executor, one DEALER per front-end and
-executor, over ``ipc://`` sockets. ZeroMQ gives framing, reconnection after an executor
-restart, fair queuing across front-ends and a socket monitor that reports a dead peer at once;
-it is what vLLM and LitServe use for the same job, and replaces a hand-written protocol.
+The control channel (:class:`Channel`) is one Unix-domain stream socket per front-end and
+executor, driven by the event loop itself (asyncio streams on uvloop): each frame is a 4-byte
+length and an orjson list of messages, and whatever a process posts in one turn of its event loop
+leaves as one frame. A dead peer is an end of stream, seen at once. ZeroMQ (pyzmq, as vLLM and
+LitServe use) was the first choice and was measured against this on the 2-core machine: a
+zmq.asyncio round trip between two processes cost 360–400 µs and about 230 µs of CPU on each
+side (its I/O threads add two thread hand-offs per message), against 60–90 µs and 35–45 µs for a
+uvloop Unix socket; at a thousand requests a second that difference is a fifth of the service's
+CPU. The framing is the only part written here.
 
 Message types (``op``), front-end → executor: ``hello``, ``run``, ``cancel``, ``reload``,
 ``table_ack``; executor → front-end: ``table``, ``done``, ``error``, ``cancelled``, ``reloaded``.
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import mmap
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +41,48 @@ import orjson
 
 ALIGN = 64  # bytes; every tensor starts on a cache line
 TensorRef = list  # [offset, shape, dtype string]: where a tensor lies in an arena
+MAX_FRAME = 256 << 20  # bytes of one control frame; far above what any batch of messages needs
+_LENGTH = struct.Struct("<I")
 
 
-def pack(msg: dict[str, Any]) -> bytes:
-    return orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
+class Channel:
+    """One connection between a front-end and an executor: frames of message lists, both ways.
 
+    :meth:`post` queues a message (a JSON-ready dict); everything posted in one turn of the event
+    loop is written as one frame. :meth:`receive` returns the next frame's messages, and raises
+    :class:`ConnectionError` when the peer has gone.
+    """
 
-def unpack(frame: bytes) -> dict[str, Any]:
-    return orjson.loads(frame)
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self._outbox: list[dict[str, Any]] = []
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
+
+    def post(self, msg: dict[str, Any]) -> None:
+        self._outbox.append(msg)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        msgs, self._outbox = self._outbox, []
+        if msgs and not self.writer.is_closing():
+            body = orjson.dumps(msgs, option=orjson.OPT_SERIALIZE_NUMPY)
+            self.writer.write(_LENGTH.pack(len(body)) + body)
+
+    async def receive(self) -> list[dict[str, Any]]:
+        try:
+            (n,) = _LENGTH.unpack(await self.reader.readexactly(4))
+            if n > MAX_FRAME:
+                raise ConnectionError(f"a control frame of {n} bytes")
+            return orjson.loads(await self.reader.readexactly(n))
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("the peer closed the connection") from None
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def shm_root() -> Path:
@@ -150,11 +191,10 @@ class Arena:
 
     # --- views (both sides) ------------------------------------------------------------------
 
-    def view(self, ref: TensorRef) -> np.ndarray:
-        """The tensor ``ref`` = ``[offset, shape, dtype]`` as a numpy view into the shared memory."""
+    def view(self, ref: TensorRef, base: int = 0) -> np.ndarray:
+        """The tensor ``ref`` = ``[offset, shape, dtype]`` (offset from ``base``) as a numpy view into the shared memory."""
         offset, shape, dtype = ref
-        dt = np.dtype(dtype)
-        return np.frombuffer(self._mm, dtype=dt, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+        return np.frombuffer(self._mm, dtype=dtype, count=math.prod(shape), offset=base + offset).reshape(shape)
 
     def close(self, unlink: bool = False) -> None:
         try:
@@ -167,22 +207,18 @@ class Arena:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a task's tensors go in one region: each input, then the output."""
+    """Where a task's tensors go in one region, as offsets from its start: each input, then the output."""
 
     inputs: dict[str, TensorRef]
     output: TensorRef
     nbytes: int
 
     @classmethod
-    def plan(cls, base: int, arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> Layout:
+    def plan(cls, arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> Layout:
         refs, pos = {}, 0
         for k, a in arrays.items():
-            refs[k] = [base + pos, list(a.shape), a.dtype.str]
+            refs[k] = [pos, a.shape, a.dtype.str]
             pos += _aligned(a.nbytes)
-        out = [base + pos, list(out_shape), np.dtype(out_dtype).str]
-        pos += _aligned(int(np.prod(out_shape, dtype=np.int64)) * np.dtype(out_dtype).itemsize)
+        out = [pos, out_shape, out_dtype.str]
+        pos += _aligned(math.prod(out_shape) * out_dtype.itemsize)
         return cls(refs, out, pos)
-
-    @staticmethod
-    def size(arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> int:
-        return Layout.plan(0, arrays, out_shape, out_dtype).nbytes

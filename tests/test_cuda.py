@@ -54,3 +54,90 @@ def test_flowpp_sampling_is_graph_capturable() -> None:
             captured = model.flow.inverse(z)
         graph.replay()
     torch.testing.assert_close(captured, eager)
+
+
+def _probe_equal_in_batches(runner, x: np.ndarray, noise: np.ndarray | None) -> None:  # noqa: ANN001
+    """Rows 0..2 alone equal the same rows inside larger batches at other positions, bit for bit."""
+    alone = runner.log_prob(x[:3], None if noise is None else noise[:3])
+    for size, at in ((17, 5), (100, 90), (len(x), 40)):
+        idx = np.r_[np.arange(3, 3 + at), np.arange(3), np.arange(3 + at, size)]
+        got = runner.log_prob(x[idx], None if noise is None else noise[idx])[at : at + 3]
+        np.testing.assert_array_equal(got, alone)
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_runner_batched_equals_solo_with_graphs_on_and_off(graphs: bool) -> None:
+    from service.runners import TorchRunner, check_batch_invariance
+    from service.settings import Settings
+    from service.tasks import dequantization_noise
+
+    settings = Settings(cuda_graphs=graphs, devices=["cuda:0"])
+    runner = TorchRunner(Path("model_repository/digits/1"), "cuda:0", settings)
+    check_batch_invariance(runner, settings)
+    assert runner.execution["score"].startswith("cuda graphs" if graphs else "eager"), runner.execution
+    x = runner.manifest.data_spec.random_examples(300, seed=1).astype(np.float32)
+    noise = dequantization_noise(runner.manifest, 300, 2)
+    _probe_equal_in_batches(runner, x, noise)
+
+
+def test_graph_replay_equals_eager_bit_for_bit() -> None:
+    from service.runners import TorchRunner
+    from service.settings import Settings
+    from service.tasks import dequantization_noise
+
+    graphed = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=True))
+    eager = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=False))
+    x = graphed.manifest.data_spec.random_examples(150, seed=4).astype(np.float32)
+    noise = dequantization_noise(graphed.manifest, 150, 4)
+    np.testing.assert_array_equal(graphed.log_prob(x, noise), eager.log_prob(x, noise))
+    z = np.random.default_rng(0).standard_normal((70, graphed.manifest.data_spec.dims), dtype=np.float32)
+    np.testing.assert_array_equal(graphed.sample(z), eager.sample(z))
+
+
+def test_ladder_of_graphs_without_invariance() -> None:
+    from service.runners import TorchRunner
+    from service.settings import Settings
+
+    runner = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=True, batch_invariant=False,
+                                                                                max_batch_size=64))
+    assert runner.execution["score"] == "cuda graphs at 1,2,4,8,16,32,64 rows"
+    x = runner.manifest.data_spec.random_examples(37, seed=4).astype(np.float32)
+    assert np.isfinite(runner.log_prob(x, np.full_like(x, 0.5))).all()
+
+
+def test_flowpp_sampling_is_captured_by_the_runner() -> None:
+    from service.runners import TorchRunner
+    from service.settings import Settings
+
+    runner = TorchRunner(Path("model_repository/digits-flowpp/1"), "cuda:0", Settings(cuda_graphs=True, tile_rows=16))
+    assert runner.execution["sample"].startswith("cuda graphs"), runner.execution
+    z = np.random.default_rng(0).standard_normal((20, runner.manifest.data_spec.dims), dtype=np.float32)
+    assert np.isfinite(runner.sample(z)).all()
+
+
+def test_onnxruntime_io_binding_matches_the_cpu() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
+    from service.runners import OnnxRunner
+    from service.settings import Settings
+    from service.tasks import dequantization_noise
+
+    gpu = OnnxRunner(Path("model_repository/digits/1"), "cuda:0", Settings())
+    cpu = OnnxRunner(Path("model_repository/digits/1"), "cpu", Settings())
+    assert gpu.execution["score"].startswith("io binding")
+    x = gpu.manifest.data_spec.random_examples(90, seed=2).astype(np.float32)
+    noise = dequantization_noise(gpu.manifest, 90, 2)
+    np.testing.assert_allclose(gpu.log_prob(x, noise), cpu.log_prob(x, noise), rtol=1e-4, atol=1e-3)
+
+
+def test_served_on_cuda_with_graphs(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.server import running_server
+
+    with running_server(Path("model_repository"), tmp_path, FLOWSERVE_DEVICES="cuda:0", FLOWSERVE_BACKEND="torch") as s:
+        info = httpx.get(f"{s.url}/v1/models/digits").json()
+        assert info["devices"] == ["cuda:0"] and info["execution"]["score"].startswith("cuda graphs"), info
+        r = httpx.post(f"{s.url}/v1/models/digits/score", json={"instances": [[[0] * 8] * 8]})
+        assert r.status_code == 200

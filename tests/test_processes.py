@@ -63,8 +63,8 @@ def test_arena_allocates_frees_coalesces_and_waits(tmp_path: Path) -> None:
     arena.free(a)  # coalesces with b's block
     assert arena.alloc(300) == a
     peer = Arena.attach(tmp_path / "arena")  # an executor's view of the same memory
-    arena.view([c, [4], "<f8"])[...] = [1, 2, 3, 4]
-    assert peer.view([c, [4], "<f8"]).tolist() == [1.0, 2.0, 3.0, 4.0]
+    arena.view([0, [4], "<f8"], c)[...] = [1, 2, 3, 4]
+    assert peer.view([0, [4], "<f8"], c).tolist() == [1.0, 2.0, 3.0, 4.0]
 
     async def waits_for_room() -> int:
         everything = arena.alloc(arena.size)
