@@ -20,7 +20,7 @@ from .api import v1, v2
 from .api.deps import ServiceState
 from .core import InferenceCore
 from .errors import ServiceError, json_error
-from .memory import trim_malloc_every
+from .memory import freeze_heap, trim_malloc_every
 from .metrics import Metrics
 from .middleware import REQUEST_ID, GuardMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .process import ChildSpec
@@ -77,6 +77,7 @@ def _build(settings: Settings, metrics: Metrics, repository, start, stop) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         background = start(service)
+        freeze_heap()
         trim = asyncio.create_task(trim_malloc_every(settings.malloc_trim_s))
         yield
         trim.cancel()

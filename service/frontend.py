@@ -28,6 +28,7 @@ from models.manifest import Manifest, read_manifest
 from . import tasks
 from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
 from .errors import BadRequest, NotFound, ServiceError, Unavailable
+from .memory import freeze_heap
 from .process import ChildSpec
 from .settings import Settings
 from .transport import Arena, Channel, Layout
@@ -250,6 +251,7 @@ class RemoteRepository:
         self.models: dict[str, ModelEntry] = {}
         self.loaded_once = asyncio.Event()
         self._serving: dict[tuple[str, str], list[ExecutorLink]] = {}
+        self._read_new = False
         self._manifests: dict[tuple[str, float], Manifest] = {}
         name = f"frontend-{spec.index}-{os.getpid()}"
         self.arena = Arena.create(Path(spec.shm_dir) / name, settings.shm_arena_mb << 20)
@@ -301,6 +303,7 @@ class RemoteRepository:
         key = (path, mtime)
         if key not in self._manifests:
             self._manifests[key] = read_manifest(path)
+            self._read_new = True
         return self._manifests[key]
 
     def _update(self, _link: ExecutorLink) -> None:
@@ -337,6 +340,9 @@ class RemoteRepository:
         self._serving = serving
         if all(link.ever_loaded for link in self.links):
             self.loaded_once.set()
+        if self._read_new:  # manifests (calibrations can be large) live as long as their model
+            self._read_new = False
+            freeze_heap()
 
     def _entry(self, m: dict, state: str, reason: str | None, devices: list[str]) -> ModelEntry:
         path = Path(m["path"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import sys
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
@@ -42,3 +43,15 @@ async def trim_malloc_every(seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
         libc.malloc_trim(0)
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    A server's long-lived objects (FastAPI's routes and models, pydantic schemas, torch modules)
+    are what a full collection walks: 80–90 ms on the 2-core machine, a pause every request in
+    flight waits out (it was most of the p99 at 16 concurrent clients). Called once the app is
+    built and after every model load; objects made later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()

@@ -18,6 +18,7 @@ from . import tasks
 from .batching import Batcher, Replica
 from .entry import ModelEntry, manifest_mtime
 from .errors import NotFound, Unavailable
+from .memory import freeze_heap
 from .metrics import Metrics
 from .runners import check_batch_invariance, open_runner
 from .settings import Settings
@@ -137,6 +138,7 @@ class ModelRepository:
                 changes[name] = "removed"
                 self._retire(old)
             self.loaded_once.set()
+            freeze_heap()  # the models just loaded are long-lived
             return changes
 
     def _set_ready_metric(self, new: ModelEntry | None, old: ModelEntry | None) -> None:
