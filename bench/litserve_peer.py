@@ -34,7 +34,9 @@ class FlowAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
-        self.runner = open_runner(Path(self.artifact), "cpu", Settings(backend=self.backend, ort_threads=self.threads))
+        # the model as it is, as a LitServe user would run it (no tiles for batch-invariant results)
+        self.runner = open_runner(Path(self.artifact), "cpu", Settings(backend=self.backend, ort_threads=self.threads,
+                                                                        batch_invariant=False))
         self.manifest = self.runner.manifest
         self.dims = self.manifest.data_spec.dims
 

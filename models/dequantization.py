@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .flows import Bijector, ColumnMerge, ColumnSplit, MixtureCDFCoupling, Sigmoid, standard_normal_log_prob
+from .precision import conditioned
 
 
 class UniformDequantizer(nn.Module):
@@ -61,7 +62,7 @@ class VariationalDequantizer(nn.Module):
         """``(x, ε) -> (u, log q(u|x))``; ``u ∈ (0, 1)`` with the shape of ``x``, ``log q`` ``(B,)`` nats."""
         eps = noise.to(x.dtype) if x.is_floating_point() else noise.float()
         x = x.to(eps.dtype)
-        context = self.context(self.split(x / self.levels - 0.5)[0])
+        context = conditioned(self.context, self.split(x / self.levels - 0.5)[0])
         h, logdet = self.split(eps)
         for step in self.steps:
             h, ld = step(h, context) if isinstance(step, MixtureCDFCoupling) else step(h)

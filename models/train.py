@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import artifact
@@ -22,8 +21,11 @@ from .architectures import ArchitectureConfig, build
 from .anomaly import FEW_CALIBRATION
 from .data import Dataset, load_dataset
 from .density import DensityModel
+from .ema import EMA
 from .errors import ConfigError, FlowserveError
 from .evaluate import evaluate
+from .flows import data_init
+from .precision import Precision, enable_tf32, set_precision
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class OptimConfig(BaseModel):
     eval_every: int = Field(250, ge=1)
     eval_batch: int = Field(512, ge=1)
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
+    micro_batch: int | None = Field(None, ge=1, description="rows per forward/backward pass; gradients accumulate to "
+                                    "batch_size (default: as many as fit in memory_gb, measured on a probe step)")
+    memory_gb: float | None = Field(None, gt=0, description="memory a training step may take (default: 80% of what the "
+                                    "device has available)")
 
 
 class CalibrationConfig(BaseModel):
@@ -67,6 +73,10 @@ class TrainConfig(BaseModel):
     train: OptimConfig = OptimConfig()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = Field("fp32", description="bf16: the conditioner networks run under autocast, every bijector and "
+                                 "log-determinant in float32 (models.precision)")
+    compile: bool = Field(False, description="torch.compile the training loss (one graph per batch shape); see README for "
+                          "where it pays")
     anomaly_statistic: Literal["nll", "typicality", "conditional"] = Field(
         "nll", description="record and waveform models: the anomaly statistic a request gets by default (models.anomaly)")
     calibration: CalibrationConfig = CalibrationConfig()
@@ -161,7 +171,7 @@ def _restore_rng(state: dict[str, Any] | torch.Tensor, batches: np.random.Genera
     batches.bit_generator.state = state["batches"]
 
 
-def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: AveragedModel, opt, sched, best: dict,  # noqa: ANN001
+def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: EMA, opt, sched, best: dict,  # noqa: ANN001
                      batches: np.random.Generator) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -170,6 +180,48 @@ def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: AveragedMo
         tmp,
     )
     tmp.replace(path)
+
+
+def _loss_fn(model: DensityModel, compile: bool):  # noqa: ANN202 - Callable[[Tensor], Tensor]
+    """Mean bits/dim of a batch (the training loss), compiled with ``torch.compile`` when asked."""
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model.bits_per_dim(x).mean()
+
+    return torch.compile(loss, dynamic=False) if compile else loss
+
+
+def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: OptimConfig, device: torch.device) -> int:  # noqa: ANN001
+    """Rows per forward/backward pass so a step fits in ``oc.memory_gb`` (or 80% of the available memory).
+
+    One forward/backward pass on the probe rows measures the memory a row takes (the RNG states are
+    restored and the gradients dropped afterwards, so the run itself is unchanged). A run where even
+    one row does not fit stops here with a :class:`TrainingError` that says how much it needs.
+    """
+    from .memory import GB, available_bytes, peak_growth
+
+    available = available_bytes(device)
+    budget = min(v for v in (oc.memory_gb * GB if oc.memory_gb else None, 0.8 * available if available else None) if v is not None) \
+        if (oc.memory_gb or available) else None
+    if budget is None:
+        return oc.batch_size
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    with peak_growth(device) as grown:
+        loss_fn(probe).backward()
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if grown() is None:
+        return oc.batch_size
+    per_row = max(grown() / len(probe), 1.0)
+    if per_row > budget:
+        raise TrainingError(f"a training step needs about {per_row / GB:.2f} GB per example and only {budget / GB:.2f} GB are "
+                            f"{'allowed (train.memory_gb)' if oc.memory_gb else 'available'}; use a smaller model or more memory")
+    micro = max(1, min(oc.batch_size, int(budget // per_row)))
+    log.info("training step: %.3f GB per example measured, %.1f GB budget: %s", per_row / GB, budget / GB,
+             "whole batches" if micro >= oc.batch_size else f"micro-batches of {micro} of the {oc.batch_size} rows")
+    return micro
 
 
 def sample_grid(model: DensityModel, path: Path, n: int = 64, temperature: float = 1.0, seed: int = 0) -> None:
@@ -190,8 +242,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on CUDA (the precision policy: README)
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()  # the precision policy: models.precision
     data = load_dataset(cfg.data)
     if cfg.anomaly_statistic == "conditional" and data.spec.kind != "record":
         raise ConfigError(f"anomaly_statistic: 'conditional' is for record data, not {data.spec.kind} ({cfg.data})")
@@ -204,12 +255,15 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     rng = np.random.default_rng(cfg.seed)
     init_idx = rng.choice(len(train_x), size=min(oc.init_batch, len(train_x)), replace=False)
     model.train()
-    with torch.no_grad():
-        model.log_prob(torch.from_numpy(train_x[init_idx]).to(device))  # data-dependent init
+    with data_init(model), torch.no_grad():  # an explicit pass; no layer checks for it in its forward
+        model.log_prob(torch.from_numpy(train_x[init_idx]).to(device))
+    set_precision(model, cfg.precision)
 
-    opt = torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    # Fused Adam skips a step on the device when told the gradients are not finite (``found_inf``):
+    # the guard against non-finite losses needs no host read per step.
+    opt = torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(oc.warmup))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(oc.ema), use_buffers=True)
+    ema = EMA(model, oc.ema)
     best: dict[str, Any] = {"val_bits_per_dim": math.inf, "step": 0}
     best_state: dict[str, torch.Tensor] | None = None
     start_step = 0
@@ -234,7 +288,11 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
 
     batches = batch_source(train_x, device)
     dims = data.spec.dims
-    nonfinite = skipped = 0
+    loss_fn = _loss_fn(model, cfg.compile)
+    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(4, len(train_x)))), oc, device)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite steps, on the device
+    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+    skipped = 0
     t0 = time.monotonic()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress, dynamic_ncols=True)
     step = start_step
@@ -258,25 +316,32 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         model.train()
         idx = rng.integers(0, len(train_x), oc.batch_size)
         x = batches(idx)
-        bpd = model.bits_per_dim(x).mean()
-        if not torch.isfinite(bpd):
-            nonfinite += 1
-            skipped += 1
-            opt.zero_grad(set_to_none=True)
-            if nonfinite >= oc.max_nonfinite:
-                raise TrainingError(f"loss was non-finite for {nonfinite} steps in a row at step {step}; lower the learning rate")
-            continue
-        nonfinite = 0
         opt.zero_grad(set_to_none=True)
-        bpd.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+        if micro >= len(x):
+            bpd = loss_fn(x)
+            bpd.backward()
+        else:  # gradients of the whole batch's mean, accumulated over micro-batches
+            bpd = torch.zeros((), device=device)
+            for i in range(0, len(x), micro):
+                part = loss_fn(x[i : i + micro]) * (len(x[i : i + micro]) / len(x))
+                part.backward()
+                bpd = bpd + part.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip, foreach=True)
+        bad = ~(torch.isfinite(bpd) & torch.isfinite(norm))  # a non-finite loss or gradient: the step is skipped
+        opt.found_inf = bad.float()
         opt.step()
         sched.step()
-        ema.update_parameters(model)
-        if step % 10 == 0:
-            bar.set_description(f"loss {bpd.item() * dims * math.log(2):.2f} nats, {bpd.item():.3f} bpd")
+        ema.update(model)
+        nonfinite = (nonfinite + 1) * bad
+        skipped_steps += bad
+        if step % 10 == 0:  # the one host read of the loop, every 10 steps
+            loss, run, skipped = bpd.item(), int(nonfinite), int(skipped_steps)
+            if run >= oc.max_nonfinite:
+                raise TrainingError(f"loss was non-finite for {run} steps in a row at step {step}; lower the learning rate")
+            bar.set_description(f"loss {loss * dims * math.log(2):.2f} nats, {loss:.3f} bpd")
         out_of_time = oc.max_minutes is not None and time.monotonic() - t0 > 60 * oc.max_minutes
         if (step + 1) % oc.eval_every == 0 or step + 1 == steps or out_of_time:
+            skipped = int(skipped_steps)
             validate(step + 1)
             _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best, rng)
         if out_of_time:
@@ -300,6 +365,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "best_step": best["step"],
         "steps": step + 1,
         "skipped_steps": skipped,
+        "micro_batch": min(micro, oc.batch_size),
         "train_seconds": round(time.monotonic() - t0, 1),
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,

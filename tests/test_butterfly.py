@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.flows import Butterfly, ButterflyFactor
+from models.flows import Butterfly, ButterflyFactor, data_init
 
 
 def dense_factor(f: ButterflyFactor) -> torch.Tensor:
@@ -105,7 +105,8 @@ def test_waveform_flow_roundtrip_and_density() -> None:
     m = build(parse_config({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8, "butterfly_levels": [6, 5]}), spec).double()
     x = torch.randn(4, 2, 64, dtype=torch.float64)
     m.train()
-    m.log_prob(x)
+    with data_init(m):
+        m.log_prob(x)
     m.eval()
     z, _ = m.flow(x)
     torch.testing.assert_close(m.flow.inverse(z), x, atol=1e-9, rtol=1e-9)

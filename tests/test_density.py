@@ -13,6 +13,7 @@ from models import artifact
 from models.architectures import build, parse_config
 from models.data import load_dataset
 from models.density import DensityModel
+from models.flows import data_init
 from models.errors import ArtifactError
 from models.flows import Flatten, Sequential
 from models.spec import DataSpec
@@ -41,7 +42,7 @@ def digits_glow() -> DensityModel:
     ds = load_dataset("digits")
     model = build(parse_config({"name": "glow", "levels": 2, "steps": 2, "hidden": 16}), ds.spec)
     model.train()
-    with torch.no_grad():
+    with data_init(model), torch.no_grad():
         model.log_prob(torch.from_numpy(ds.split("train")[:128]))
     return model.eval()
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from models import artifact
 from models.architectures import build, parse_config
 from models.cli import app
+from models.flows import data_init
 from models.data import load_dataset
 from models.flows import (
     InverseOptions,
@@ -180,7 +181,7 @@ def digits_flowpp() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build(parse_config(TINY_FLOWPP), data.spec)
     model.train()
-    with torch.no_grad():
+    with data_init(model), torch.no_grad():
         model.log_prob(torch.from_numpy(data.split("train")[:128]))
     return model.eval()
 
@@ -293,9 +294,9 @@ def test_attention_runs_on_a_fused_sdpa_kernel(device: str) -> None:
     att = GatedAttention(32, heads=4).to(device)
     x = torch.randn(4, 32, 14, 14, device=device, requires_grad=True)
     pos = torch.zeros(1, 32, 14, 14, device=device)
-    with torch.no_grad():
+    with data_init(att), torch.no_grad():
         att.train()
-        att(x, pos)  # data-dependent init of its convolutions
+        att(x, pos)
     fused = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == "cuda" else [])
     with sdpa_kernel(fused):
         out = att(x, pos)

@@ -88,7 +88,8 @@ def _layer(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     layer, shape = LAYERS[name]()
     layer = _with_random_params(layer).double()
     layer.train()
-    layer(_inputs(name, shape, batch=8))  # data-dependent init where a layer has one
+    with F.data_init(layer):  # where a layer has one
+        layer(_inputs(name, shape, batch=8))
     return layer.eval(), shape
 
 
@@ -137,7 +138,8 @@ def test_gaussian_whitening_is_the_ledoit_wolf_gaussian() -> None:
     x = rng.standard_normal((40, 12)) @ mix + 3.0  # correlated, N > D
     layer = F.GaussianWhitening((3, 4)).double().train()
     xt = torch.from_numpy(x).reshape(40, 3, 4)
-    layer(xt)  # data-dependent init
+    with F.data_init(layer):
+        layer(xt)
     layer.eval()
     z, logdet = layer(xt)
     ours = (F.standard_normal_log_prob(z) + logdet).numpy()
@@ -146,3 +148,18 @@ def test_gaussian_whitening_is_the_ledoit_wolf_gaussian() -> None:
     np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-9)
     assert torch.equal(layer.weight, torch.tril(layer.weight))  # innovations: z_i depends on x_1..x_i only
     assert list(layer.parameters()) == []  # fixed after the initialisation: buffers only
+
+
+def test_data_init_is_an_explicit_pass() -> None:
+    """A layer's forward never initialises it (no device read per call); :func:`data_init` does, once."""
+    layer = F.ActNorm(3).train()
+    x = torch.randn(64, 3) * 4 + 2
+    layer(x)
+    assert not bool(layer.initialized) and torch.equal(layer.loc, torch.zeros(3))
+    with F.data_init(layer):
+        z, _ = layer(x)
+        layer(x * 10)  # only the first batch initialises
+    assert bool(layer.initialized)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    assert not layer._forward_pre_hooks  # nothing left behind

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.anomaly import AnomalyScorer, pattern_calibration
+from models.flows import data_init
 from models.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
 from models.missing import NoPatternCalibration, PatternCalibrations
 
@@ -24,7 +25,7 @@ def banana_flow() -> tuple[object, np.ndarray]:
     torch.manual_seed(0)
     model = build(parse_config({"name": "vector", "steps": 4, "hidden": 32}), DataSpec(kind="record", shape=(2,)))
     model.train()
-    with torch.no_grad():
+    with data_init(model), torch.no_grad():
         model.log_prob(torch.from_numpy(data[:512]))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):

@@ -13,6 +13,7 @@ from models import artifact
 from models.architectures import build, parse_config
 from models.data import load_dataset
 from models.export import export_artifact, export_triton, parity
+from models.flows import data_init
 from models.spec import DataSpec
 from tests.server import running_server
 
@@ -41,7 +42,7 @@ def _artifact(tmp: Path, arch: str) -> Path:
         x = torch.randn(128, *spec.shape) * 1.5
     model = build(parse_config(cfg), spec)
     model.train()
-    with torch.no_grad():
+    with data_init(model), torch.no_grad():
         model.log_prob(x)
         for p in model.parameters():  # move away from the identity-like initialisation
             p.add_(0.05 * torch.randn_like(p))

@@ -1,7 +1,7 @@
 """Invertible layers. Each maps data→latent with ``forward(x) -> (z, logdet)`` and back with ``inverse``."""
 
 from .butterfly import Butterfly, ButterflyFactor, max_levels
-from .base import Bijector, Flatten, Sequential, standard_normal_log_prob, sum_except_batch
+from .base import Bijector, Flatten, Sequential, data_init, standard_normal_log_prob, sum_except_batch
 from .coupling import AffineCoupling, RealNVPCoupling, checkerboard
 from .linear import InvConv1x1, InvConv1x1LU, Pointwise
 from .mixture import InverseOptions, MixtureCDFCoupling, mixture_inverse_cdf, mixture_log_cdf, mixture_log_pdf, mixture_logit_cdf

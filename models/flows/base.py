@@ -6,7 +6,8 @@ A bijector maps data to latent, ``forward(x) -> (z, logdet)``, where ``logdet`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,32 @@ class Bijector(nn.Module):
 
     def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+@contextmanager
+def data_init(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every data-initialised layer of ``module`` not initialised yet sets its
+    parameters from the first input it sees (before computing on it), once.
+
+    A data-initialised layer has ``initialize(x)`` and an ``initialized`` buffer (ActNorm, Flow++'s
+    Norm and its convolutions, the Gaussian whitening). Training runs one forward pass on
+    ``train.init_batch`` examples inside this block before its first step; ``forward`` itself never
+    looks at ``initialized``, so a training step reads nothing back from the device.
+    """
+    handles: dict[nn.Module, torch.utils.hooks.RemovableHandle] = {}
+
+    def hook(layer: nn.Module, args: tuple) -> None:
+        layer.initialize(args[0])
+        handles.pop(layer).remove()
+
+    for m in module.modules():
+        if hasattr(m, "initialize") and isinstance(getattr(m, "initialized", None), Tensor) and not bool(m.initialized):
+            handles[m] = m.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        for h in handles.values():
+            h.remove()
 
 
 def sum_except_batch(x: Tensor) -> Tensor:

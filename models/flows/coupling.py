@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..nets import MLP, GlowConvNet
 from .base import Bijector, channels_first, channels_last, sum_except_batch
+from ..precision import conditioned
 
 
 def checkerboard(h: int, w: int, parity: int) -> Tensor:
@@ -70,7 +71,7 @@ class AffineCoupling(Bijector):
         return torch.cat([a, b], 1) if self.parity == 0 else torch.cat([b, a], 1)
 
     def _params(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(cond)
+        h = conditioned(self.net, cond)
         shift, raw = h[:, 0::2], h[:, 1::2]
         log_s = F.logsigmoid(raw + 2.0)
         return shift, log_s
@@ -118,7 +119,7 @@ class RealNVPCoupling(Bijector):
 
     def _params(self, a: Tensor) -> tuple[Tensor, Tensor]:
         h = channels_last(a)  # the MLPs read the channel vector at each position
-        return channels_first(self.scale_net(h)), channels_first(self.shift_net(h))
+        return channels_first(conditioned(self.scale_net, h)), channels_first(conditioned(self.shift_net, h))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.n_a], x[:, self.n_a :]

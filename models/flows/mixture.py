@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Bijector, sum_except_batch
+from ..precision import conditioned
 
 MIN_LOG_SCALE = -7.0
 
@@ -166,7 +167,7 @@ class MixtureCDFCoupling(Bijector):
 
     def _params(self, a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         k = self.components
-        h = self.net(a, context)
+        h = conditioned(self.net, a, context)
         b, _, height, width = h.shape
         h = h.view(b, a.shape[1], 2 + 3 * k, height, width).permute(0, 1, 3, 4, 2)
         scale, shift = torch.tanh(h[..., 0]), h[..., 1]

@@ -18,9 +18,9 @@ def _channel_view(x: Tensor, v: Tensor) -> Tensor:
 class ActNorm(Bijector):
     """``z = (x + loc) · exp(log_scale)`` per channel.
 
-    Works on ``(B, C)`` vectors and ``(B, C, H, W)`` images. On the first forward pass in
-    training mode, ``loc`` and ``log_scale`` are set so the batch output has zero mean and
-    unit variance per channel. ``logdet = (numel per channel) · Σ_c log_scale_c``.
+    Works on ``(B, C)`` vectors and ``(B, C, H, W)`` images. Data-initialised (:func:`data_init`):
+    ``loc`` and ``log_scale`` are set so the first batch's output has zero mean and unit variance
+    per channel. ``logdet = (numel per channel) · Σ_c log_scale_c``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
@@ -31,7 +31,7 @@ class ActNorm(Bijector):
         self.eps = eps
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor) -> None:
         dims = [d for d in range(x.dim()) if d != 1]
         mean = x.mean(dim=dims)
         std = x.std(dim=dims, unbiased=False)
@@ -43,8 +43,6 @@ class ActNorm(Bijector):
         return x[0, 0].numel()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
         z = (x + _channel_view(x, self.loc)) * _channel_view(x, self.log_scale.exp())
         logdet = self.log_scale.sum() * self._positions(x)
         return z, logdet.expand(x.shape[0])
@@ -56,8 +54,8 @@ class ActNorm(Bijector):
 class PositionNorm(Bijector):
     """Flow++'s Norm: ``z = g ⊙ x + b`` with ``g, b`` of the full per-example shape (per position and channel).
 
-    Data-dependent init on the first training forward: ``g = 1/sqrt(var + 1e-8)``, ``b = −mean·g``
-    over the batch axis only. ``g`` is floored at 1e-10. ``logdet = Σ log g`` per sample.
+    Data-initialised (:func:`data_init`): ``g = 1/sqrt(var + 1e-8)``, ``b = −mean·g`` over the
+    batch axis only. ``g`` is floored at 1e-10. ``logdet = Σ log g`` per sample.
     """
 
     def __init__(self, shape: tuple[int, ...]) -> None:
@@ -67,15 +65,13 @@ class PositionNorm(Bijector):
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor) -> None:
         scale = torch.rsqrt(x.var(0, unbiased=False) + 1e-8)
         self.g.copy_(scale)
         self.b.copy_(-x.mean(0) * scale)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
         g = self.g.clamp(min=1e-10)
         return x * g + self.b, torch.log(g).sum().expand(x.shape[0])
 
@@ -86,7 +82,7 @@ class PositionNorm(Bijector):
 class GaussianWhitening(Bijector):
     """``z = W (x − μ)`` over the flattened example, ``W = L⁻¹`` for the Cholesky factor ``L`` of a covariance.
 
-    On the first training forward, ``μ`` and the covariance are estimated from the batch
+    Data-initialised (:func:`data_init`): ``μ`` and the covariance are estimated from the batch
     (Ledoit-Wolf shrinkage, so a batch smaller than ``D`` still gives a positive-definite
     estimate), in float64. ``W`` is lower triangular in the flattened order, so ``z_i`` is the
     standardised innovation of ``x_i`` given ``x_1 … x_{i−1}`` (for ``(C, T)`` windows: each
@@ -107,7 +103,7 @@ class GaussianWhitening(Bijector):
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor) -> None:
         from sklearn.covariance import ledoit_wolf
 
         flat = x.reshape(x.shape[0], -1).detach().to("cpu", torch.float64).numpy()
@@ -119,8 +115,6 @@ class GaussianWhitening(Bijector):
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
         z = (x.reshape(x.shape[0], -1) - self.mean) @ self.weight.T
         logdet = torch.log(torch.diagonal(self.weight)).sum()
         return z.reshape(x.shape), logdet.expand(x.shape[0])

@@ -33,9 +33,9 @@ def glu(h: Tensor) -> Tensor:
 class DataInitConv2d(nn.Conv2d):
     """Conv (``kernel`` 1 = a network-in-network dense layer) with data-dependent init.
 
-    Weights start at N(0, 0.05²). On the first forward in training mode the weights and bias are
-    rescaled so that, on that batch, every output channel has mean 0 and standard deviation
-    ``init_scale`` (0.1 for residual-branch outputs and the final projection, as in Flow++).
+    Weights start at N(0, 0.05²). Data-initialised (:func:`models.flows.base.data_init`): the weights
+    and bias are rescaled so that, on the first batch, every output channel has mean 0 and standard
+    deviation ``init_scale`` (0.1 for residual-branch outputs and the final projection, as in Flow++).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, init_scale: float = 1.0) -> None:
@@ -46,7 +46,7 @@ class DataInitConv2d(nn.Conv2d):
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor) -> None:
         y = F.conv2d(x, self.weight, None, padding=self.padding)
         mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
         scale = self.init_scale * torch.rsqrt(var + 1e-8)
@@ -54,10 +54,6 @@ class DataInitConv2d(nn.Conv2d):
         self.bias.copy_(-mean * scale)
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
-        return super().forward(x)
 
 
 class ChannelLayerNorm(nn.Module):
