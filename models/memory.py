@@ -8,12 +8,38 @@ limit. On CUDA both come from the caching allocator and ``torch.cuda.mem_get_inf
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 GB = 1 << 30
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 1 << 20
+
+
+def libc() -> ctypes.CDLL | None:
+    """glibc, for ``mallopt`` and ``malloc_trim`` (``None`` elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def return_large_blocks_to_the_os() -> bool:
+    """Serve every allocation of 1 MiB or more from its own mapping (``mallopt(M_MMAP_THRESHOLD)``).
+
+    glibc raises that threshold each time a large block is freed, after which activations come from
+    the heap and stay resident once freed: a CPU training run's RSS then grows well past what its
+    step holds (measured: 10 GB for a step of 7.5). With a fixed threshold, freed activations go
+    back at once and the RSS follows the step. Returns whether it was set (False off glibc).
+    """
+    c = libc()
+    return c is not None and bool(c.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def _status_bytes(field: str) -> int | None:
@@ -41,6 +67,13 @@ def available_bytes(device: torch.device) -> int | None:
         if limit != "max":
             avail = min(avail if avail is not None else 1 << 62, int(limit) - used)
     return avail
+
+
+def in_use_bytes(device: torch.device) -> int | None:
+    """Memory this process holds now: resident memory on the CPU, allocated tensors on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS")
 
 
 @contextlib.contextmanager

@@ -50,8 +50,8 @@ class OptimConfig(BaseModel):
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
     micro_batch: int | None = Field(None, ge=1, description="rows per forward/backward pass; gradients accumulate to "
                                     "batch_size (default: as many as fit in memory_gb, measured on a probe step)")
-    memory_gb: float | None = Field(None, gt=0, description="memory a training step may take (default: 80% of what the "
-                                    "device has available)")
+    memory_gb: float | None = Field(None, gt=0, description="memory the run may hold at its peak: the process's resident "
+                                    "memory on the CPU, its tensors on a GPU (default: 80% of what is available when training starts)")
 
 
 class CalibrationConfig(BaseModel):
@@ -128,6 +128,7 @@ def calibration_split(data: Dataset, cfg: CalibrationConfig, seed: int = 0) -> D
     return data
 
 
+PROBE_ROWS = 8  # rows of the step that measures the memory a row takes
 DEVICE_DATA_FRACTION = 0.25  # training data this share of the device's memory or less lives on it
 
 
@@ -197,13 +198,17 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
     restored and the gradients dropped afterwards, so the run itself is unchanged). A run where even
     one row does not fit stops here with a :class:`TrainingError` that says how much it needs.
     """
-    from .memory import GB, available_bytes, peak_growth
+    from .memory import GB, available_bytes, in_use_bytes, peak_growth
 
+    limits = []
+    if oc.memory_gb:  # the whole process (CPU) or its tensors on the device (CUDA)
+        limits.append(oc.memory_gb * GB - (in_use_bytes(device) or 0))
     available = available_bytes(device)
-    budget = min(v for v in (oc.memory_gb * GB if oc.memory_gb else None, 0.8 * available if available else None) if v is not None) \
-        if (oc.memory_gb or available) else None
-    if budget is None:
+    if available:
+        limits.append(0.8 * available)
+    if not limits:
         return oc.batch_size
+    budget = min(limits)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     with peak_growth(device) as grown:
@@ -216,9 +221,9 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
         return oc.batch_size
     per_row = max(grown() / len(probe), 1.0)
     if per_row > budget:
-        raise TrainingError(f"a training step needs about {per_row / GB:.2f} GB per example and only {budget / GB:.2f} GB are "
+        raise TrainingError(f"a training step needs about {per_row / GB:.2f} GB per example and only {max(budget, 0) / GB:.2f} GB are "
                             f"{'allowed (train.memory_gb)' if oc.memory_gb else 'available'}; use a smaller model or more memory")
-    micro = max(1, min(oc.batch_size, int(budget // per_row)))
+    micro = max(1, min(oc.batch_size, int(0.75 * budget // per_row)))  # a quarter kept back for what the probe cannot see
     log.info("training step: %.3f GB per example measured, %.1f GB budget: %s", per_row / GB, budget / GB,
              "whole batches" if micro >= oc.batch_size else f"micro-batches of {micro} of the {oc.batch_size} rows")
     return micro
@@ -289,7 +294,11 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     batches = batch_source(train_x, device)
     dims = data.spec.dims
     loss_fn = _loss_fn(model, cfg.compile)
-    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(4, len(train_x)))), oc, device)
+    if device.type == "cpu":
+        from .memory import return_large_blocks_to_the_os
+
+        return_large_blocks_to_the_os()  # so that the resident memory follows what the step holds
+    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite steps, on the device
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
     skipped = 0

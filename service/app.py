@@ -38,24 +38,28 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every non-2xx body is ``{"error": "..."}``."""
 
     @app.exception_handler(ServiceError)
-    async def servicejson_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status == 500:  # a fault an executor reported: logged here too, with the request's id
+            rid = request_id(request)
+            log.error("internal error on %s %s: %s (request id %s)", request.method, request.url.path, exc.message, rid)
+            return json_error(500, f"internal error ({exc.message}); quote request id {rid}", {REQUEST_ID: rid}, rid)
         return json_error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(FlowserveError)
-    async def userjson_error(request: Request, exc: FlowserveError) -> JSONResponse:
+    async def user_error(request: Request, exc: FlowserveError) -> JSONResponse:
         return json_error(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validationjson_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         return json_error(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def httpjson_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return json_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def internaljson_error(request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request)
         log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, rid)
         return json_error(500, f"internal error ({type(exc).__name__}); quote request id {rid}", {REQUEST_ID: rid}, rid)

@@ -9,20 +9,11 @@ on the compute thread and back, and freed chunks stay scattered through glibc's 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
-import sys
+
+from models.memory import libc
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
@@ -31,18 +22,18 @@ def limit_malloc_arenas(arenas: int) -> bool:
     glibc's default is 8 arenas per core; fewer arenas leave fewer places for freed chunks to
     scatter. Returns whether the cap was set (False off glibc, or with ``arenas=0``).
     """
-    libc = _libc()
-    return arenas > 0 and libc is not None and bool(libc.mallopt(M_ARENA_MAX, arenas))
+    c = libc()
+    return arenas > 0 and c is not None and bool(c.mallopt(M_ARENA_MAX, arenas))
 
 
 async def trim_malloc_every(seconds: float) -> None:
     """Hand freed heap memory back to the OS every ``seconds`` (glibc ``malloc_trim(0)``, about a millisecond)."""
-    libc = _libc()
-    if libc is None or seconds <= 0:
+    c = libc()
+    if c is None or seconds <= 0:
         return
     while True:
         await asyncio.sleep(seconds)
-        libc.malloc_trim(0)
+        c.malloc_trim(0)
 
 
 def freeze_heap() -> None:

@@ -132,19 +132,22 @@ class TorchRunner:
         self.model: DensityModel = load(path, device)
         self.manifest = self.model.manifest
         self.tile = settings.tile_rows if settings.batch_invariant else None
+        self._log_prob = torch.compile(self.model.log_prob, dynamic=False) if settings.compile else self.model.log_prob
         self.execution: dict[str, str] = {}
         self._tasks: dict[str, Callable[..., np.ndarray]] = {"score": self._score_eager, "sample": self._sample_eager}
         if device.startswith("cuda") and settings.cuda_graphs:
             self._capture(settings)
         for task in self._tasks:
             self.execution.setdefault(task, "eager" + (f", tiles of {self.tile} rows" if self.tile else ""))
+        if settings.compile:
+            self.execution["score"] += ", compiled"
 
     # eager forwards on numpy, any number of rows
     def _score_eager(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         with torch.inference_mode():
             xt = torch.from_numpy(x).to(self.device, torch.float32)
             nt = None if noise is None else torch.from_numpy(noise).to(self.device)
-            return self.model.log_prob(xt, nt).double().cpu().numpy()
+            return self._log_prob(xt, nt).double().cpu().numpy()
 
     def _sample_eager(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -161,7 +164,7 @@ class TorchRunner:
             return x, (torch.full_like(x, 0.5) if dequantized else None)
 
         def score(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-            return self.model.log_prob(x, noise).double()
+            return self._log_prob(x, noise).double()
 
         def sample(z: torch.Tensor) -> torch.Tensor:
             return self.model.sample(len(z), 1.0, z=z)

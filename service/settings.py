@@ -29,6 +29,8 @@ class Settings(BaseSettings):
                                      "process per device; 0 = one process for everything; default: the cores left after one per "
                                      "executor (service.server.default_http_workers)")
     cuda_graphs: bool = Field(True, description="torch models on CUDA replay CUDA graphs captured per batch size at warm-up")
+    compile: bool = Field(False, description="torch models' scoring forward goes through torch.compile (compiled at load, one "
+                          "graph per batch size; minutes per model on a small CPU)")
     batch_invariant: bool = Field(True, description="every row's result is bit-for-bit independent of its batch-mates: backends "
                                   "whose kernels depend on the batch size compute in tiles of tile_rows rows (service.runners)")
     tile_rows: int = Field(64, ge=1, le=65536, description="rows per tile for batch-invariant execution (a lone request is "
