@@ -294,11 +294,11 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     batches = batch_source(train_x, device)
     dims = data.spec.dims
     loss_fn = _loss_fn(model, cfg.compile)
-    if device.type == "cpu":
+    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
+    if device.type == "cpu" and micro < oc.batch_size:  # memory is the limit: keep the resident memory to what the step holds
         from .memory import return_large_blocks_to_the_os
 
-        return_large_blocks_to_the_os()  # so that the resident memory follows what the step holds
-    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
+        return_large_blocks_to_the_os()
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite steps, on the device
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
     skipped = 0
