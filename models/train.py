@@ -191,8 +191,10 @@ def _loss_fn(model: DensityModel, compile: bool):  # noqa: ANN202 - Callable[[Te
     return torch.compile(loss, dynamic=False) if compile else loss
 
 
-def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: OptimConfig, device: torch.device) -> int:  # noqa: ANN001
-    """Rows per forward/backward pass so a step fits in ``oc.memory_gb`` (or 80% of the available memory).
+def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: OptimConfig,  # noqa: ANN001
+                     device: torch.device) -> tuple[int, bool]:
+    """Rows per forward/backward pass so a step fits in ``oc.memory_gb`` (or 80% of the available
+    memory), and whether memory is tight (the planned step takes more than half the budget).
 
     One forward/backward pass on the probe rows measures the memory a row takes (the RNG states are
     restored and the gradients dropped afterwards, so the run itself is unchanged). A run where even
@@ -207,7 +209,7 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
     if available:
         limits.append(0.8 * available)
     if not limits:
-        return oc.batch_size
+        return oc.batch_size, False
     budget = min(limits)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
@@ -218,7 +220,7 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     if grown() is None:
-        return oc.batch_size
+        return oc.batch_size, False
     per_row = max(grown() / len(probe), 1.0)
     if per_row > budget:
         raise TrainingError(f"a training step needs about {per_row / GB:.2f} GB per example and only {max(budget, 0) / GB:.2f} GB are "
@@ -226,7 +228,7 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
     micro = max(1, min(oc.batch_size, int(0.75 * budget // per_row)))  # a quarter kept back for what the probe cannot see
     log.info("training step: %.3f GB per example measured, %.1f GB budget: %s", per_row / GB, budget / GB,
              "whole batches" if micro >= oc.batch_size else f"micro-batches of {micro} of the {oc.batch_size} rows")
-    return micro
+    return micro, micro < oc.batch_size or micro * per_row > 0.5 * budget
 
 
 def sample_grid(model: DensityModel, path: Path, n: int = 64, temperature: float = 1.0, seed: int = 0) -> None:
@@ -294,8 +296,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     batches = batch_source(train_x, device)
     dims = data.spec.dims
     loss_fn = _loss_fn(model, cfg.compile)
-    micro = oc.micro_batch or plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
-    if device.type == "cpu" and micro < oc.batch_size:  # memory is the limit: keep the resident memory to what the step holds
+    micro, tight = (oc.micro_batch, False) if oc.micro_batch else \
+        plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
+    if device.type == "cpu" and tight:  # memory is a limit: keep the resident memory to what the step holds
         from .memory import return_large_blocks_to_the_os
 
         return_large_blocks_to_the_os()
