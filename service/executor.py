@@ -64,7 +64,7 @@ class Executor:
         self.worker = DeviceWorker(self.device, inline=True)
         self.repository = ModelRepository(s, [self.worker], self.metrics)
         self.epoch = f"{os.getpid()}.{spec.incarnation}"
-        self.arenas: dict[str, Arena] = {}
+        self.arenas: dict[str, tuple[Arena, Channel]] = {}  # path → the arena and the front-end it belongs to
         self.peers: set[Channel] = set()
         self.running: dict[tuple[Channel, int], asyncio.Task] = {}
         self.generation = 0
@@ -91,9 +91,8 @@ class Executor:
         try:
             async with asyncio.timeout(ACK_TIMEOUT_S):
                 await done.wait()
-        except TimeoutError:  # a front-end that does not answer is gone (a new one says hello)
-            log.warning("no table acknowledgement from %d front-end(s); forgetting them", len(waiting))
-            self.peers -= waiting
+        except TimeoutError:  # busy, or about to disconnect (a dead front-end's connection closes by itself)
+            log.warning("%d front-end(s) did not acknowledge the model table within %.0f s", len(waiting), ACK_TIMEOUT_S)
         finally:
             self._acks.pop(self.generation, None)
 
@@ -105,18 +104,18 @@ class Executor:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _arena(self, path: str) -> Arena:
-        arena = self.arenas.get(path)
-        if arena is None:
+    def _arena(self, path: str, peer: Channel) -> Arena:
+        known = self.arenas.get(path)
+        if known is None:
             if Path(path).parent != Path(self.spec.shm_dir):
                 raise ServiceError(f"arena {path} is outside this server's shared-memory directory")
-            arena = self.arenas[path] = Arena.attach(path)
-        return arena
+            known = self.arenas[path] = (Arena.attach(path), peer)
+        return known[0]
 
     async def _run(self, peer: Channel, h: dict) -> None:
         rid = h["id"]
         try:
-            arena = self._arena(h["shm"])
+            arena = self._arena(h["shm"], peer)
             base = h["at"]
             payload = {k: arena.view(ref, base).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
             entry = self.repository.get_version(h["model"], h["version"])
@@ -196,6 +195,10 @@ class Executor:
             for (p, _), task in list(self.running.items()):
                 if p is peer:
                     task.cancel()
+            for path, (arena, owner) in list(self.arenas.items()):  # its arena goes with it
+                if owner is peer:
+                    del self.arenas[path]
+                    arena.close()
             peer.close()
 
     async def serve(self) -> None:
