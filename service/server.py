@@ -157,6 +157,7 @@ class Supervisor:
         self.executors = [Child("executor", i) for i in range(len(self.devices))]
         self.frontends = [Child("frontend", i) for i in range(workers)]
         self.stopping = False
+        self._frontends_told = False  # SIGTERM sent to the front-ends (once: a second one stops them at once)
         self._port_socket: socket.socket | None = None
         log.info("supervisor: %d executor(s) on %s, %d HTTP front-end(s) (%d cores available)",
                  len(self.devices), ",".join(self.devices), workers, available_cores())
@@ -224,10 +225,18 @@ class Supervisor:
                 c.proc.kill()
                 c.proc.wait()
 
+    def _on_signal(self, sig: int, signals: list[int]) -> None:
+        """Record ``sig`` for the main loop; the first SIGTERM/SIGINT reaches the front-ends at once, so
+        readiness turns 503 without waiting for the loop's next turn."""
+        signals.append(sig)
+        if sig in (signal.SIGTERM, signal.SIGINT) and not self._frontends_told:
+            self._frontends_told = True
+            self._signal_all(self.frontends, signal.SIGTERM)
+
     def run(self) -> None:
         signals: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda s, _f: signals.append(s))
+            signal.signal(sig, lambda s, _f: self._on_signal(s, signals))
         try:
             port = self._reserve_port()
             for child in self.executors + self.frontends:
@@ -263,7 +272,9 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Front-ends drain first (their in-flight requests still need the executors), then executors stop."""
         log.info("stopping: front-ends drain (up to %.0f s), then executors stop", self.settings.drain_timeout_s)
-        self._signal_all(self.frontends, signal.SIGTERM)
+        if not self._frontends_told:
+            self._frontends_told = True
+            self._signal_all(self.frontends, signal.SIGTERM)
         self._wait(self.frontends, self.settings.drain_timeout_s + 10)
         self._signal_all(self.executors, signal.SIGTERM)
         self._wait(self.executors, self.settings.drain_timeout_s + 5)
