@@ -75,12 +75,12 @@ def default_cpu_threads(devices: list[str]) -> int:
 
 def _build(settings: Settings, metrics: Metrics, repository, start, stop) -> FastAPI:  # noqa: ANN001
     """The app around a repository (in-process or remote): routes, errors, middleware, metrics.
-    ``start()`` runs in the lifespan before serving, ``stop()`` (async) after."""
+    ``start()`` (async) runs in the lifespan before serving, ``stop()`` (async) after."""
     service = ServiceState(settings, metrics, repository, InferenceCore(settings, repository))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
-        background = start(service)
+        background = await start(service)
         freeze_heap()
         trim = asyncio.create_task(trim_malloc_every(settings.malloc_trim_s))
         yield
@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     metrics.device_memory.labels(w.device).set(mem)
             await asyncio.sleep(2.0)
 
-    def start(service: ServiceState) -> list[asyncio.Task]:
+    async def start(service: ServiceState) -> list[asyncio.Task]:
         load = asyncio.create_task(repository.reload())
         service.extras["initial_load"] = load
         return [load, asyncio.create_task(publish_memory())]
@@ -153,8 +153,11 @@ def create_frontend_app(spec: ChildSpec) -> FastAPI:
     settings = spec.settings
     repository = RemoteRepository(settings, spec)
 
-    def start(service: ServiceState) -> list[asyncio.Task]:
+    async def start(service: ServiceState) -> list[asyncio.Task]:
         repository.start()
+        # Serve only once this front-end knows what every executor serves, as the others do: its socket
+        # is bound but not listening until then, so the kernel sends connections to the front-ends that know.
+        await repository.first_tables(settings.frontend_start_wait_s)
         return []
 
     return _build(settings, Metrics(), repository, start, repository.close)

@@ -66,6 +66,7 @@ class ExecutorLink:
         self.table: dict | None = None
         self.ready: set[tuple[str, str]] = set()  # (model, version) this executor serves
         self.ever_loaded = False
+        self.first_table = asyncio.Event()  # set by the executor's first table (its answer to hello)
         self.pending: dict[int, _Pending] = {}
         self.rows = 0  # rows this front-end has in flight on this executor
         self._ids = itertools.count(1)
@@ -126,6 +127,7 @@ class ExecutorLink:
             self.epoch, self.table = h["epoch"], h
             self.ready = {(m["name"], m["version"]) for m in h["models"] if m["state"] == "ready"}
             self.ever_loaded = self.ever_loaded or bool(h["loaded"])
+            self.first_table.set()
             self.on_table(self)
             self.channel.post({"op": "table_ack", "generation": h["generation"]})
             return
@@ -261,6 +263,17 @@ class RemoteRepository:
         for link in self.links:
             link.start()
 
+    async def first_tables(self, timeout_s: float) -> bool:
+        """Wait until every executor has sent its table (at most ``timeout_s``: an executor that is
+        loading or restarting must not keep this front-end's health routes off the port)."""
+        waits = [asyncio.create_task(link.first_table.wait()) for link in self.links]
+        done, late = await asyncio.wait(waits, timeout=timeout_s)
+        for t in late:
+            t.cancel()
+        if late:
+            log.warning("%d executor(s) have not answered in %.0f s; serving without their tables", len(late), timeout_s)
+        return not late
+
     async def close(self) -> None:
         for link in self.links:
             await link.close()
@@ -363,14 +376,17 @@ class RemoteRepository:
         return old
 
 
-def reuse_port_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening socket on ``host:port`` that other front-ends share (``SO_REUSEPORT``)."""
+def reuse_port_socket(host: str, port: int, backlog: int | None = 2048) -> socket.socket:
+    """A socket on ``host:port`` that other front-ends share (``SO_REUSEPORT``): listening, or with
+    ``backlog=None`` only bound (the server's event loop listens when it starts serving, and until then
+    the kernel gives new connections to the other front-ends)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(backlog)
+    if backlog is not None:
+        sock.listen(backlog)
     sock.set_inheritable(False)
     return sock
 
@@ -385,7 +401,7 @@ def main() -> None:
     die_with_parent(spec.parent)
     child_logging("frontend", spec.index)
     limit_malloc_arenas(spec.settings.malloc_arenas)
-    sock = reuse_port_socket(spec.settings.host, spec.port)
+    sock = reuse_port_socket(spec.settings.host, spec.port, backlog=None)  # listens once it knows the tables
     run_uvicorn(create_frontend_app(spec), spec.settings, sockets=[sock])
 
 

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
                            "padded to this)")
     shm_arena_mb: int = Field(64, ge=1, le=65536, description="shared memory per front-end for tensors on their way to and from "
                               "the executors (MiB, in /dev/shm)")
+    frontend_start_wait_s: float = Field(5.0, ge=0, le=600, description="a starting front-end accepts connections once every "
+                                         "executor has told it what it serves, or after this long (the others serve meanwhile)")
     access_log: bool = Field(False, description="uvicorn's access log line per request (Prometheus counts requests either way)")
     backend: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="auto: the manifest's preferred backend, else torch")
     require_gpu: bool = Field(False, description="a model that would run on CPU is not ready")

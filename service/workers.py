@@ -29,7 +29,7 @@ class DeviceWorker:
     """Runs callables on one device, one at a time, in its own thread, or ``inline`` on the caller's.
 
     Inline suits an executor process (:mod:`service.executor`), where nothing else needs the event
-    loop while a batch computes (messages wait in ZeroMQ and join the next batch), and a second
+    loop while a batch computes (messages wait in the socket buffers and join the next batch), and a second
     thread would contend for the GIL with the loop's socket I/O and add a thread hop to every batch.
     """
 

@@ -118,6 +118,35 @@ def test_executor_killed_under_load_recovers(repository: Path, tmp_path: Path) -
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
 
 
+def test_restarted_frontend_joins_the_port_only_when_it_can_serve(repository: Path, tmp_path: Path) -> None:
+    """A front-end killed under load is restarted; the kernel gives it connections only once it knows the
+    model table, so no request meets a "still loading" 503 (the killed one's own connections may reset)."""
+    with running_server(repository, tmp_path, FLOWSERVE_HTTP_WORKERS="2") as s:
+        outcomes: list = []
+        stop = threading.Event()
+        workers = hammer(s.url, stop, outcomes)
+        wait_for_metric(s, "flowserve_requests_total", lambda v: v >= 30, status="200")
+        frontends = [p for p, cmd in children(s.proc.pid) if "service.frontend" in cmd]
+        os.kill(frontends[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 30:  # the supervisor restarts it
+            now = [p for p, cmd in children(s.proc.pid) if "service.frontend" in cmd]
+            if len(now) == 2 and frontends[0] not in now:
+                break
+            time.sleep(0.02)
+        restarted_at = time.monotonic()
+        while time.monotonic() - restarted_at < 4:  # its start-up and first seconds, under load
+            time.sleep(0.1)
+        stop.set()
+        for w in workers:
+            w.join(60)
+        assert not any(w.is_alive() for w in workers), "a client hung"
+        after = [o for o in outcomes if o[2] >= killed_at + 0.5]  # connections the dead one held are gone by now
+        codes = [o[0] for o in after]
+        print(f"\nfront-end SIGKILL under load: {len(codes)} requests after it: { {c: codes.count(c) for c in set(codes)} }")
+        assert len(codes) >= 20 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+
+
 def test_sigterm_under_load_loses_no_request(repository: Path, tmp_path: Path) -> None:
     env = {"FLOWSERVE_HTTP_WORKERS": "2", "FLOWSERVE_MAX_BATCH_SIZE": "8"}
     with running_server(repository, tmp_path, **env) as s:

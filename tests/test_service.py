@@ -65,8 +65,10 @@ def test_score_matches_in_process_model(server: Server, repository: Path) -> Non
 def test_batched_results_equal_solo_results(server: Server) -> None:
     probe = TEST[:3]
     with server.client() as c:
-        solo = score(c, probe, seed=11).json()["results"]
-        solo_samples = c.post("/v1/models/digits/sample", json={"n": 3, "seed": 5, "temperature": 0.8}).json()["samples"]
+        solo_r = score(c, probe, seed=11)
+        solo_s = c.post("/v1/models/digits/sample", json={"n": 3, "seed": 5, "temperature": 0.8})
+    assert solo_r.status_code == 200 and solo_s.status_code == 200, (solo_r.text, solo_s.text)
+    solo, solo_samples = solo_r.json()["results"], solo_s.json()["samples"]
 
     async def crowd() -> tuple[list, list]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
@@ -75,7 +77,7 @@ def test_batched_results_equal_solo_results(server: Server) -> None:
             sample_others = [ac.post("/v1/models/digits/sample", json={"n": 4, "seed": i}) for i in range(20)]
             mine_s = ac.post("/v1/models/digits/sample", json={"n": 3, "seed": 5, "temperature": 0.8})
             res = await asyncio.gather(mine, mine_s, *others, *sample_others)
-            assert all(r.status_code == 200 for r in res)
+            assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200][:3]
             return res[0].json()["results"], res[1].json()["samples"]
 
     batches = metric_value(server, "flowserve_batch_size_rows_count", model="digits", task="score")
