@@ -8,8 +8,9 @@ Prints, each section on its own (a failing section says why and the rest go on):
 2. Glow digits training (``configs/glow_digits.yaml``): steps/s on the GPU and on the CPU;
 3. sampling: samples/s of the bundled digits Flow++ and of a CIFAR-10 Flow++, eager and as the
    service runs it (CUDA graphs);
-4. the butterfly layer vs the dense LU layer vs a dense matmul, D = 1024 … 16384, batch 64:
-   forward + log-det and inverse, milliseconds;
+4. the butterfly layer, eager (PyTorch per level) and fused (one Triton launch per direction), vs
+   the dense LU layer vs a dense matmul, D = 1024 … 16384, batch 64: forward + log-det, inverse,
+   and forward + backward, milliseconds;
 5. scoring rows/s of the bundled digits Glow as the service's runner runs it, at batch 1, 64 and
    1024, with CUDA graphs and without, and the batch-1 latency of each.
 
@@ -175,23 +176,44 @@ def section_sampling(quick: bool) -> None:
 
 
 def section_butterfly(quick: bool) -> None:
-    print("\n## 4. Butterfly vs dense LU vs dense matmul, batch 64 (ms)")
-    print(f"{'D':>6} {'butterfly fwd+ld':>17} {'butterfly inv':>14} {'dense LU fwd':>13} {'dense LU inv':>13} {'matmul':>8}")
+    """Eager PyTorch levels vs the fused Triton kernel (one launch per direction) vs dense LU vs a matmul."""
+    from models.flows.butterfly_kernel import triton_available
+
+    fused_ok = DEVICE == "cuda" and triton_available()  # on the CPU the kernel only runs interpreted
+    print("\n## 4. Butterfly (eager levels / fused Triton kernel) vs dense LU vs dense matmul, batch 64 (ms)")
+    print(f"{'D':>6} {'eager fwd+ld':>13} {'fused fwd+ld':>13} {'eager inv':>10} {'fused inv':>10} {'eager f+b':>10} "
+          f"{'fused f+b':>10} {'dense LU fwd':>13} {'dense LU inv':>13} {'matmul':>8} {'fused/matmul':>13}")
     dims = (1024, 4096, 16384) if quick else (1024, 2048, 4096, 8192, 16384)
     for d in dims if DEVICE == "cuda" else (256, 1024):
         x = torch.randn(64, d, device=DEVICE)
         bf = Butterfly((d,), levels=int(math.log2(d)), init="rotation").to(DEVICE)
         w = torch.randn(d, d, device=DEVICE) / math.sqrt(d)
+        cells = {}
+        for kernel in ("torch", "triton") if fused_ok else ("torch",):
+            bf.kernel = kernel
+            with torch.no_grad():
+                z, _ = bf(x)
+                cells[kernel, "f"] = cuda_timed(lambda: bf(x), 20)
+                cells[kernel, "i"] = cuda_timed(lambda: bf.inverse(z), 20)
+            xg = x.clone().requires_grad_(True)
+
+            def step() -> None:
+                y, ld = bf(xg)
+                (y.square().sum() - ld.sum()).backward()
+            cells[kernel, "b"] = cuda_timed(step, 10)
         with torch.no_grad():
-            z, _ = bf(x)
-            f, i = cuda_timed(lambda: bf(x), 20), cuda_timed(lambda: bf.inverse(z), 20)
             m = cuda_timed(lambda: x @ w, 20)
             dense_f = dense_i = math.nan
             if d <= 8192:
                 dense = InvConv1x1LU(d).to(DEVICE)
                 zd, _ = dense(x)
                 dense_f, dense_i = cuda_timed(lambda: dense(x), 5), cuda_timed(lambda: dense.inverse(zd), 5)
-        print(f"{d:>6} {f * 1e3:>17.3f} {i * 1e3:>14.3f} {dense_f * 1e3:>13.3f} {dense_i * 1e3:>13.3f} {m * 1e3:>8.3f}", flush=True)
+        ms = {k: v * 1e3 for k, v in cells.items()}
+        nan = math.nan
+        print(f"{d:>6} {ms['torch', 'f']:>13.3f} {ms.get(('triton', 'f'), nan):>13.3f} {ms['torch', 'i']:>10.3f} "
+              f"{ms.get(('triton', 'i'), nan):>10.3f} {ms['torch', 'b']:>10.3f} {ms.get(('triton', 'b'), nan):>10.3f} "
+              f"{dense_f * 1e3:>13.3f} {dense_i * 1e3:>13.3f} {m * 1e3:>8.3f} {ms.get(('triton', 'f'), nan) / (m * 1e3):>13.2f}",
+              flush=True)
 
 
 def section_scoring(quick: bool) -> None:

@@ -16,6 +16,11 @@ paper's free 2×2 matrices do, minus reflections, and can never become singular.
 per block, as in the paper. ``log|det| = Σ_blocks (s₁ + s₂)`` (times ``L/2`` for tied blocks).
 Initialisation: identity (θ = s = t = 0) or random rotations (θ ~ U[0, 2π)).
 
+Kernels: ``kernel="auto"`` runs every level of a layer in one fused Triton launch per direction on
+CUDA (:mod:`models.flows.butterfly_kernel`; the backward too), and this module's per-level PyTorch
+code elsewhere; ``"torch"`` and ``"triton"`` force one. The PyTorch code is the reference the
+kernel is tested against.
+
 Layouts for images ``(C, H, W)``: ``channel_major`` flattens C·H·W as stored (NCHW);
 ``channel_last`` flattens H·W·C (channels vary fastest). ``partitions = P`` (a power of two)
 applies independent butterflies to the P contiguous chunks (the block-wise variant): for the
@@ -31,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bijector, channels_first, channels_last
+
+Kernel = Literal["auto", "torch", "triton"]
 
 
 def max_levels(d: int) -> int:
@@ -68,6 +75,18 @@ class ButterflyFactor(nn.Module):
         ld = (self.s1 + self.s2).sum()
         return ld * self.half if self.tied else ld
 
+    def pair_matrices(self) -> tuple[Tensor, Tensor]:
+        """``(M, M⁻¹)`` of every pair, each ``(4, D/2)`` float32 as ``[a, b, c, d]`` rows (tied blocks
+        repeated per pair); ``M⁻¹ = U⁻¹ Rᵀ`` in closed form, computed in float64 and not differentiable."""
+        shape = (self.blocks, self.half)
+        fwd = torch.stack([m.float().expand(shape).reshape(-1) for m in self.matrices()])
+        with torch.no_grad():
+            theta, s1, s2, t = (p.double() for p in (self.theta, self.s1, self.s2, self.t))
+            cos, sin, i1, i2 = torch.cos(theta), torch.sin(theta), torch.exp(-s1), torch.exp(-s2)
+            inv = [cos * i1 + t * sin * i1 * i2, sin * i1 - t * cos * i1 * i2, -sin * i2, cos * i2]
+            inv = torch.stack([m.expand(shape).reshape(-1) for m in inv]).float()
+        return fwd, inv
+
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         xv = x.reshape(b, self.blocks, 2, self.half)
@@ -98,10 +117,12 @@ class Butterfly(Bijector):
         init: Literal["identity", "rotation"] = "identity",
         layout: Literal["channel_major", "channel_last"] = "channel_major",
         partitions: int = 1,
+        kernel: Kernel = "auto",
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.layout = layout
+        self.kernel: Kernel = kernel
         d = math.prod(self.shape)
         if partitions < 1 or partitions & (partitions - 1):
             raise ValueError(f"partitions must be a power of two, got {partitions}")
@@ -110,6 +131,22 @@ class Butterfly(Bijector):
         if levels < 1 or levels > allowed:
             raise ValueError(f"D = {d} ({' × '.join(map(str, self.shape))}) with {partitions} partition(s) allows 1..{allowed} butterfly levels, got {levels}")
         self.factors = nn.ModuleList(ButterflyFactor(d, offset + k, tied, init) for k in range(levels))
+        self.dim, self.levels, self.offset = d, levels, offset
+
+    def _fused(self, x: Tensor) -> bool:
+        """Whether this call runs the fused kernel (see the module docstring)."""
+        from .butterfly_kernel import kernel_fits, triton_available
+
+        if self.kernel == "torch":
+            return False
+        if self.kernel == "triton":
+            return True
+        return x.is_cuda and x.dtype != torch.float64 and kernel_fits(self.dim, self.levels) and triton_available()
+
+    def coefficients(self) -> tuple[Tensor, Tensor]:
+        """Every level's pair matrices and their inverses, each ``(levels, 4, D/2)`` float32 (the kernel's input)."""
+        fwd, inv = zip(*(f.pair_matrices() for f in self.factors))
+        return torch.stack(fwd), torch.stack(inv)
 
     def _flat(self, x: Tensor) -> Tensor:
         if self.layout == "channel_last" and x.dim() > 2:
@@ -126,12 +163,23 @@ class Butterfly(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self._flat(x)
-        for f in self.factors:
-            h = f(h)
+        if self._fused(h):
+            from .butterfly_kernel import butterfly_forward
+
+            coef, icoef = self.coefficients()
+            h = butterfly_forward(h, coef, icoef, self.levels, self.offset)
+        else:
+            for f in self.factors:
+                h = f(h)
         return self._unflat(h), self.log_abs_det().to(x.dtype).expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> Tensor:
         h = self._flat(z)
+        if self._fused(h) and not (torch.is_grad_enabled() and (h.requires_grad or self.factors[0].theta.requires_grad)):
+            from .butterfly_kernel import butterfly_inverse
+
+            _, icoef = self.coefficients()
+            return self._unflat(butterfly_inverse(h, icoef, self.levels, self.offset))
         for f in reversed(self.factors):
             h = f.inverse(h)
         return self._unflat(h)
