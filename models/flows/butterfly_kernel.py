@@ -48,13 +48,19 @@ def triton_available() -> bool:
     return tl is not None and hasattr(tl, "split") and hasattr(tl, "permute")
 
 
-def _forward_fn(x_ptr, y_ptr, coef_ptr, D, R, P: tl.constexpr, N: tl.constexpr, LEVELS: tl.constexpr, BL: tl.constexpr, REVERSE: tl.constexpr):  # noqa: ANN001, ANN201
+def _levels_fn(x_ptr, out_ptr, coef_ptr, icoef_ptr, gy_ptr, gcoef_ptr, D, R, N: tl.constexpr, LEVELS: tl.constexpr,  # noqa: ANN001, ANN201
+               BL: tl.constexpr, REVERSE: tl.constexpr, BACKWARD: tl.constexpr):
+    """Apply the levels to ``x`` into ``out`` (forward, or inverse with the inverse matrices and ``REVERSE``);
+    with ``BACKWARD``, ``x`` is the layer's output, ``gy`` its gradient, and ``out`` gets the input's gradient
+    while ``gcoef`` gets the row's coefficient gradients (the levels then run in reverse)."""
     row, hi, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = tl.arange(0, N)[:, None]
     lo = tile * BL + tl.arange(0, BL)[None, :]
     mask = (lo < R) & (t < N)
     offs = row.to(tl.int64) * D + hi * N * R + t * R + lo
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pairs = D // 2
     # Level k: 2**k blocks of N // 2**(k+1) pairs (t, t + N // 2**(k+1)). Shapes are written inline:
     # a name assigned in a static loop is no longer a compile-time constant.
@@ -68,77 +74,61 @@ def _forward_fn(x_ptr, y_ptr, coef_ptr, D, R, P: tl.constexpr, N: tl.constexpr, 
         b = tl.load(at + pairs, mask=pmask, other=0.0)
         c = tl.load(at + 2 * pairs, mask=pmask, other=0.0)
         d = tl.load(at + 3 * pairs, mask=pmask, other=0.0)
-        x = tl.reshape(tl.permute(tl.join(a * u + b * v, c * u + d * v), (0, 3, 1, 2)), (N, BL))
-    tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _backward_fn(y_ptr, gy_ptr, gx_ptr, gcoef_ptr, coef_ptr, icoef_ptr, D, R, P: tl.constexpr, N: tl.constexpr, LEVELS: tl.constexpr, BL: tl.constexpr):  # noqa: ANN001, ANN201
-    row, hi, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = tl.arange(0, N)[:, None]
-    lo = tile * BL + tl.arange(0, BL)[None, :]
-    mask = (lo < R) & (t < N)
-    offs = row.to(tl.int64) * D + hi * N * R + t * R + lo
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pairs = D // 2
-    grow = row.to(tl.int64) * (LEVELS * 4 * pairs)
-    for k in tl.static_range(LEVELS - 1, -1, -1):
-        yu, yv = tl.split(tl.permute(tl.reshape(y, (2**k, 2, N // 2 ** (k + 1), BL)), (0, 2, 3, 1)))
-        gu, gv = tl.split(tl.permute(tl.reshape(g, (2**k, 2, N // 2 ** (k + 1), BL)), (0, 2, 3, 1)))
-        pair = ((hi * 2**k + tl.arange(0, 2**k)[:, None, None]) * (N // 2 ** (k + 1) * R)
-                + tl.arange(0, N // 2 ** (k + 1))[None, :, None] * R + lo[None, :, :])
-        pmask = (pair >= 0) & (lo[None, :, :] < R)
-        at = coef_ptr + k * 4 * pairs + pair
-        a = tl.load(at, mask=pmask, other=0.0)
-        b = tl.load(at + pairs, mask=pmask, other=0.0)
-        c = tl.load(at + 2 * pairs, mask=pmask, other=0.0)
-        d = tl.load(at + 3 * pairs, mask=pmask, other=0.0)
-        iat = icoef_ptr + k * 4 * pairs + pair
-        xu = tl.load(iat, mask=pmask, other=0.0) * yu + tl.load(iat + pairs, mask=pmask, other=0.0) * yv  # this level's input
-        xv = tl.load(iat + 2 * pairs, mask=pmask, other=0.0) * yu + tl.load(iat + 3 * pairs, mask=pmask, other=0.0) * yv
-        gat = gcoef_ptr + grow + k * 4 * pairs + pair
-        tl.store(gat, gu * xu, mask=pmask)
-        tl.store(gat + pairs, gu * xv, mask=pmask)
-        tl.store(gat + 2 * pairs, gv * xu, mask=pmask)
-        tl.store(gat + 3 * pairs, gv * xv, mask=pmask)
-        y = tl.reshape(tl.permute(tl.join(xu, xv), (0, 3, 1, 2)), (N, BL))
-        g = tl.reshape(tl.permute(tl.join(a * gu + c * gv, b * gu + d * gv), (0, 3, 1, 2)), (N, BL))  # Mᵀ ∂y
-    tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+        if BACKWARD:  # (u, v) is this level's output; recompute its input, then the gradients
+            gu, gv = tl.split(tl.permute(tl.reshape(g, (2**k, 2, N // 2 ** (k + 1), BL)), (0, 2, 3, 1)))
+            iat = icoef_ptr + k * 4 * pairs + pair
+            xu = tl.load(iat, mask=pmask, other=0.0) * u + tl.load(iat + pairs, mask=pmask, other=0.0) * v
+            xv = tl.load(iat + 2 * pairs, mask=pmask, other=0.0) * u + tl.load(iat + 3 * pairs, mask=pmask, other=0.0) * v
+            gat = gcoef_ptr + row.to(tl.int64) * (LEVELS * 4 * pairs) + k * 4 * pairs + pair
+            tl.store(gat, gu * xu, mask=pmask)
+            tl.store(gat + pairs, gu * xv, mask=pmask)
+            tl.store(gat + 2 * pairs, gv * xu, mask=pmask)
+            tl.store(gat + 3 * pairs, gv * xv, mask=pmask)
+            x = tl.reshape(tl.permute(tl.join(xu, xv), (0, 3, 1, 2)), (N, BL))
+            g = tl.reshape(tl.permute(tl.join(a * gu + c * gv, b * gu + d * gv), (0, 3, 1, 2)), (N, BL))  # Mᵀ ∂y
+        else:
+            x = tl.reshape(tl.permute(tl.join(a * u + b * v, c * u + d * v), (0, 3, 1, 2)), (N, BL))
+    if BACKWARD:
+        tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """The two kernels, compiled for CUDA or run by Triton's interpreter (CPU tensors)."""
+def _kernel(interpret: bool) -> Any:
+    """The kernel, compiled for CUDA or run by Triton's interpreter (CPU tensors)."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_forward_fn), InterpretedFunction(_backward_fn)
-    return triton.jit(_forward_fn), triton.jit(_backward_fn)
+        return InterpretedFunction(_levels_fn)
+    return triton.jit(_levels_fn)
 
 
-def _constexprs(levels: int, offset: int, d: int) -> tuple[int, int, int, int, tuple[int, int]]:
-    """``(N, R, P, BL, grid axes 1 and 2)`` for a layer of ``levels`` levels from level ``offset`` on ``D = d``."""
+def _geometry(levels: int, offset: int, d: int) -> tuple[int, int, int, tuple[int, int]]:
+    """``(N, R, BL, grid axes 1 and 2)`` for a layer of ``levels`` levels from level ``offset`` on ``D = d``."""
     n_vec, parts = 1 << levels, 1 << offset
     r = d // (parts * n_vec)
     bl = min(1 << max(0, math.ceil(math.log2(r))), max(1, MAX_VECTOR // n_vec), 64)
-    return n_vec, r, parts, bl, (parts, -(-r // bl))
+    return n_vec, r, bl, (parts, -(-r // bl))
 
 
-def _launch_forward(x: Tensor, coef: Tensor, levels: int, offset: int, reverse: bool) -> Tensor:
-    x = x.contiguous()
+def _launch(x: Tensor, out: Tensor, coef: Tensor, levels: int, offset: int, reverse: bool,
+            icoef: Tensor | None = None, gy: Tensor | None = None, gcoef: Tensor | None = None) -> None:
     b, d = x.shape
-    n_vec, r, parts, bl, tail = _constexprs(levels, offset, d)
-    y = torch.empty_like(x)
-    fwd, _ = _kernels(not x.is_cuda)
-    fwd[(b, *tail)](x, y, coef, d, r, P=parts, N=n_vec, LEVELS=levels, BL=bl, REVERSE=reverse,
-                    **({"num_warps": 8} if x.is_cuda and n_vec * bl >= 4096 else {}))
-    return y
+    n_vec, r, bl, tail = _geometry(levels, offset, d)
+    backward = gy is not None
+    _kernel(not x.is_cuda)[(b, *tail)](
+        x, out, coef, icoef if backward else coef, gy if backward else x, gcoef if backward else coef, d, r,
+        N=n_vec, LEVELS=levels, BL=bl, REVERSE=reverse, BACKWARD=backward,
+        **({"num_warps": 8} if x.is_cuda and n_vec * bl >= 4096 else {}))
 
 
 class _ButterflyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, coef: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:  # noqa: ANN001
-        y = _launch_forward(x, coef, levels, offset, reverse=False)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _launch(x, y, coef, levels, offset, reverse=False)
         ctx.save_for_backward(y, coef, icoef)
         ctx.levels, ctx.offset = levels, offset
         return y
@@ -146,14 +136,9 @@ class _ButterflyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         y, coef, icoef = ctx.saved_tensors
-        gy = gy.contiguous()
-        b, d = y.shape
-        n_vec, r, parts, bl, tail = _constexprs(ctx.levels, ctx.offset, d)
         gx = torch.empty_like(y)
-        gcoef = torch.empty(b, ctx.levels, 4, d // 2, device=y.device, dtype=torch.float32)
-        _, bwd = _kernels(not y.is_cuda)
-        bwd[(b, *tail)](y, gy, gx, gcoef, coef, icoef, d, r, P=parts, N=n_vec, LEVELS=ctx.levels, BL=bl,
-                        **({"num_warps": 8} if y.is_cuda and n_vec * bl >= 4096 else {}))
+        gcoef = torch.empty(y.shape[0], ctx.levels, 4, y.shape[1] // 2, device=y.device, dtype=torch.float32)
+        _launch(y, gx, coef, ctx.levels, ctx.offset, reverse=True, icoef=icoef, gy=gy.contiguous(), gcoef=gcoef)
         return gx, gcoef.sum(0), None, None, None
 
 
@@ -169,4 +154,7 @@ def butterfly_forward(x: Tensor, coef: Tensor, icoef: Tensor, levels: int, offse
 
 def butterfly_inverse(y: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:
     """All levels inverted on ``y`` ``(B, D)`` (the inverse matrices, levels in reverse order); not differentiable."""
-    return _launch_forward(y, icoef.detach(), levels, offset, reverse=True)
+    y = y.contiguous()
+    x = torch.empty_like(y)
+    _launch(y, x, icoef.detach(), levels, offset, reverse=True)
+    return x
