@@ -82,3 +82,26 @@ def test_compiled_kernel_matches_reference_on_cuda(d: int) -> None:
     check_against_reference(odd_ref, odd_fused, torch.randn(16, 3, 32, 32, device="cuda"))
     auto = Butterfly((d,), levels).cuda()
     assert auto._fused(torch.zeros(1, d, device="cuda"))
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch_levels(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """On a machine whose Triton cannot build the kernel (old compiler, too little shared memory), ``auto``
+    layers keep working on the PyTorch levels and say so once; a forced ``triton`` layer raises."""
+    import triton
+
+    from models.flows import butterfly_kernel
+
+    def cannot_build(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise triton.compiler.errors.CompilationError("", None, "unsupported here")
+
+    monkeypatch.setattr(butterfly_kernel, "butterfly_forward", cannot_build)
+    monkeypatch.setattr(Butterfly, "_fused", lambda self, x: self.kernel != "torch")  # as if on CUDA
+    ref, auto = pair((16,), 4, 1, False, "channel_major")
+    auto.kernel = "auto"
+    x = torch.randn(3, 16)
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(auto(x)[0], ref(x)[0])
+    assert auto.kernel == "torch" and "cannot run here" in caplog.text
+    forced = pair((16,), 4, 1, False, "channel_major")[1]
+    with pytest.raises(triton.compiler.errors.CompilationError):
+        forced(x)

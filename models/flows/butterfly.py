@@ -29,6 +29,7 @@ untied layer this is the level-``log2 P``-and-below part of a butterfly on the w
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from .base import Bijector, channels_first, channels_last
 
 Kernel = Literal["auto", "torch", "triton"]
+log = logging.getLogger(__name__)
 
 
 def max_levels(d: int) -> int:
@@ -143,6 +145,26 @@ class Butterfly(Bijector):
             return True
         return x.is_cuda and x.dtype != torch.float64 and kernel_fits(self.dim, self.levels) and triton_available()
 
+    @staticmethod
+    def _kernel_module():  # noqa: ANN205 - imported on first use: Triton is optional
+        from . import butterfly_kernel
+
+        return butterfly_kernel
+
+    def _fused_or_none(self, h: Tensor, run) -> Tensor | None:  # noqa: ANN001
+        """``run(coef, icoef)`` through the fused kernel when this call should use it; ``None`` when it should
+        not, or when the kernel cannot be built here (then this layer keeps the PyTorch levels, with a warning)."""
+        if not self._fused(h):
+            return None
+        try:
+            return run(*self.coefficients())
+        except self._kernel_module().kernel_errors() as e:
+            if self.kernel == "triton":
+                raise
+            log.warning("the fused butterfly kernel cannot run here (%s); using the PyTorch levels", e)
+            self.kernel = "torch"
+            return None
+
     def coefficients(self) -> tuple[Tensor, Tensor]:
         """Every level's pair matrices and their inverses, each ``(levels, 4, D/2)`` float32 (the kernel's input)."""
         fwd, inv = zip(*(f.pair_matrices() for f in self.factors))
@@ -163,11 +185,9 @@ class Butterfly(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self._flat(x)
-        if self._fused(h):
-            from .butterfly_kernel import butterfly_forward
-
-            coef, icoef = self.coefficients()
-            h = butterfly_forward(h, coef, icoef, self.levels, self.offset)
+        fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_module().butterfly_forward(h, coef, icoef, self.levels, self.offset))
+        if fused is not None:
+            h = fused
         else:
             for f in self.factors:
                 h = f(h)
@@ -175,11 +195,10 @@ class Butterfly(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         h = self._flat(z)
-        if self._fused(h) and not (torch.is_grad_enabled() and (h.requires_grad or self.factors[0].theta.requires_grad)):
-            from .butterfly_kernel import butterfly_inverse
-
-            _, icoef = self.coefficients()
-            return self._unflat(butterfly_inverse(h, icoef, self.levels, self.offset))
+        if not (torch.is_grad_enabled() and (h.requires_grad or self.factors[0].theta.requires_grad)):  # no kernel backward
+            fused = self._fused_or_none(h, lambda _, icoef: self._kernel_module().butterfly_inverse(h, icoef, self.levels, self.offset))
+            if fused is not None:
+                return self._unflat(fused)
         for f in reversed(self.factors):
             h = f.inverse(h)
         return self._unflat(h)

@@ -142,6 +142,18 @@ class _ButterflyFunction(torch.autograd.Function):
         return gx, gcoef.sum(0), None, None, None
 
 
+def kernel_errors() -> tuple[type[BaseException], ...]:
+    """What a kernel that cannot be built on this machine raises (compilation, resources, ptxas)."""
+    if triton is None:
+        return ()
+    base = getattr(triton, "TritonError", None)
+    if base is not None:
+        return (base,)
+    from triton.compiler.errors import CompilationError
+
+    return (CompilationError,)
+
+
 def kernel_fits(dim: int, levels: int) -> bool:
     """Whether one program can hold a layer's ``2^levels`` vector."""
     return (1 << levels) <= MAX_VECTOR and dim % (1 << levels) == 0
