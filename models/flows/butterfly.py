@@ -136,14 +136,14 @@ class Butterfly(Bijector):
         self.dim, self.levels, self.offset = d, levels, offset
 
     def _fused(self, x: Tensor) -> bool:
-        """Whether this call runs the fused kernel (see the module docstring)."""
-        from .butterfly_kernel import kernel_fits, triton_available
-
-        if self.kernel == "torch":
+        """Whether this call runs the fused kernel (see the module docstring). Triton is imported only here,
+        and only for CUDA tensors or a forced ``"triton"``."""
+        if self.kernel == "torch" or (self.kernel == "auto" and (not x.is_cuda or x.dtype == torch.float64)):
             return False
         if self.kernel == "triton":
             return True
-        return x.is_cuda and x.dtype != torch.float64 and kernel_fits(self.dim, self.levels) and triton_available()
+        kernel = self._kernel_module()
+        return kernel.kernel_fits(self.dim, self.levels) and kernel.triton_available()
 
     @staticmethod
     def _kernel_module():  # noqa: ANN205 - imported on first use: Triton is optional
