@@ -73,7 +73,7 @@ def test_inverse_under_autograd_uses_the_differentiable_reference() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("d", [1024, 4096])
+@pytest.mark.parametrize("d", [1024, 4096, 16384])  # 16384: 14 levels, two launches of 7
 def test_compiled_kernel_matches_reference_on_cuda(d: int) -> None:
     levels = d.bit_length() - 1
     ref, fused = pair((d,), levels, 1, False, "channel_major", device="cuda")
@@ -105,3 +105,14 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch_levels(monkeypatch:
     forced = pair((16,), 4, 1, False, "channel_major")[1]
     with pytest.raises(triton.compiler.errors.CompilationError):
         forced(x)
+
+
+@pytest.mark.parametrize("levels", [5, 6])
+def test_layers_deeper_than_one_launch_run_as_level_groups(levels: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More levels than one launch takes (12 on a GPU; 2 here): consecutive level groups, forward, backward and inverse."""
+    from models.flows import butterfly_kernel
+
+    monkeypatch.setattr(butterfly_kernel, "MAX_LEVELS", 2)
+    assert [n for _, n in butterfly_kernel.level_groups(levels)] == ([2, 2, 1] if levels == 5 else [2, 2, 2])
+    ref, fused = pair((2, 32), levels, 1, False, "channel_major")
+    check_against_reference(ref, fused, torch.randn(4, 2, 32))

@@ -142,14 +142,25 @@ class Butterfly(Bijector):
             return False
         if self.kernel == "triton":
             return True
-        kernel = self._kernel_module()
-        return kernel.kernel_fits(self.dim, self.levels) and kernel.triton_available()
+        return self._kernel_module().triton_available()
 
     @staticmethod
     def _kernel_module():  # noqa: ANN205 - imported on first use: Triton is optional
         from . import butterfly_kernel
 
         return butterfly_kernel
+
+    def _kernel_levels(self, h: Tensor, coef: Tensor, icoef: Tensor, inverse: bool) -> Tensor:
+        """Every level through the kernel, in launches of at most ``MAX_LEVELS`` levels."""
+        kernel = self._kernel_module()
+        groups = kernel.level_groups(self.levels)
+        for first, n in reversed(groups) if inverse else groups:
+            part = slice(first, first + n)
+            if inverse:
+                h = kernel.butterfly_inverse(h, icoef[part], n, self.offset + first)
+            else:
+                h = kernel.butterfly_forward(h, coef[part], icoef[part], n, self.offset + first)
+        return h
 
     def _fused_or_none(self, h: Tensor, run) -> Tensor | None:  # noqa: ANN001
         """``run(coef, icoef)`` through the fused kernel when this call should use it; ``None`` when it should
@@ -185,7 +196,7 @@ class Butterfly(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self._flat(x)
-        fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_module().butterfly_forward(h, coef, icoef, self.levels, self.offset))
+        fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_levels(h, coef, icoef, inverse=False))
         if fused is not None:
             h = fused
         else:
@@ -196,7 +207,7 @@ class Butterfly(Bijector):
     def inverse(self, z: Tensor) -> Tensor:
         h = self._flat(z)
         if not (torch.is_grad_enabled() and (h.requires_grad or self.factors[0].theta.requires_grad)):  # no kernel backward
-            fused = self._fused_or_none(h, lambda _, icoef: self._kernel_module().butterfly_inverse(h, icoef, self.levels, self.offset))
+            fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_levels(h, coef, icoef, inverse=True))
             if fused is not None:
                 return self._unflat(fused)
         for f in reversed(self.factors):

@@ -22,6 +22,10 @@ is recomputed from its output with the inverse matrices (the layer is invertible
 coefficient gradients (``(B, n, 4, D/2)``) are summed by torch (deterministic, no atomics).
 The log-determinant depends only on the parameters (``Σ s₁ + s₂``) and stays in torch.
 
+A layer of more than ``MAX_LEVELS`` levels runs as a few launches over consecutive level groups
+(:func:`level_groups`), each saving its output for the backward: a 14-level program took minutes
+to compile and holds 16,384 elements per program.
+
 Runs compiled on CUDA; on the CPU through Triton's interpreter (tests, debugging; slow).
 """
 
@@ -41,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
 MAX_VECTOR = 16384  # elements a program holds (N · BL)
+MAX_LEVELS = 12  # levels per launch: compiling 12 takes ~15 s, 14 about 4.5 minutes (sm_90, once per shape)
 
 
 def triton_available() -> bool:
@@ -154,9 +159,13 @@ def kernel_errors() -> tuple[type[BaseException], ...]:
     return (CompilationError,)
 
 
-def kernel_fits(dim: int, levels: int) -> bool:
-    """Whether one program can hold a layer's ``2^levels`` vector."""
-    return (1 << levels) <= MAX_VECTOR and dim % (1 << levels) == 0
+def level_groups(levels: int, max_levels: int | None = None) -> list[tuple[int, int]]:
+    """``(first, count)`` of the launches a layer of ``levels`` levels takes: as few as ``max_levels`` allows,
+    as even as possible (levels ``first … first+count−1`` of a layer are themselves a butterfly layer whose
+    offset is the layer's plus ``first``)."""
+    n = -(-levels // (max_levels or MAX_LEVELS))
+    sizes = [levels // n + (i < levels % n) for i in range(n)]
+    return [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
 def butterfly_forward(x: Tensor, coef: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:
