@@ -46,11 +46,12 @@ CIFAR = DataSpec(kind="image", shape=(3, 32, 32), levels=256, source="cifar10")
 DEVICE = "cuda"  # --device cpu runs every section on the CPU: a smoke test of this script, not a benchmark
 
 
-def cuda_timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Seconds per call on the GPU (CUDA events around ``repeats`` calls after ``warmup``)."""
+def cuda_timed(fn: Callable[[], object], repeats: int, warmup: int = 3, device: str | None = None) -> float:
+    """Seconds per call on ``device`` (default: the run's): CUDA events around ``repeats`` calls after
+    ``warmup`` on a GPU, the wall clock on the CPU."""
     for _ in range(warmup):
         fn()
-    if DEVICE != "cuda":
+    if (device or DEVICE) != "cuda":
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -133,15 +134,7 @@ def section_glow(quick: bool) -> None:
             opt.step()
 
         n = 20 if quick else 100
-        for _ in range(3):
-            step()
-        if device == "cuda":
-            dt = cuda_timed(step, n, warmup=0)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(n // 4):
-                step()
-            dt = (time.perf_counter() - t0) / (n // 4)
+        dt = cuda_timed(step, n if device == "cuda" else n // 4, device=device)
         print(f"  {device}: {1 / dt:8.1f} steps/s", flush=True)
 
 

@@ -304,7 +304,6 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         return_large_blocks_to_the_os()
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite steps, on the device
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
-    skipped = 0
     t0 = time.monotonic()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress, dynamic_ncols=True)
     step = start_step
@@ -313,7 +312,8 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         nonlocal best_state
         ema_model: DensityModel = ema.module  # type: ignore[assignment]
         val = evaluate(ema_model, data.split("val"), oc.eval_batch, seed=cfg.seed)
-        record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - t0, "skipped_steps": skipped}
+        record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - t0,
+                  "skipped_steps": int(skipped_steps)}
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if val["bits_per_dim"] < best["val_bits_per_dim"]:
@@ -347,13 +347,12 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         nonfinite = (nonfinite + 1) * bad
         skipped_steps += bad
         if step % 10 == 0:  # the one host read of the loop, every 10 steps
-            loss, run, skipped = bpd.item(), int(nonfinite), int(skipped_steps)
+            loss, run = bpd.item(), int(nonfinite)
             if run >= oc.max_nonfinite:
                 raise TrainingError(f"loss was non-finite for {run} steps in a row at step {step}; lower the learning rate")
             bar.set_description(f"loss {loss * dims * math.log(2):.2f} nats, {loss:.3f} bpd")
         out_of_time = oc.max_minutes is not None and time.monotonic() - t0 > 60 * oc.max_minutes
         if (step + 1) % oc.eval_every == 0 or step + 1 == steps or out_of_time:
-            skipped = int(skipped_steps)
             validate(step + 1)
             _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best, rng)
         if out_of_time:
@@ -376,7 +375,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "eval_batch": oc.eval_batch,
         "best_step": best["step"],
         "steps": step + 1,
-        "skipped_steps": skipped,
+        "skipped_steps": int(skipped_steps),
         "micro_batch": min(micro, oc.batch_size),
         "train_seconds": round(time.monotonic() - t0, 1),
         "parameters": sum(p.numel() for p in final.parameters()),

@@ -2,15 +2,15 @@
 
 It loads the repository onto its device (:class:`~service.repository.ModelRepository`, the
 same code the single-process server runs), and serves each front-end over its own Unix-socket
-connection (:class:`~service.transport.Channel`). A ``run`` message names a model version, a task and where
-its tensors lie in the sending front-end's shared-memory arena; the executor copies the inputs
-out, submits them to that model's batcher, where rows from every front-end form batches
-together, writes the result into the arena and answers ``done`` (or ``error``/``cancelled``).
+connection (:class:`~service.transport.Channel`). A ``run`` message names a model version, a
+task and where its tensors lie in the sending front-end's shared-memory arena; the executor
+copies the inputs out, submits them to that model's batcher, where rows from every front-end
+form batches together, writes the result into the arena and answers ``done`` (or
+``error``/``cancelled``).
 
 The model table (each model's version, state and reason) goes to every connected front-end,
-again after each reload; a reload answers only once every front-end acknowledged
-the new table, so after ``POST /v1/repository/reload`` returns, every front-end routes to the
-new versions. SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have
+again after each reload; a reload answers only once every front-end acknowledged the new table,
+so after ``POST /v1/repository/reload`` returns, every front-end routes to the new versions. SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have
 drained) finishes in-flight work and exits. A device fault that leaves the device unusable
 (a CUDA error other than out-of-memory) ends the process with :data:`EXIT_DEVICE_FAULT`, and
 the supervisor starts a new one.

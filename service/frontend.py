@@ -7,8 +7,8 @@ process's shared-memory arena (:mod:`service.transport`). Several front-ends acc
 (``SO_REUSEPORT``: the kernel spreads connections over them).
 
 When an executor dies, its connection ends at once: every request it held is answered 503 with
-Retry-After, its models read "loading" until the restarted
-executor has loaded them again, and the front-end itself stays up.
+Retry-After, its models read "loading" until the restarted executor has loaded them again, and
+the front-end itself stays up.
 """
 
 from __future__ import annotations
@@ -263,16 +263,15 @@ class RemoteRepository:
         for link in self.links:
             link.start()
 
-    async def first_tables(self, timeout_s: float) -> bool:
+    async def first_tables(self, timeout_s: float) -> None:
         """Wait until every executor has sent its table (at most ``timeout_s``: an executor that is
         loading or restarting must not keep this front-end's health routes off the port)."""
         waits = [asyncio.create_task(link.first_table.wait()) for link in self.links]
-        done, late = await asyncio.wait(waits, timeout=timeout_s)
+        _, late = await asyncio.wait(waits, timeout=timeout_s)
         for t in late:
             t.cancel()
         if late:
             log.warning("%d executor(s) have not answered in %.0f s; serving without their tables", len(late), timeout_s)
-        return not late
 
     async def close(self) -> None:
         for link in self.links:

@@ -5,8 +5,8 @@
 **Rows never depend on their batch-mates, bit for bit.** Kernels need not promise that: BLAS and
 oneDNN on the CPU, cuBLAS and cuDNN on a GPU pick algorithms by problem size, so the same row can
 round differently in a batch of 3 and in a batch of 16 (measured: torch on the CPU differs from
-16 rows up, and for some models already between 1 and 2 rows; ONNX Runtime's CPU kernels do not). Within one batch size a row's result does not
-depend on its position. So a runner whose backend is not batch-invariant computes every batch
+16 rows up, and for some models already between 1 and 2 rows; ONNX Runtime's CPU kernels do
+not). Within one batch size a row's result does not depend on its position. So a runner whose backend is not batch-invariant computes every batch
 as **tiles** of one fixed size (``tile_rows``; the last tile padded with copies of its last row,
 whose results are dropped). Loading checks the property on probe rows and falls back to tiles
 (with a warning) if a backend that should be invariant is not. ``FLOWSERVE_BATCH_INVARIANT=0``

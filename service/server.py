@@ -229,7 +229,12 @@ class Supervisor:
         """Record ``sig`` for the main loop; the first SIGTERM/SIGINT reaches the front-ends at once, so
         readiness turns 503 without waiting for the loop's next turn."""
         signals.append(sig)
-        if sig in (signal.SIGTERM, signal.SIGINT) and not self._frontends_told:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self._tell_frontends_to_drain()
+
+    def _tell_frontends_to_drain(self) -> None:
+        """SIGTERM to the front-ends, once: a second SIGTERM would stop them without draining."""
+        if not self._frontends_told:
             self._frontends_told = True
             self._signal_all(self.frontends, signal.SIGTERM)
 
@@ -272,9 +277,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Front-ends drain first (their in-flight requests still need the executors), then executors stop."""
         log.info("stopping: front-ends drain (up to %.0f s), then executors stop", self.settings.drain_timeout_s)
-        if not self._frontends_told:
-            self._frontends_told = True
-            self._signal_all(self.frontends, signal.SIGTERM)
+        self._tell_frontends_to_drain()
         self._wait(self.frontends, self.settings.drain_timeout_s + 10)
         self._signal_all(self.executors, signal.SIGTERM)
         self._wait(self.executors, self.settings.drain_timeout_s + 5)

@@ -29,8 +29,9 @@ class DeviceWorker:
     """Runs callables on one device, one at a time, in its own thread, or ``inline`` on the caller's.
 
     Inline suits an executor process (:mod:`service.executor`), where nothing else needs the event
-    loop while a batch computes (messages wait in the socket buffers and join the next batch), and a second
-    thread would contend for the GIL with the loop's socket I/O and add a thread hop to every batch.
+    loop while a batch computes (messages wait in the socket buffers and join the next batch), and a
+    second thread would contend for the GIL with the loop's socket I/O and add a thread hop to every
+    batch.
     """
 
     def __init__(self, device: str, inline: bool = False) -> None:

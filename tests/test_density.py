@@ -13,9 +13,8 @@ from models import artifact
 from models.architectures import build, parse_config
 from models.data import load_dataset
 from models.density import DensityModel
-from models.flows import data_init
 from models.errors import ArtifactError
-from models.flows import Flatten, Sequential
+from models.flows import Flatten, Sequential, data_init
 from models.spec import DataSpec
 
 

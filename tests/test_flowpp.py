@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from models import artifact
 from models.architectures import build, parse_config
 from models.cli import app
-from models.flows import data_init
 from models.data import load_dataset
 from models.flows import (
     InverseOptions,
     MixtureCDFCoupling,
+    data_init,
     mixture_inverse_cdf,
     mixture_log_cdf,
     mixture_log_pdf,

@@ -127,7 +127,9 @@ def test_the_memory_probe_measures_a_step() -> None:
     with peak_growth(torch.device("cpu")) as grown:
         block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
         del block
-    assert grown() is None or grown() >= 60 << 20
+    if grown() is None:
+        pytest.skip("this kernel does not let a process reset its peak resident memory (/proc/self/clear_refs)")
+    assert grown() >= 60 << 20
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ paper's free 2×2 matrices do, minus reflections, and can never become singular.
 per block, as in the paper. ``log|det| = Σ_blocks (s₁ + s₂)`` (times ``L/2`` for tied blocks).
 Initialisation: identity (θ = s = t = 0) or random rotations (θ ~ U[0, 2π)).
 
-Kernels: ``kernel="auto"`` runs every level of a layer in one fused Triton launch per direction on
-CUDA (:mod:`models.flows.butterfly_kernel`; the backward too), and this module's per-level PyTorch
-code elsewhere; ``"torch"`` and ``"triton"`` force one. The PyTorch code is the reference the
+Kernels: ``kernel="auto"`` runs the levels of a layer in one fused Triton launch per direction on
+CUDA (up to 12 levels a launch; :mod:`models.flows.butterfly_kernel`; the backward too), and this
+module's per-level PyTorch code elsewhere and for float64; ``"torch"`` and ``"triton"`` force one. The PyTorch code is the reference the
 kernel is tested against.
 
 Layouts for images ``(C, H, W)``: ``channel_major`` flattens C·H·W as stored (NCHW);
@@ -50,6 +50,19 @@ def max_levels(d: int) -> int:
     return k
 
 
+def block_matrices(theta: Tensor, s1: Tensor, s2: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries ``(a, b, c, d)`` of ``M = R(θ) · [[e^{s₁}, t], [0, e^{s₂}]]`` per block (any common shape)."""
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    e1, e2 = torch.exp(s1), torch.exp(s2)
+    return cos * e1, cos * t - sin * e2, sin * e1, sin * t + cos * e2
+
+
+def inverse_block_matrices(theta: Tensor, s1: Tensor, s2: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries of ``M⁻¹ = U⁻¹ Rᵀ`` per block, in closed form (:meth:`ButterflyFactor.inverse` applies it in two steps)."""
+    cos, sin, i1, i2 = torch.cos(theta), torch.sin(theta), torch.exp(-s1), torch.exp(-s2)
+    return cos * i1 + t * sin * i1 * i2, sin * i1 - t * cos * i1 * i2, -sin * i2, cos * i2
+
+
 class ButterflyFactor(nn.Module):
     """One level-k factor on vectors ``(B, D)``; see the module docstring for the math."""
 
@@ -69,25 +82,11 @@ class ButterflyFactor(nn.Module):
 
     def matrices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Entries ``(a, b, c, d)`` of every block's matrix ``[[a, b], [c, d]]``, each ``(2^k, L/2 or 1)``."""
-        cos, sin = torch.cos(self.theta), torch.sin(self.theta)
-        e1, e2 = torch.exp(self.s1), torch.exp(self.s2)
-        return cos * e1, cos * self.t - sin * e2, sin * e1, sin * self.t + cos * e2
+        return block_matrices(self.theta, self.s1, self.s2, self.t)
 
     def log_abs_det(self) -> Tensor:
         ld = (self.s1 + self.s2).sum()
         return ld * self.half if self.tied else ld
-
-    def pair_matrices(self) -> tuple[Tensor, Tensor]:
-        """``(M, M⁻¹)`` of every pair, each ``(4, D/2)`` float32 as ``[a, b, c, d]`` rows (tied blocks
-        repeated per pair); ``M⁻¹ = U⁻¹ Rᵀ`` in closed form, computed in float64 and not differentiable."""
-        shape = (self.blocks, self.half)
-        fwd = torch.stack([m.float().expand(shape).reshape(-1) for m in self.matrices()])
-        with torch.no_grad():
-            theta, s1, s2, t = (p.double() for p in (self.theta, self.s1, self.s2, self.t))
-            cos, sin, i1, i2 = torch.cos(theta), torch.sin(theta), torch.exp(-s1), torch.exp(-s2)
-            inv = [cos * i1 + t * sin * i1 * i2, sin * i1 - t * cos * i1 * i2, -sin * i2, cos * i2]
-            inv = torch.stack([m.expand(shape).reshape(-1) for m in inv]).float()
-        return fwd, inv
 
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
@@ -150,25 +149,29 @@ class Butterfly(Bijector):
 
         return butterfly_kernel
 
-    def _kernel_levels(self, h: Tensor, coef: Tensor, icoef: Tensor, inverse: bool) -> Tensor:
-        """Every level through the kernel, in launches of at most ``MAX_LEVELS`` levels."""
+    def _kernel_levels(self, h: Tensor, inverse: bool) -> Tensor:
+        """Every level through the kernel, in launches of at most ``MAX_LEVELS`` levels (the inverse
+        matrices only where needed: for the inverse, and for the backward of a forward under autograd)."""
         kernel = self._kernel_module()
         groups = kernel.level_groups(self.levels)
-        for first, n in reversed(groups) if inverse else groups:
+        icoef = self.coefficients(inverse=True) if inverse or torch.is_grad_enabled() else None
+        if inverse:
+            for first, n in reversed(groups):
+                h = kernel.butterfly_inverse(h, icoef[first : first + n], n, self.offset + first)
+            return h
+        coef = self.coefficients()
+        for first, n in groups:
             part = slice(first, first + n)
-            if inverse:
-                h = kernel.butterfly_inverse(h, icoef[part], n, self.offset + first)
-            else:
-                h = kernel.butterfly_forward(h, coef[part], icoef[part], n, self.offset + first)
+            h = kernel.butterfly_forward(h, coef[part], None if icoef is None else icoef[part], n, self.offset + first)
         return h
 
-    def _fused_or_none(self, h: Tensor, run) -> Tensor | None:  # noqa: ANN001
-        """``run(coef, icoef)`` through the fused kernel when this call should use it; ``None`` when it should
-        not, or when the kernel cannot be built here (then this layer keeps the PyTorch levels, with a warning)."""
+    def _fused_or_none(self, h: Tensor, inverse: bool) -> Tensor | None:
+        """``h`` through the fused kernel when this call should use it; ``None`` when it should not, or when
+        the kernel cannot be built here (then this layer keeps the PyTorch levels, with a warning)."""
         if not self._fused(h):
             return None
         try:
-            return run(*self.coefficients())
+            return self._kernel_levels(h, inverse)
         except self._kernel_module().kernel_errors() as e:
             if self.kernel == "triton":
                 raise
@@ -176,10 +179,17 @@ class Butterfly(Bijector):
             self.kernel = "torch"
             return None
 
-    def coefficients(self) -> tuple[Tensor, Tensor]:
-        """Every level's pair matrices and their inverses, each ``(levels, 4, D/2)`` float32 (the kernel's input)."""
-        fwd, inv = zip(*(f.pair_matrices() for f in self.factors))
-        return torch.stack(fwd), torch.stack(inv)
+    def coefficients(self, inverse: bool = False) -> Tensor:
+        """Every level's pair matrices ``M`` (differentiable), or their inverses (float64 arithmetic, not
+        differentiable), as ``(levels, 4, D/2)`` float32 ``[a, b, c, d]`` (tied blocks repeated per pair):
+        the kernel's input, computed for all levels at once."""
+        def stacked(name: str) -> Tensor:
+            return torch.stack([getattr(f, name).expand(f.blocks, f.half).reshape(-1) for f in self.factors])
+
+        if not inverse:
+            return torch.stack(block_matrices(*(stacked(n) for n in ("theta", "s1", "s2", "t"))), 1).float()
+        with torch.no_grad():
+            return torch.stack(inverse_block_matrices(*(stacked(n).double() for n in ("theta", "s1", "s2", "t"))), 1).float()
 
     def _flat(self, x: Tensor) -> Tensor:
         if self.layout == "channel_last" and x.dim() > 2:
@@ -196,7 +206,7 @@ class Butterfly(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self._flat(x)
-        fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_levels(h, coef, icoef, inverse=False))
+        fused = self._fused_or_none(h, inverse=False)
         if fused is not None:
             h = fused
         else:
@@ -207,7 +217,7 @@ class Butterfly(Bijector):
     def inverse(self, z: Tensor) -> Tensor:
         h = self._flat(z)
         if not (torch.is_grad_enabled() and (h.requires_grad or self.factors[0].theta.requires_grad)):  # no kernel backward
-            fused = self._fused_or_none(h, lambda coef, icoef: self._kernel_levels(h, coef, icoef, inverse=True))
+            fused = self._fused_or_none(h, inverse=True)
             if fused is not None:
                 return self._unflat(fused)
         for f in reversed(self.factors):

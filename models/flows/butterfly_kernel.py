@@ -1,4 +1,4 @@
-"""Fused butterfly kernels (Triton): every level of a :class:`~models.flows.butterfly.Butterfly` layer in one launch.
+"""A fused butterfly kernel (Triton): up to 12 levels of a :class:`~models.flows.butterfly.Butterfly` layer in one launch.
 
 The eager path runs ~10 small tensor ops per level (a 12-level layer is >100 kernel launches per
 direction); here one program holds a vector of ``N = 2^levels`` elements in registers and applies
@@ -130,7 +130,7 @@ def _launch(x: Tensor, out: Tensor, coef: Tensor, levels: int, offset: int, reve
 
 class _ButterflyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, coef: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor, coef: Tensor, icoef: Tensor | None, levels: int, offset: int) -> Tensor:  # noqa: ANN001
         x = x.contiguous()
         y = torch.empty_like(x)
         _launch(x, y, coef, levels, offset, reverse=False)
@@ -168,9 +168,10 @@ def level_groups(levels: int, max_levels: int | None = None) -> list[tuple[int, 
     return [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
-def butterfly_forward(x: Tensor, coef: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:
-    """All levels forward on ``x`` ``(B, D)``; differentiable in ``x`` and ``coef`` (``(levels, 4, D/2)`` float32)."""
-    return _ButterflyFunction.apply(x, coef, icoef.detach(), levels, offset)
+def butterfly_forward(x: Tensor, coef: Tensor, icoef: Tensor | None, levels: int, offset: int) -> Tensor:
+    """All levels forward on ``x`` ``(B, D)``; differentiable in ``x`` and ``coef`` (``(levels, 4, D/2)`` float32).
+    The backward needs the inverse matrices ``icoef`` (``None`` where no gradient will be taken)."""
+    return _ButterflyFunction.apply(x, coef, None if icoef is None else icoef.detach(), levels, offset)
 
 
 def butterfly_inverse(y: Tensor, icoef: Tensor, levels: int, offset: int) -> Tensor:

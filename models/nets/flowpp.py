@@ -55,7 +55,6 @@ class DataInitConv2d(nn.Conv2d):
         self.initialized.fill_(True)
 
 
-
 class ChannelLayerNorm(nn.Module):
     """Layer norm over the channel axis of ``(B, C, H, W)`` with learned gain and bias (eps 1e-5)."""
 
