@@ -2,7 +2,8 @@
 
 It scores what flowserve's ``POST /v1/models/<name>/score`` scores, the same way: JSON
 ``{"instances": [...], "seed": s}`` → the same validated float32 rows, the same seeded
-dequantization noise, the same runner (``service.runners.open_runner``, same backend), answered
+dequantization noise, the same runner (``service.runners.open_runner``, same backend; torch eager, as
+a LitServe user would call the model, not flowserve's traced graph), answered
 as ``{"results": [{"log_prob", "bits_per_dim"}]}``. LitServe batches across requests
 (``max_batch_size`` as flowserve's, its default ``batch_timeout`` of 0) and runs its default
 API-server processes. Usage: ``python bench/litserve_peer.py ARTIFACT PORT MAX_BATCH BACKEND THREADS``.
@@ -34,9 +35,9 @@ class FlowAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
-        # the model as it is, as a LitServe user would run it (no tiles for batch-invariant results)
+        # the model as it is, as a LitServe user would run it: eager torch (no traced graph), no tiles for batch-invariant results
         self.runner = open_runner(Path(self.artifact), "cpu", Settings(backend=self.backend, ort_threads=self.threads,
-                                                                        batch_invariant=False))
+                                                                        batch_invariant=False, trace_cpu=False))
         self.manifest = self.runner.manifest
         self.dims = self.manifest.data_spec.dims
 

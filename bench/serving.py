@@ -206,7 +206,8 @@ def main() -> None:
     ap.add_argument("--baseline-ref", default=None, help="also measure flowserve at this git ref (e.g. the commit before a change)")
     ap.add_argument("--no-peer", action="store_true", help="skip the LitServe peer")
     ap.add_argument("--no-unbatched", action="store_true", help="skip the FLOWSERVE_MAX_BATCH_SIZE=1 run")
-    ap.add_argument("--variant-runs", action="store_true", help="also run the default layout with FLOWSERVE_BATCH_INVARIANT=0")
+    ap.add_argument("--variant-runs", action="store_true", help="also run the default layout with FLOWSERVE_BATCH_INVARIANT=0 "
+                    "(and, with --backend torch, FLOWSERVE_TRACE_CPU=0: eager)")
     args = ap.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
     data = load_dataset(MODEL).split("test")
@@ -229,6 +230,8 @@ def main() -> None:
             runs.append((f"flowserve http_workers={w}", {} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w}, None))
         if args.variant_runs:
             runs.append(("flowserve batch_invariant=0", {"FLOWSERVE_BATCH_INVARIANT": "0"}, None))
+            if args.backend == "torch":
+                runs.append(("flowserve trace_cpu=0", {"FLOWSERVE_TRACE_CPU": "0"}, None))
         if not args.no_unbatched:
             runs.append(("flowserve max_batch_size=1", {"FLOWSERVE_MAX_BATCH_SIZE": "1"}, None))
         try:

@@ -4,13 +4,17 @@
 
 **Rows never depend on their batch-mates, bit for bit.** Kernels need not promise that: BLAS and
 oneDNN on the CPU, cuBLAS and cuDNN on a GPU pick algorithms by problem size, so the same row can
-round differently in a batch of 3 and in a batch of 16 (measured: torch on the CPU differs from
-16 rows up, and for some models already between 1 and 2 rows; ONNX Runtime's CPU kernels do
-not). Within one batch size a row's result does not depend on its position. So a runner whose backend is not batch-invariant computes every batch
-as **tiles** of one fixed size (``tile_rows``; the last tile padded with copies of its last row,
-whose results are dropped). Loading checks the property on probe rows and falls back to tiles
-(with a warning) if a backend that should be invariant is not. ``FLOWSERVE_BATCH_INVARIANT=0``
-turns tiles off for throughput.
+round differently in a batch of 3 and in a batch of 16 (measured: eager torch on the CPU differs
+from 16 rows up, and for convolutional models already between 1 and 2 rows; ONNX Runtime's CPU
+kernels and traced graphs of convolutional models, :mod:`service.traced`, do not). Within one
+batch size a row's result does not depend on its position. So a task whose backend is not
+batch-invariant computes every batch as **tiles** of one fixed size (``tile_rows``; the last
+tile padded with copies of its last row, whose results are dropped); ``tiles`` says which tasks
+do. Loading checks scoring on probe rows and falls back to tiles if a backend expected to be
+invariant is not. ``FLOWSERVE_BATCH_INVARIANT=0`` turns tiles off for throughput.
+
+**Torch on the CPU** scores through a TorchScript graph traced at load (:mod:`service.traced`,
+``FLOWSERVE_TRACE_CPU``); sampling runs eager.
 
 **CUDA graphs** (torch on CUDA, ``FLOWSERVE_CUDA_GRAPHS``): at warm-up each task's forward is
 captured once per batch size it will run at: the tile size, or without tiles a ladder of powers
@@ -45,6 +49,7 @@ class Runner(Protocol):
     device: str
     manifest: Manifest
     execution: dict[str, str]  # per task: how it runs ("eager", "cuda graphs at 1,2,4…", "tiles of 64 rows")
+    tiles: dict[str, int | None]  # per task: rows per tile, None = any batch size in one call
 
     def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray: ...
 
@@ -131,14 +136,18 @@ class TorchRunner:
         self.device = device
         self.model: DensityModel = load(path, device)
         self.manifest = self.model.manifest
-        self.tile = settings.tile_rows if settings.batch_invariant else None
+        tile = settings.tile_rows if settings.batch_invariant else None
+        self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
         self._log_prob = torch.compile(self.model.log_prob, dynamic=False) if settings.compile else self.model.log_prob
         self.execution: dict[str, str] = {}
         self._tasks: dict[str, Callable[..., np.ndarray]] = {"score": self._score_eager, "sample": self._sample_eager}
         if device.startswith("cuda") and settings.cuda_graphs:
             self._capture(settings)
+        if device == "cpu" and settings.trace_cpu and not settings.compile:
+            self._trace()
         for task in self._tasks:
-            self.execution.setdefault(task, "eager" + (f", tiles of {self.tile} rows" if self.tile else ""))
+            t = self.tiles[task]
+            self.execution.setdefault(task, "eager" + (f", tiles of {t} rows" if t else ""))
         if settings.compile:
             self.execution["score"] += ", compiled"
 
@@ -153,10 +162,36 @@ class TorchRunner:
         with torch.inference_mode():
             return self.model.sample(len(z), 1.0, z=torch.from_numpy(z)).cpu().numpy()
 
+    def _trace(self) -> None:
+        """Score through a traced graph (:mod:`service.traced`), without tiles until the invariance check asks for them."""
+        from .traced import trace_score
+
+        try:
+            graph = trace_score(self.model)
+        except Exception as e:  # noqa: BLE001 - untraceable Python or a disagreeing trace: stay eager and say why
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            log.warning("%s: scoring runs eager (tracing failed: %s)", self.manifest.data_spec.source or "model", reason)
+            self.execution["score"] = f"eager (tracing failed: {reason})" + (f", tiles of {self.tiles['score']} rows"
+                                                                             if self.tiles["score"] else "")
+            return
+        dequantized = self.model.dequantizer is not None
+
+        def score(x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+            args = (torch.from_numpy(np.ascontiguousarray(x, np.float32)),)
+            if dequantized:
+                args += (torch.from_numpy(np.ascontiguousarray(noise, np.float32)),)
+            with torch.inference_mode():
+                return graph(*args).numpy()
+
+        self._tasks["score"] = score
+        self.tiles["score"] = None
+        self.execution["score"] = "torchscript (traced, oneDNN)"
+
     def _capture(self, settings: Settings) -> None:
         """Replace each task by its CUDA graphs where capture works; say why where it does not."""
         spec, dev = self.model.spec, self.device
-        sizes = [self.tile] if self.tile else ladder(settings.max_batch_size)
+        tile = self.tiles["score"]
+        sizes = [tile] if tile else ladder(settings.max_batch_size)
         dequantized = self.model.dequantizer is not None
 
         def score_examples(b: int) -> tuple:
@@ -185,8 +220,8 @@ class TorchRunner:
     def _run(self, task: str, arrays: Arrays) -> np.ndarray:
         fn = self._tasks[task]
         if isinstance(fn, GraphedTask):
-            return in_tiles(fn, arrays, self.tile or fn.sizes[-1])
-        return in_tiles(fn, arrays, self.tile)
+            return in_tiles(fn, arrays, self.tiles[task] or fn.sizes[-1])
+        return in_tiles(fn, arrays, self.tiles[task])
 
     def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         return self._run("score", (x, noise))
@@ -230,9 +265,10 @@ class OnnxRunner:
         on_gpu = "CUDAExecutionProvider" in self.sessions["score"].get_providers()
         self.device = device if on_gpu else "cpu"
         # ONNX Runtime's CPU kernels (MLAS) are batch-invariant (checked again at load); cuDNN/cuBLAS are not.
-        self.tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
+        tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
+        self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
         mode = "io binding" if on_gpu else "run"
-        self.execution = {t: mode + (f", tiles of {self.tile} rows" if self.tile else "") for t in self.sessions}
+        self.execution = {t: mode + (f", tiles of {tile} rows" if tile else "") for t in self.sessions}
 
     def _infer(self, task: str, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         sess = self.sessions[task]
@@ -257,43 +293,44 @@ class OnnxRunner:
         return self._infer("sample", "x", {"z": z.astype(np.float32, copy=False), "temperature": np.array(1.0, dtype=np.float32)})
 
     def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-        return in_tiles(self._score, (x, noise), self.tile)
+        return in_tiles(self._score, (x, noise), self.tiles["score"])
 
     def sample(self, z: np.ndarray) -> np.ndarray:
-        return in_tiles(self._sample, (z,), self.tile)
+        return in_tiles(self._sample, (z,), self.tiles["sample"])
 
 
 def check_batch_invariance(runner: Runner, settings: Settings) -> None:
-    """Probe rows scored alone and inside larger batches must agree bit for bit (``batch_invariant``).
+    """Probe rows scored one by one and inside larger batches must agree bit for bit (``batch_invariant``).
 
-    A runner without tiles that fails switches to tiles of ``tile_rows`` (with a warning); one that
-    fails with tiles (kernels that depend on a row's position) is reported in its ``execution``.
+    Scoring without tiles that fails switches to tiles of ``tile_rows`` (expected for traced
+    models with fully connected layers, :mod:`service.traced`); scoring that fails with tiles
+    (kernels that depend on a row's position) is reported in the runner's ``execution``.
     """
     from .tasks import dequantization_noise
 
     if not settings.batch_invariant:
         return
     m = runner.manifest
-    n = 2 * max(settings.tile_rows, 64) + 5
+    k, n = 8, 2 * max(settings.tile_rows, 64) + 5  # k probe rows, each also scored alone
     x = m.data_spec.random_examples(n, seed=11).astype(np.float32)
     noise = dequantization_noise(m, n, 11)
 
     def agrees() -> bool:
-        alone = runner.log_prob(x[:3], None if noise is None else noise[:3])
-        for size, at in ((19, 7), (n, n - 3), (n, settings.tile_rows - 1)):
-            idx = np.r_[np.arange(3, 3 + at), np.arange(3), np.arange(3 + at, size)]
-            got = runner.log_prob(x[idx], None if noise is None else noise[idx])[at : at + 3]
+        alone = np.concatenate([runner.log_prob(x[i : i + 1], None if noise is None else noise[i : i + 1]) for i in range(k)])
+        for size, at in ((k, 0), (19, 7), (n, n - k), (n, settings.tile_rows - 1)):
+            idx = np.r_[np.arange(k, k + at), np.arange(k), np.arange(k + at, size)]
+            got = runner.log_prob(x[idx], None if noise is None else noise[idx])[at : at + k]
             if not np.array_equal(got, alone, equal_nan=True):
                 return False
         return True
 
     if agrees():
         return
-    if runner.tile is None:
-        log.warning("%s on %s: rows differ with their batch-mates; computing in tiles of %d rows", runner.backend, runner.device,
-                    settings.tile_rows)
-        runner.tile = settings.tile_rows
-        runner.execution = {t: f"{mode}, tiles of {runner.tile} rows" for t, mode in runner.execution.items()}
+    if runner.tiles["score"] is None:
+        log.info("%s on %s: scored rows differ with their batch-mates; scoring in tiles of %d rows", runner.backend,
+                 runner.device, settings.tile_rows)
+        runner.tiles["score"] = settings.tile_rows
+        runner.execution["score"] += f", tiles of {settings.tile_rows} rows"
         if agrees():
             return
     log.warning("%s on %s: rows differ with their position in a tile; results may change in the last bits with batch-mates",

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="torch models on CUDA replay CUDA graphs captured per batch size at warm-up")
     compile: bool = Field(False, description="torch models' scoring forward goes through torch.compile (compiled at load, one "
                           "graph per batch size; minutes per model on a small CPU)")
+    trace_cpu: bool = Field(True, description="torch models on the CPU score through a TorchScript graph traced, frozen and "
+                            "optimised at load (service.traced): no Python between ops, oneDNN convolutions at every batch size")
     batch_invariant: bool = Field(True, description="every row's result is bit-for-bit independent of its batch-mates: backends "
                                   "whose kernels depend on the batch size compute in tiles of tile_rows rows (service.runners)")
     tile_rows: int = Field(64, ge=1, le=65536, description="rows per tile for batch-invariant execution (a lone request is "
