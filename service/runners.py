@@ -177,6 +177,8 @@ class TorchRunner:
         dequantized = self.model.dequantizer is not None
 
         def score(x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+            if dequantized and noise is None:  # the graph takes noise as an input; eager draws it
+                return self._score_eager(x, noise)
             args = (torch.from_numpy(np.ascontiguousarray(x, np.float32)),)
             if dequantized:
                 args += (torch.from_numpy(np.ascontiguousarray(noise, np.float32)),)

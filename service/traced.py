@@ -1,10 +1,9 @@
 """A torch model's scoring forward on the CPU as a TorchScript graph, traced and optimised at load.
 
 Eager PyTorch on the CPU spends a small batch dispatching ops from Python (the bundled digits
-Glow: about 1,000 ops per forward, 9 ms for one row of which about 3 ms is arithmetic) and picks
-the convolution algorithm by batch size (ATen's im2col kernel for one row, oneDNN from two; for
-1×1 kernels on one thread, im2col up to 15 rows), so a row rounds differently with different
-batch-mates. The graph traced here is frozen and passed through
+Glow: about 1,000 ops per forward, 9 ms for one row, under 3 ms as a frozen graph) and picks the
+convolution algorithm by batch size (profiled: ATen's own im2col kernel for a single row, oneDNN
+for 64), so a row rounds differently with different batch-mates. The graph traced here is frozen and passed through
 ``torch.jit.optimize_for_inference``: it runs without Python between ops, and every convolution
 goes to oneDNN with prepacked weights at every batch size. Measured on the bundled digits Glow
 (one thread): rows are bit-for-bit independent of their batch-mates without tiles, and a batch
