@@ -5,8 +5,9 @@
 **Rows never depend on their batch-mates, bit for bit.** Kernels need not promise that: BLAS and
 oneDNN on the CPU, cuBLAS and cuDNN on a GPU pick algorithms by problem size, so the same row can
 round differently in a batch of 3 and in a batch of 16 (measured: eager torch on the CPU differs
-from 16 rows up, and for convolutional models already between 1 and 2 rows; ONNX Runtime's CPU
-kernels and traced graphs of convolutional models, :mod:`service.traced`, do not). Within one
+from 16 rows up, and for convolutional models already between 1 and 2 rows; so does ONNX
+Runtime's CPU ``ReduceMean`` over channels in the Flow++ graph; ONNX Runtime on the Glow and
+traced graphs of convolutional models, :mod:`service.traced`, do not). Within one
 batch size a row's result does not depend on its position. So a task whose backend is not
 batch-invariant computes every batch as **tiles** of one fixed size (``tile_rows``; the last
 tile padded with copies of its last row, whose results are dropped); ``tiles`` says which tasks
@@ -266,7 +267,7 @@ class OnnxRunner:
             self.sessions[task] = sess
         on_gpu = "CUDAExecutionProvider" in self.sessions["score"].get_providers()
         self.device = device if on_gpu else "cpu"
-        # ONNX Runtime's CPU kernels (MLAS) are batch-invariant (checked again at load); cuDNN/cuBLAS are not.
+        # ONNX Runtime's CPU kernels (MLAS) are mostly batch-invariant (checked at load, which tiles where not); cuDNN/cuBLAS are not.
         tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
         self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
         mode = "io binding" if on_gpu else "run"
