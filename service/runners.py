@@ -267,7 +267,7 @@ class OnnxRunner:
             self.sessions[task] = sess
         on_gpu = "CUDAExecutionProvider" in self.sessions["score"].get_providers()
         self.device = device if on_gpu else "cpu"
-        # ONNX Runtime's CPU kernels (MLAS) are mostly batch-invariant (checked at load, which tiles where not); cuDNN/cuBLAS are not.
+        # ONNX Runtime's CPU kernels are mostly batch-invariant (the load check tiles where not); cuDNN/cuBLAS are not.
         tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
         self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
         mode = "io binding" if on_gpu else "run"
