@@ -7,7 +7,7 @@ For each bundled model (torch backend, one thread unless ``--threads``), side by
 * ``eager, tiles``: eager in tiles of 64 rows (the default before the traced graph);
 * ``traced``: the default: the traced graph, with tiles only where the load check asks for them;
 
-rows/s at batch 1, 16, 64 and 256, the ratio traced ÷ eager-with-tiles, and how many of 40 probe
+rows/s at batch 1, 16, 64 and 256 (the best call within ``--seconds``), the ratio traced ÷ eager-with-tiles, and how many of 40 probe
 rows change in the last bits with their batch-mates (batches of 2–256, shifted positions).
 Usage: ``python bench/traced.py [--seconds 1] [--threads 1] [--models digits,mimic-vitals]``.
 """
@@ -25,20 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from butterfly import timed  # noqa: E402  (bench/butterfly.py: seconds per call, best within a budget)
 from service.runners import TorchRunner, check_batch_invariance  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.tasks import dequantization_noise  # noqa: E402
 
 BATCHES = (1, 16, 64, 256)
-
-
-def rows_per_s(runner: TorchRunner, x: np.ndarray, noise: np.ndarray | None, seconds: float) -> float:
-    runner.log_prob(x, noise)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        runner.log_prob(x, noise)
-        n += len(x)
-    return n / (time.perf_counter() - t0)
 
 
 def rows_differing(runner: TorchRunner, x: np.ndarray, noise: np.ndarray | None) -> int:
@@ -78,7 +70,8 @@ def main() -> None:
             m = runner.manifest
             x = m.data_spec.random_examples(280, seed=3).astype(np.float32)
             noise = dequantization_noise(m, 280, 3)
-            rates[label] = [rows_per_s(runner, x[:b], None if noise is None else noise[:b], args.seconds) for b in BATCHES]
+            rates[label] = [b / timed(lambda b=b: runner.log_prob(x[:b], None if noise is None else noise[:b]), args.seconds)
+                            for b in BATCHES]
             cells = "  ".join(f"b{b} {r:8.0f}" for b, r in zip(BATCHES, rates[label]))
             print(f"  {label:13s} {cells}  differ {rows_differing(runner, x, noise):2d}/40  load {load_s:4.1f} s  "
                   f"({runner.execution['score']})", flush=True)

@@ -10,8 +10,9 @@ form batches together, writes the result into the arena and answers ``done`` (or
 
 The model table (each model's version, state and reason) goes to every connected front-end,
 again after each reload; a reload answers only once every front-end acknowledged the new table,
-so after ``POST /v1/repository/reload`` returns, every front-end routes to the new versions. SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have
-drained) finishes in-flight work and exits. A device fault that leaves the device unusable
+so after ``POST /v1/repository/reload`` returns, every front-end routes to the new versions.
+SIGHUP reloads. SIGTERM (sent by the supervisor once the front-ends have drained) finishes
+in-flight work and exits. A device fault that leaves the device unusable
 (a CUDA error other than out-of-memory) ends the process with :data:`EXIT_DEVICE_FAULT`, and
 the supervisor starts a new one.
 """
