@@ -8,26 +8,16 @@ limit. On CUDA both come from the caching allocator and ``torch.cuda.mem_get_inf
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from .libc import libc
+
 GB = 1 << 30
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 1 << 20
-
-
-def libc() -> ctypes.CDLL | None:
-    """glibc, for ``mallopt`` and ``malloc_trim`` (``None`` elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def return_large_blocks_to_the_os() -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from models.memory import libc
+from models.libc import libc
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
