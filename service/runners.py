@@ -38,6 +38,7 @@ from models.artifact import Manifest, load, read_manifest, verify
 from models.density import DensityModel
 from models.errors import ArtifactError
 
+from .ort_sessions import open_session
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ class OnnxRunner:
             providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
         self.sessions = {}
         for task in ("score", "sample"):
-            sess = ort.InferenceSession(str(path / self.manifest.graphs[task]["file"]), opts, providers=providers)
+            file = self.manifest.graphs[task]["file"]
+            sess = open_session(path / file, self.manifest.files.get(file), opts, providers, settings.ort_cache_dir)
             if device.startswith("cuda") and "CUDAExecutionProvider" not in sess.get_providers():
                 if settings.require_gpu:
                     raise RuntimeError(f"ONNX Runtime cannot use CUDA for {device} (providers {sess.get_providers()}) and FLOWSERVE_REQUIRE_GPU=1")

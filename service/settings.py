@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,11 @@ def _csv(value: object) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return list(value)  # type: ignore[arg-type]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/flowserve``, else ``~/.cache/flowserve``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowserve"
 
 
 class Settings(BaseSettings):
@@ -46,6 +52,9 @@ class Settings(BaseSettings):
     require_gpu: bool = Field(False, description="a model that would run on CPU is not ready")
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: as torch)")
     ort_cpu_arena: bool = Field(True, description="ONNX Runtime CPU memory arena")
+    ort_cache_dir: Path | None = Field(default_factory=lambda: default_cache_dir() / "onnxruntime",
+                                       description="optimised ONNX Runtime CPU graphs are kept here, so a restart skips graph "
+                                       "optimisation (service.ort_sessions); empty = off")
     # batching
     max_batch_size: int = Field(256, ge=1, description="rows per batch")
     max_queue_delay_ms: float = Field(0.0, ge=0, description="how long a batch may wait to fill; 0 = take what queued while the device was busy")
@@ -66,6 +75,11 @@ class Settings(BaseSettings):
     malloc_trim_s: float = Field(10.0, ge=0, description="hand freed heap memory back to the OS this often (glibc malloc_trim); 0 = never")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX) for the server process; 0 = glibc's "
                                "default (8 per core)")
+
+    @field_validator("ort_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip() == "" else value
 
     @field_validator("devices", "api_keys", "cors_origins", mode="before")
     @classmethod

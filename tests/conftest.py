@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,19 @@ TINY_GLOW = {
     "train": {"steps": 40, "batch_size": 32, "eval_every": 20, "init_batch": 64, "ema": 0.9},
     "seed": 0,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ort_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Optimised ONNX graphs of this run go to a temporary directory, not the user's cache (servers inherit it)."""
+    path = tmp_path_factory.mktemp("ort_cache")
+    before = os.environ.get("FLOWSERVE_ORT_CACHE_DIR")
+    os.environ["FLOWSERVE_ORT_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["FLOWSERVE_ORT_CACHE_DIR"]
+    else:
+        os.environ["FLOWSERVE_ORT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

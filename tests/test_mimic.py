@@ -27,6 +27,7 @@ from models.data.mimic import (
 )
 from models.data.mimic_schema import INDEX, VITAL_NAMES, VITALS, WINDOW
 from models.errors import DataError
+from tests.server import Server
 
 BENCHMARK_EPISODE = """Hours,Capillary refill rate,Diastolic blood pressure,Fraction inspired oxygen,Glascow coma scale eye opening,Glascow coma scale motor response,Glascow coma scale total,Glascow coma scale verbal response,Glucose,Heart Rate,Height,Mean blood pressure,Oxygen saturation,Respiratory rate,Systolic blood pressure,Temperature,Weight,pH
 0.06,,61.0,,4 Spontaneously,6 Obeys Commands,15,5 Oriented,,84,170,77.0,98.0,18,122.0,36.8,79.4,
@@ -236,6 +237,15 @@ def mimic_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "repo"
 
 
+@pytest.fixture(scope="module")
+def mimic_server(mimic_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One real server over the mimic repository for the HTTP tests of this module."""
+    from tests.server import running_server
+
+    with running_server(mimic_repository, tmp_path_factory.mktemp("mimic_srv")) as s:
+        yield s
+
+
 def test_vitals_model_dequantizes_gcs_and_samples_integers(mimic_repository: Path) -> None:
     import torch
 
@@ -250,9 +260,7 @@ def test_vitals_model_dequantizes_gcs_and_samples_integers(mimic_repository: Pat
     np.testing.assert_array_equal(x[:, k], np.round(x[:, k]))
 
 
-def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path: Path) -> None:
-    from tests.server import running_server
-
+def test_anomaly_route_for_vitals_and_waveforms(mimic_server: Server) -> None:
     c = generate_vitals(4, 3, seed=9)
     x = impute(c.values, c.patient).values
     records = [dict(zip(VITAL_NAMES, map(float, row))) for row in x[:4]]
@@ -261,7 +269,7 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
     records[3]["Weight"] = None
     w = generate_waveforms(2, 2, seed=5, anomaly_fraction=0.5)
     windows = scale_windows(w.windows, "global")
-    with running_server(mimic_repository, tmp_path) as s, s.client() as client:
+    with mimic_server.client() as client:
         r = client.post("/v1/models/vitals/anomaly", json={"records": records, "explain": "all", "top": 3})
         assert r.status_code == 200, r.text
         res = r.json()["results"]
@@ -284,12 +292,11 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_repository: Path, tmp_path
         assert bad.status_code == 400 and "record model" in bad.json()["error"]
 
 
-def test_sampled_vitals_are_valid_records(mimic_repository: Path, tmp_path: Path) -> None:
+def test_sampled_vitals_are_valid_records(mimic_repository: Path, mimic_server: Server) -> None:
     """Samples respect the schema's ranges and integer levels, and the Glasgow total is the sum of its components;
     HTTP and models.load(...).sample give the same records for a seed."""
     from models import load
     from models.sampling import valid
-    from tests.server import running_server
 
     model = load(str(mimic_repository / "vitals" / "1"))
     raw = model.sample(500, z=torch_latent(500, model.spec.dims))  # the flow's inverse as it is
@@ -299,7 +306,7 @@ def test_sampled_vitals_are_valid_records(mimic_repository: Path, tmp_path: Path
     gcs = [INDEX[f"Glascow coma scale {p}"] for p in ("eye opening", "motor response", "verbal response")]
     assert (x[:, INDEX["Glascow coma scale total"]] == x[:, gcs].sum(1)).all()
     assert (x[:, model.spec.discrete_features] == np.floor(x[:, model.spec.discrete_features])).all()
-    with running_server(mimic_repository, tmp_path) as s, s.client() as c:
+    with mimic_server.client() as c:
         r = c.post("/v1/models/vitals/sample", json={"n": 500, "seed": 11})
         assert r.status_code == 200, r.text
         assert np.allclose(np.array(r.json()["samples"]), x, atol=1e-4)
@@ -313,16 +320,14 @@ def torch_latent(n: int, d: int):  # noqa: ANN201
     return torch.from_numpy(np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
 
 
-def test_waveform_routes_draw_png_plots(mimic_repository: Path, tmp_path: Path) -> None:
+def test_waveform_routes_draw_png_plots(mimic_server: Server) -> None:
     import io
 
     from PIL import Image
 
-    from tests.server import running_server
-
     w = generate_waveforms(2, 2, seed=5, anomaly_fraction=0.5)
     windows = scale_windows(w.windows, "global")
-    with running_server(mimic_repository, tmp_path) as s, s.client() as c:
+    with mimic_server.client() as c:
         png = {"accept": "image/png"}
         r = c.post("/v1/models/waves/sample", json={"n": 3, "seed": 2}, headers=png)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"

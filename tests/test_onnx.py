@@ -115,3 +115,50 @@ def test_export_of_missing_graphs_is_a_clear_error(tmp_path: Path) -> None:
     path = _artifact(tmp_path, "glow")
     with pytest.raises(ArtifactError, match="flowserve export"):
         export_triton(path, tmp_path / "t")
+
+
+def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first session writes the optimised graph, the next loads it (unchanged results, entry untouched
+    but for its time of use); an unreadable entry is rebuilt; an unwritable cache directory is only a warning."""
+    from service.ort_sessions import cache_entry, prune
+    from service.runners import OnnxRunner
+    from service.settings import Settings
+
+    version = Path(__file__).resolve().parent.parent / "model_repository" / "digits" / "1"
+    manifest = artifact.read_manifest(version)
+    entries = [cache_entry(tmp_path / "cache", manifest.files[manifest.graphs[t]["file"]]) for t in ("score", "sample")]
+    x = manifest.data_spec.random_examples(7, seed=2).astype(np.float32)
+    noise = np.random.default_rng(0).random(x.shape, dtype=np.float32)
+    z = np.random.default_rng(1).standard_normal((3, manifest.data_spec.dims)).astype(np.float32)
+
+    def outputs(cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        runner = OnnxRunner(version, "cpu", Settings(ort_cache_dir=cache))
+        return runner.log_prob(x, noise), runner.sample(z)
+
+    fresh = outputs(None)
+    with caplog.at_level("INFO", logger="service.ort_sessions"):
+        first = outputs(tmp_path / "cache")
+    assert all(e.is_file() for e in entries) and caplog.text.count("cached as") == 2
+    written = [e.read_bytes() for e in entries]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="service.ort_sessions"):
+        again = outputs(tmp_path / "cache")
+    assert "cached as" not in caplog.text and [e.read_bytes() for e in entries] == written
+    for a, b, c in zip(fresh, first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+    entries[0].write_bytes(b"not an onnx graph")
+    with caplog.at_level("INFO", logger="service.ort_sessions"):
+        rebuilt = outputs(tmp_path / "cache")
+    assert "cannot be loaded" in caplog.text and caplog.text.count("cached as") == 1
+    np.testing.assert_array_equal(rebuilt[0], fresh[0])
+    np.testing.assert_array_equal(outputs(tmp_path / "cache")[0], fresh[0])  # the rebuilt entry loads
+
+    (tmp_path / "file").write_text("")
+    caplog.clear()
+    np.testing.assert_array_equal(outputs(tmp_path / "file" / "cache")[0], fresh[0])
+    assert "not cached" in caplog.text
+
+    prune(tmp_path / "cache", keep=entries[1], limit=1)
+    assert not entries[0].exists() and entries[1].exists()
