@@ -88,10 +88,15 @@ def open_session(graph: Path, digest: str | None, options, providers: list, cach
     try:
         session = ort.InferenceSession(str(graph), options, providers=providers)
         os.replace(tmp, entry)
+    except Exception as e:  # noqa: BLE001 - e.g. a full disk; a graph that cannot load fails again below, with its own error
+        log.warning("cannot cache the optimised graph of %s in %s (%s)", graph, cache_dir, str(e).splitlines()[0] if str(e) else e)
+        session = None
     finally:
         options.optimized_model_filepath, options.log_severity_level = "", severity
         with contextlib.suppress(OSError):
             tmp.unlink()
+    if session is None:
+        return ort.InferenceSession(str(graph), options, providers=providers)
     log.info("optimised ONNX graph of %s cached as %s", graph, entry)
     prune(cache_dir, keep=entry)
     return session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,17 @@ def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, c
     caplog.clear()
     np.testing.assert_array_equal(outputs(tmp_path / "file" / "cache")[0], fresh[0])
     assert "not cached" in caplog.text
+
+    for e in entries:  # an entry that cannot be written (here: a directory in the way of its temporary file) is skipped
+        e.unlink()
+        e.with_name(f".{e.name}.{os.getpid()}.tmp").mkdir()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="service.ort_sessions"):
+        np.testing.assert_array_equal(outputs(tmp_path / "cache")[0], fresh[0])
+    assert caplog.text.count("cannot cache the optimised graph") == 2 and not any(e.exists() for e in entries)
+    for e in entries:
+        e.with_name(f".{e.name}.{os.getpid()}.tmp").rmdir()
+    outputs(tmp_path / "cache")
 
     prune(tmp_path / "cache", keep=entries[1], limit=1)
     assert not entries[0].exists() and entries[1].exists()
