@@ -19,6 +19,7 @@ The directory is kept under :data:`CACHE_BYTES`: the least recently used entries
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 CACHE_BYTES = 4 << 30
 
 
+@functools.cache
 def cpu_identity() -> str:
     """Short hash of the machine type, the CPU model and its flags (Linux ``/proc/cpuinfo``)."""
     lines: list[str] = []
