@@ -375,7 +375,7 @@ class RemoteRepository:
         return old
 
 
-def reuse_port_socket(host: str, port: int, backlog: int | None = 2048) -> socket.socket:
+def reuse_port_socket(host: str, port: int, backlog: int | None) -> socket.socket:
     """A socket on ``host:port`` that other front-ends share (``SO_REUSEPORT``): listening, or with
     ``backlog=None`` only bound (the server's event loop listens when it starts serving, and until then
     the kernel gives new connections to the other front-ends)."""

@@ -101,7 +101,7 @@ class DrainingServer(uvicorn.Server):
 def run_uvicorn(app, settings: Settings, sockets: list[socket.socket] | None = None) -> None:  # noqa: ANN001
     """Serve ``app`` (on ``sockets`` when given, else on the settings' host and port) until drained."""
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            timeout_graceful_shutdown=settings.drain_timeout_s, backlog=settings.listen_backlog)
     DrainingServer(config, app.state.service).run(sockets=sockets)
 
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                               "the executors (MiB, in /dev/shm)")
     frontend_start_wait_s: float = Field(5.0, ge=0, le=600, description="a starting front-end accepts connections once every "
                                          "executor has told it what it serves, or after this long (the others serve meanwhile)")
+    listen_backlog: int = Field(4096, ge=1, le=65535, description="connections the kernel queues per HTTP front-end before "
+                                "it accepts them (capped by net.core.somaxconn); a burst of new connections beyond it stalls "
+                                "clients for about a minute of SYN-ACK retries, so it should exceed the clients' connection pool")
     access_log: bool = Field(False, description="uvicorn's access log line per request (Prometheus counts requests either way)")
     backend: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="auto: the manifest's preferred backend, else torch")
     require_gpu: bool = Field(False, description="a model that would run on CPU is not ready")
