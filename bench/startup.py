@@ -38,13 +38,14 @@ def time_to_ready(cache: str) -> float:
 def model_loads(cache: Path | None) -> dict[str, float]:
     """Seconds to open, warm and check each bundled model in this process."""
     from service import tasks
+    from service.repository import versions
     from service.runners import check_batch_invariance, open_runner
     from service.settings import Settings
 
     settings = Settings(ort_cache_dir=cache)
     out = {}
     for model in sorted(p for p in REPO.iterdir() if p.is_dir()):
-        version = max(model.iterdir(), key=lambda v: int(v.name))
+        version = versions(model)[-1]
         t = time.perf_counter()
         runner = open_runner(version, "cpu", settings)
         tasks.warm(runner)
@@ -57,9 +58,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: dict[str, list[float]] = {"cache off": [], "cache cold": [], "cache warm": []}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
         with tempfile.TemporaryDirectory() as d:

@@ -33,14 +33,14 @@ CACHE_BYTES = 4 << 30
 
 @functools.cache
 def cpu_identity() -> str:
-    """Short hash of the machine type, the CPU model and its flags (Linux ``/proc/cpuinfo``)."""
+    """Short hash of the CPU model and its flags (Linux ``/proc/cpuinfo``; the machine type is in the entry's name)."""
     lines: list[str] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key = line.partition(":")[0].strip()
             if key in ("model name", "flags", "Features", "CPU part") and line not in lines:
                 lines.append(line)
-    return hashlib.sha256("\n".join([platform.machine(), *lines]).encode()).hexdigest()[:12]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
 def cache_entry(cache_dir: Path, digest: str) -> Path:

@@ -27,7 +27,8 @@ from .workers import DeviceWorker
 log = logging.getLogger(__name__)
 
 
-def _versions(model_dir: Path) -> list[Path]:
+def versions(model_dir: Path) -> list[Path]:
+    """A model directory's numbered version directories, lowest first."""
     return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
@@ -79,9 +80,9 @@ class ModelRepository:
             return {}
         found = {}
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = _versions(model_dir)
-            if versions:
-                found[model_dir.name] = versions[-1]
+            numbered = versions(model_dir)
+            if numbered:
+                found[model_dir.name] = numbered[-1]
         return found
 
     async def _load(self, name: str, path: Path) -> ModelEntry:

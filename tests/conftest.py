@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,13 +21,9 @@ TINY_GLOW = {
 def ort_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Optimised ONNX graphs of this run go to a temporary directory, not the user's cache (servers inherit it)."""
     path = tmp_path_factory.mktemp("ort_cache")
-    before = os.environ.get("FLOWSERVE_ORT_CACHE_DIR")
-    os.environ["FLOWSERVE_ORT_CACHE_DIR"] = str(path)
-    yield path
-    if before is None:
-        del os.environ["FLOWSERVE_ORT_CACHE_DIR"]
-    else:
-        os.environ["FLOWSERVE_ORT_CACHE_DIR"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWSERVE_ORT_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

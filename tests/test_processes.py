@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,9 +84,6 @@ def test_arena_allocates_frees_coalesces_and_waits(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["service.frontend", "service.server", "models.cli"])
 def test_frontends_and_the_supervisor_start_without_torch(module: str) -> None:
     """Only executors hold torch: a front-end that imported it would take ~170 MB more and start seconds later."""
-    import subprocess
-    import sys
-
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"{module} imports {out.strip()}"
