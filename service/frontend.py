@@ -380,7 +380,9 @@ def reuse_port_socket(host: str, port: int, backlog: int | None) -> socket.socke
     ``backlog=None`` only bound (the server's event loop listens when it starts serving, and until then
     the kernel gives new connections to the other front-ends)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted
+    # connections inherit it), and without it Nagle holds the body behind the headers for a delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))

@@ -99,9 +99,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_uvicorn(app, settings: Settings, sockets: list[socket.socket] | None = None) -> None:  # noqa: ANN001
-    """Serve ``app`` (on ``sockets`` when given, else on the settings' host and port) until drained."""
+    """Serve ``app`` (on ``sockets`` when given, else on the settings' host and port) until drained.
+
+    HTTP runs on asyncio's event loop, not uvloop: libuv (≥ 1.45) accepts one connection per turn of
+    the loop, and a saturated server's turns are long, so new connections waited seconds to minutes
+    in the accept queue (``bench/fresh_connections.py``); asyncio accepts every pending connection
+    on each readiness event. Executors, which accept only their front-ends, keep uvloop.
+    """
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
-                            timeout_graceful_shutdown=settings.drain_timeout_s, backlog=settings.listen_backlog)
+                            timeout_graceful_shutdown=settings.drain_timeout_s, backlog=settings.listen_backlog,
+                            loop="asyncio")
     DrainingServer(config, app.state.service).run(sockets=sockets)
 
 

@@ -10,7 +10,8 @@ answer (result, error or "cancelled"), or once that executor is known to be dead
 executor never writes into memory that another request has been given.
 
 The control channel (:class:`Channel`) is one Unix-domain stream socket per front-end and
-executor, driven by the event loop itself (asyncio streams on uvloop): each frame is a 4-byte
+executor, driven by the event loop itself (asyncio streams; uvloop in executors, asyncio's loop in
+front-ends, see :func:`service.server.run_uvicorn`): each frame is a 4-byte
 length and an orjson list of messages, and whatever a process posts in one turn of its event loop
 leaves as one frame. A dead peer is an end of stream, seen at once. ZeroMQ (pyzmq, as vLLM and
 LitServe use) was the first choice and was measured against this on the 2-core machine: a
