@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 from models.data import load_dataset
+from service.frontend import reuse_port_socket
 from service.transport import Arena, ArenaFull
 from tests.server import Server, children, executor_pids, metric_value, running_server, wait_for_metric
 
@@ -93,9 +95,6 @@ def test_frontend_connections_send_without_nagle() -> None:
     """The front-ends' shared socket names its protocol, so asyncio turns Nagle off on every accepted
     connection; without it a response's body waits behind its headers for the client's delayed ACK
     (about 40 ms a request at concurrency 1)."""
-    import socket
-
-    from service.frontend import reuse_port_socket
 
     async def accepted_nodelay() -> int:
         listener = reuse_port_socket("127.0.0.1", 0, backlog=8)
