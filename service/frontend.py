@@ -17,7 +17,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from . import tasks
 from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
 from .errors import BadRequest, NotFound, ServiceError, Unavailable
 from .memory import freeze_heap
-from .process import ChildSpec
+from .process import ChildSpec, reuse_port_socket
 from .settings import Settings
 from .transport import Arena, Channel, Layout
 
@@ -373,23 +372,6 @@ class RemoteRepository:
         old.devices, old.backend, old.load_seconds = devices, m["backend"], m["load_seconds"]
         old.execution = m.get("execution") or {}
         return old
-
-
-def reuse_port_socket(host: str, port: int, backlog: int | None) -> socket.socket:
-    """A socket on ``host:port`` that other front-ends share (``SO_REUSEPORT``): listening, or with
-    ``backlog=None`` only bound (the server's event loop listens when it starts serving, and until then
-    the kernel gives new connections to the other front-ends)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted
-    # connections inherit it), and without it Nagle holds the body behind the headers for a delayed ACK
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    if backlog is not None:
-        sock.listen(backlog)
-    sock.set_inheritable(False)
-    return sock
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What the supervisor tells its child processes, and what every child does first.
+"""What the supervisor tells its child processes, what every child does first, and the port they share.
 
 The supervisor (:mod:`service.server`) starts one model-executor process per device
 (:mod:`service.executor`) and ``http_workers`` HTTP front-end processes (:mod:`service.frontend`),
@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Literal
@@ -88,3 +89,21 @@ def default_http_workers(executors: int, cores: int | None = None) -> int:
     """
     cores = available_cores() if cores is None else cores
     return max(1, min(32, cores - executors))
+
+
+def reuse_port_socket(host: str, port: int, backlog: int | None) -> socket.socket:
+    """A socket on ``host:port`` shared (``SO_REUSEPORT``) by the supervisor, which only binds it to
+    hold the port, and every front-end: listening, or with ``backlog=None`` only bound (a front-end's
+    event loop listens when it starts serving, and until then the kernel gives new connections to
+    the front-ends that listen)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted
+    # connections inherit it), and without it Nagle holds the body behind the headers for a delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if backlog is not None:
+        sock.listen(backlog)
+    sock.set_inheritable(False)
+    return sock

@@ -40,7 +40,7 @@ import uvicorn
 
 from .memory import limit_malloc_arenas
 from .metrics import MULTIPROC_DIR
-from .process import CHILD_ENV, ChildSpec, available_cores, default_http_workers
+from .process import CHILD_ENV, ChildSpec, available_cores, default_http_workers, reuse_port_socket
 from .settings import Settings
 from .transport import shm_root
 
@@ -172,11 +172,7 @@ class Supervisor:
     def _reserve_port(self) -> int:
         """Bind (not listen) the port with SO_REUSEPORT: resolves port 0 and keeps the port ours
         while front-ends come and go; only the front-ends' listening sockets receive connections."""
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.settings.host, self.settings.port))
+        sock = reuse_port_socket(self.settings.host, self.settings.port, backlog=None)
         self._port_socket = sock
         return sock.getsockname()[1]
 

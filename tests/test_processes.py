@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from models.data import load_dataset
-from service.frontend import reuse_port_socket
+from service.process import reuse_port_socket
 from service.transport import Arena, ArenaFull
 from tests.server import Server, children, executor_pids, metric_value, running_server, wait_for_metric
 
