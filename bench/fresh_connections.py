@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from models.data import load_dataset  # noqa: E402
-from serving import REPO, flowserve_cmd, running  # noqa: E402  (bench/serving.py)
+from serving import REPO, baseline_tree, flowserve_cmd, running  # noqa: E402  (bench/serving.py)
 from tests.server import free_port  # noqa: E402
 
 BARE_APP = '''
@@ -111,33 +110,28 @@ def main() -> None:
     ap.add_argument("--no-bare", action="store_true", help="skip the bare uvicorn pair")
     args = ap.parse_args()
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    body = json.dumps({"instances": load_dataset("digits").split("test")[:1].tolist(), "seed": 0}).encode()
+    env = {"FLOWSERVE_DEVICES": "cpu", "FLOWSERVE_REPOSITORY": str(REPO)}
+    with tempfile.TemporaryDirectory() as tmp, baseline_tree(args.baseline_ref, Path(tmp) / "baseline") as tree:
         logs = Path(tmp)
-        (logs / "bare.py").write_text(BARE_APP)
-        runs: list[tuple[str, list[str] | None, Path | None]] = []
+        bare = logs / "bare.py"
+        bare.write_text(BARE_APP)
+        runs: list[tuple[str, str | None, Path | None]] = []  # (label, the bare app's event loop, flowserve's checkout)
         if not args.no_bare:
-            runs += [(f"bare uvicorn, {loop}", [sys.executable, str(logs / "bare.py"), "{port}", loop], None) for loop in ("uvloop", "asyncio")]
-        if args.baseline_ref:
-            tree = logs / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline_ref], check=True, capture_output=True)
+            runs += [(f"bare uvicorn, {loop}", loop, None) for loop in ("uvloop", "asyncio")]
+        if tree is not None:
             runs.append((f"flowserve @ {args.baseline_ref}", None, tree))
         runs.append(("flowserve", None, None))
-        body = json.dumps({"instances": load_dataset("digits").split("test")[:1].tolist(), "seed": 0}).encode()
-        env = {"FLOWSERVE_DEVICES": "cpu", "FLOWSERVE_REPOSITORY": str(REPO)}
-        try:
-            for label, cmd, cwd in runs:
-                port = free_port()
-                argv = [a.replace("{port}", str(port)) for a in cmd] if cmd else flowserve_cmd(port)
-                path, ready = ("/", "/") if cmd else ("/v1/models/digits/score", "/v2/health/ready")
-                with running(argv, ready, port, env, cwd, logs / f"{len(results)}.log") as (url, _):
-                    for k in range(args.repeats):
-                        results[f"{label} #{k + 1}"] = r = asyncio.run(measure(url, path, body, args.busy, args.fresh, args.rate, args.warmup, args.timeout))
-                        print(f"{label + f' #{k + 1}':<36} fresh connections: p50 {r['fresh_p50_s']:6.2f} s  p90 {r['fresh_p90_s']:6.2f} s  "
-                              f"max {r['fresh_max_s']:6.2f} s  timed out {r['fresh_timed_out']:4d}/{args.fresh}   "
-                              f"busy clients {r['busy_rows_per_s']:6.0f} rows/s", flush=True)
-        finally:
-            if args.baseline_ref:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(logs / "baseline")], capture_output=True)
+        for i, (label, loop, cwd) in enumerate(runs):
+            port = free_port()
+            argv = [sys.executable, str(bare), str(port), loop] if loop else flowserve_cmd(port)
+            path, ready = ("/", "/") if loop else ("/v1/models/digits/score", "/v2/health/ready")
+            with running(argv, ready, port, env, cwd, logs / f"{i}.log") as (url, _):
+                for k in range(args.repeats):
+                    results[f"{label} #{k + 1}"] = r = asyncio.run(measure(url, path, body, args.busy, args.fresh, args.rate, args.warmup, args.timeout))
+                    print(f"{label + f' #{k + 1}':<36} fresh connections: p50 {r['fresh_p50_s']:6.2f} s  p90 {r['fresh_p90_s']:6.2f} s  "
+                          f"max {r['fresh_max_s']:6.2f} s  timed out {r['fresh_timed_out']:4d}/{args.fresh}   "
+                          f"busy clients {r['busy_rows_per_s']:6.0f} rows/s", flush=True)
     print("\n" + json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}))
 
 

@@ -85,6 +85,19 @@ def running(cmd: list[str], ready_path: str, port: int, env: dict[str, str] | No
         out.close()
 
 
+@contextmanager
+def baseline_tree(ref: str | None, path: Path) -> Iterator[Path | None]:
+    """A detached git worktree of ``ref`` at ``path`` for the block, removed after (``None`` without a ref)."""
+    if ref is None:
+        yield None
+        return
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
 def flowserve_cmd(port: int) -> list[str]:
     return [sys.executable, "-m", "models.cli", "serve", "--port", str(port)]
 
@@ -218,13 +231,10 @@ def main() -> None:
     threads = max(1, cores - default_http_workers(1, cores)) if cores > 1 else 1  # the CPU executor's default
     base_env = {"FLOWSERVE_BACKEND": args.backend, "FLOWSERVE_DEVICES": "cpu", "FLOWSERVE_REPOSITORY": str(REPO)}
     results: dict[str, dict[int, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, baseline_tree(args.baseline_ref, Path(tmp) / "baseline") as tree:
         logs = Path(tmp)
         runs: list[tuple[str, dict[str, str], Path | None]] = []
-        if args.baseline_ref:
-            tree = logs / "baseline"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline_ref], check=True,
-                           capture_output=True)
+        if tree is not None:
             runs.append((f"flowserve @ {args.baseline_ref}", {}, tree))
         for w in args.http_workers.split(","):
             runs.append((f"flowserve http_workers={w}", {} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w}, None))
@@ -234,15 +244,11 @@ def main() -> None:
                 runs.append(("flowserve trace_cpu=0", {"FLOWSERVE_TRACE_CPU": "0"}, None))
         if not args.no_unbatched:
             runs.append(("flowserve max_batch_size=1", {"FLOWSERVE_MAX_BATCH_SIZE": "1"}, None))
-        try:
-            for label, env, cwd in runs:
-                print(f"{label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
-                port = free_port()
-                with running(flowserve_cmd(port), "/v2/health/ready", port, {**base_env, **env}, cwd, logs / f"{len(results)}.log") as (url, pid):
-                    results[label] = sweep(url, pid, path, levels, args.seconds, args.rows, data, args.protocol)
-        finally:
-            if args.baseline_ref:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(logs / "baseline")], capture_output=True)
+        for label, env, cwd in runs:
+            print(f"{label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
+            port = free_port()
+            with running(flowserve_cmd(port), "/v2/health/ready", port, {**base_env, **env}, cwd, logs / f"{len(results)}.log") as (url, pid):
+                results[label] = sweep(url, pid, path, levels, args.seconds, args.rows, data, args.protocol)
         peer = None
         if not args.no_peer and args.protocol == "v1":
             print(f"LitServe peer (max_batch_size 256, {threads} torch thread(s)), {args.rows} row(s) per request:", flush=True)
