@@ -15,7 +15,7 @@ from pathlib import Path
 from models.manifest import read_manifest
 
 from . import tasks
-from .batching import Batcher, Replica
+from .batching import AUTO_DELAY_PROBE_ROWS, Batcher, Replica, auto_queue_delay
 from .entry import ModelEntry, manifest_mtime
 from .errors import NotFound, Unavailable
 from .memory import freeze_heap
@@ -98,9 +98,15 @@ class ModelRepository:
             entry.devices, entry.backend = [r.device for r in runners], runners[0].backend
             entry.execution = dict(runners[0].execution)
             replicas = [Replica(w, r) for w, r in zip(self.workers, runners)]
+            delays = await self._queue_delays(name, replicas[0])
+            overlap = " while requests overlap" if self.settings.max_queue_delay_ms == "auto" else ""
+            for task, delay in delays.items():
+                if delay > 0:
+                    entry.execution[task] = f"{entry.execution.get(task, task)}; batches wait up to {delay * 1000:.1f} ms{overlap}"
             entry.batchers = {
                 task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size,
-                              self.settings.max_queue_delay_ms / 1000, self.settings.max_queue_rows)
+                              delays[task], self.settings.max_queue_rows,
+                              wait_when_alone=self.settings.max_queue_delay_ms != "auto")
                 for task, fn in tasks.TASKS.items()
             }
             for b in entry.batchers.values():
@@ -112,6 +118,22 @@ class ModelRepository:
         entry.load_seconds = time.perf_counter() - t0
         self.metrics.load_duration.labels(name, entry.version).set(entry.load_seconds)
         return entry
+
+    async def _queue_delays(self, name: str, replica: Replica) -> dict[str, float]:
+        """Seconds each task's batches may wait to fill: the setting, or under ``auto`` one call's
+        fixed cost measured on ``replica`` (:func:`~service.batching.auto_queue_delay`)."""
+        setting = self.settings.max_queue_delay_ms
+        if setting != "auto":
+            return {task: setting / 1000 for task in tasks.TASKS}
+        probe = min(AUTO_DELAY_PROBE_ROWS, self.settings.max_batch_size)
+        delays = {}
+        for task in tasks.TASKS:
+            one = await replica.worker.run(tasks.call_seconds, replica.runner, task, 1, 3)
+            many = await replica.worker.run(tasks.call_seconds, replica.runner, task, probe, 2)
+            delays[task] = auto_queue_delay(one, many) if probe > 1 else 0.0
+            log.info("model %s, %s: %.2f ms a call at 1 row, %.2f ms at %d; batches wait up to %.2f ms while requests overlap",
+                     name, task, one * 1000, many * 1000, probe, delays[task] * 1000)
+        return delays
 
     async def reload(self) -> dict[str, str]:
         """Load what is new or changed, swap atomically, drain and stop what it replaces."""

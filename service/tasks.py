@@ -8,6 +8,7 @@ batch-mates and equal ``models.load(...).log_prob(x, seed=seed)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -90,11 +91,31 @@ def latent(manifest: Manifest, n: int, temperature: float, seed: int | list[int]
     return seeding.latent(n, manifest.data_spec.dims, temperature, seed)
 
 
+def example_payload(manifest: Manifest, task: str, rows: int, seed: int = 0) -> Payload:
+    """A valid ``task`` payload of ``rows`` random rows (warm-up and timing)."""
+    if task == "score":
+        x = manifest.data_spec.random_examples(rows, seed)
+        noise = dequantization_noise(manifest, rows, seed)
+        return {"x": x} if noise is None else {"x": x, "noise": noise}
+    if task == "sample":
+        return {"z": latent(manifest, rows, 1.0, seed)}
+    raise KeyError(task)
+
+
+def call_seconds(runner: Runner, task: str, rows: int = 1, repeats: int = 3) -> float:
+    """Seconds one call of ``task`` on ``rows`` rows takes, best of ``repeats`` (after :func:`warm`)."""
+    payload = example_payload(runner.manifest, task, rows)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        TASKS[task](runner, payload)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def warm(runner: Runner) -> None:
     """Run each task once so the first real request does not pay for lazy initialisation."""
-    m = runner.manifest
-    x = m.data_spec.random_examples(2)
-    out = runner.log_prob(x, dequantization_noise(m, len(x), 0))
+    out = score(runner, example_payload(runner.manifest, "score", 2))
     if not np.isfinite(out).all():
         raise RuntimeError("warm-up scoring produced non-finite log-probabilities")
-    runner.sample(latent(m, 2, 1.0, 0))
+    sample(runner, example_payload(runner.manifest, "sample", 2))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.batching import Batcher, Replica
+from service.batching import AUTO_DELAY_CAP_S, Batcher, Replica, auto_queue_delay
 from service.errors import Unavailable
 from service.metrics import Metrics
 from service.workers import DeviceWorker
@@ -81,3 +82,63 @@ def test_full_queue_rejects_with_retry_after() -> None:
 def test_single_row_out_of_memory_fails_only_that_request() -> None:
     out, _ = run(ScriptedRunner(oom_above=0), [1], max_batch=4)
     assert isinstance(out[0], torch.cuda.OutOfMemoryError)
+
+
+def test_auto_delay_waits_for_fixed_cost_calls_only() -> None:
+    assert auto_queue_delay(0.004, 0.005) == 0.004  # 16 rows cost little more than 1: wait up to the fixed cost
+    assert auto_queue_delay(0.5, 0.6) == AUTO_DELAY_CAP_S  # never more than the cap
+    assert auto_queue_delay(0.0004, 0.0015) == 0.0  # cost grows with rows: larger batches gain little, no wait
+
+
+def test_overlap_only_delay_never_holds_a_lone_request_and_fills_batches_under_overlap() -> None:
+    """``wait_when_alone=False`` with a delay far beyond the test's bounds: a lone request still runs at
+    once; after a batch of two requests, the next batch waits until it is full."""
+    runner, metrics = ScriptedRunner(), Metrics()
+
+    async def main() -> None:
+        worker = DeviceWorker("cpu")
+        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 2, 600.0, 100, wait_when_alone=False)
+        b.start()
+
+        def one(v: float):  # noqa: ANN202
+            return b.submit({"x": np.array([[v]])}, 30)
+
+        out = await asyncio.wait_for(one(1.0), 10)  # a 600 s wait would time this out
+        np.testing.assert_array_equal(out, [2.0])
+        both = await asyncio.wait_for(asyncio.gather(one(2.0), one(3.0)), 10)  # queued together: one batch of two
+        assert [o.tolist() for o in both] == [[4.0], [6.0]]
+        assert runner.batches == [1, 2]
+        third = asyncio.ensure_future(one(4.0))
+        await asyncio.sleep(0.3)  # the batcher holds the third request: the last batch held two
+        assert not third.done() and runner.batches == [1, 2]
+        fourth = await asyncio.wait_for(one(5.0), 10)  # fills the batch of two, which then runs at once
+        assert fourth.tolist() == [10.0] and (await third).tolist() == [8.0]
+        assert runner.batches == [1, 2, 2]
+        await b.stop()
+        worker.shutdown()
+
+    asyncio.run(main())
+
+
+def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path) -> None:
+    """``auto`` (the default): a per-task delay from the measured call costs, applied only while
+    requests overlap, and said in the model's ``execution``; a number: that delay, always."""
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    async def load(delay: str) -> dict:
+        worker = DeviceWorker("cpu")
+        repo = ModelRepository(Settings(repository=repository, backend="torch", max_queue_delay_ms=delay), [worker], Metrics())
+        try:
+            await repo.reload()
+            entry = repo.get("digits")
+            return {t: (b.max_delay, b.wait_when_alone, entry.execution[t]) for t, b in entry.batchers.items()}
+        finally:
+            await repo.close()
+            worker.shutdown()
+
+    for task, (delay, alone, execution) in asyncio.run(load("auto")).items():
+        assert not alone and 0 <= delay <= AUTO_DELAY_CAP_S, task
+        assert ("while requests overlap" in execution) == (delay > 0), execution
+    for task, (delay, alone, execution) in asyncio.run(load("5")).items():
+        assert alone and delay == 0.005 and execution.endswith("; batches wait up to 5.0 ms"), (task, execution)

@@ -42,6 +42,7 @@ def test_model_list_reports_broken_model_with_reason(server: Server) -> None:
     with server.client() as c:
         models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
         assert models["digits"]["state"] == "ready" and models["digits"]["data_spec"]["levels"] == 17
+        assert models["digits"]["execution"]["score"].endswith("; batches wait up to 5.0 ms")  # the executor's batcher, as a front-end tells it
         assert models["broken"]["state"] == "failed" and "manifest" in models["broken"]["reason"]
         r = c.post("/v1/models/broken/score", json={"instances": [[0]]})
         assert r.status_code == 503 and "not ready" in r.json()["error"]
