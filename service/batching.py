@@ -2,8 +2,8 @@
 
 Requests put rows on a bounded queue (counted in rows; full → 503 with Retry-After). One
 consumer per replica takes everything that queued while its device was busy, up to
-``max_batch_size`` rows, waiting at most ``max_queue_delay`` for more (by default only while
-requests overlap, see :func:`auto_queue_delay`; a lone request runs at once), runs the batch on its device worker,
+``max_batch_size`` rows, waiting at most ``max_queue_delay`` for more (by default only under load,
+see :func:`auto_queue_wait`; a lone request runs at once), runs the batch on its device worker,
 and hands each request its own rows back. A request larger than ``max_batch_size`` runs alone,
 split into chunks of at most ``max_batch_size`` rows. Every row's result depends only on that row
 (and its own noise), never on its batch-mates. A request that gives up (timeout, or its client
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,21 +52,46 @@ AUTO_DELAY_CAP_S = 0.010
 AUTO_DELAY_PROBE_ROWS = 16
 
 
-def auto_queue_delay(one_row_s: float, probe_rows_s: float) -> float:
-    """The wait for more rows under ``max_queue_delay_ms=auto``, from one call's time on one row and
-    on :data:`AUTO_DELAY_PROBE_ROWS` rows (seconds).
+@dataclass(frozen=True)
+class QueueWait:
+    """How long a batch may wait to fill: up to ``delay_s``, only after a batch of at least
+    ``from_rows`` rows (0: always), and no longer once it holds ``until_rows`` rows (``None``: full)."""
+
+    delay_s: float = 0.0
+    from_rows: int = 0
+    until_rows: int | None = None
+
+
+def describe(wait: QueueWait) -> str:
+    """``wait`` in words, for a model's ``execution`` (e.g. "batches wait up to 4.1 ms after batches of 16+ rows, below 48 rows")."""
+    text = f"batches wait up to {wait.delay_s * 1000:.1f} ms"
+    if wait.from_rows:
+        text += f" after batches of {wait.from_rows}+ rows"
+    if wait.until_rows is not None:
+        text += f", below {wait.until_rows} rows"
+    return text
+
+
+def auto_queue_wait(one_row_s: float, probe_rows_s: float, probe_rows: int = AUTO_DELAY_PROBE_ROWS) -> QueueWait:
+    """The wait under ``max_queue_delay_ms=auto``, from one call's time (seconds) on one row and on
+    ``probe_rows`` rows: a call costs about ``fixed + rows * per_row``.
 
     A call whose cost is mostly fixed (``probe_rows_s < 2 * one_row_s``: many rows cost less than two
-    calls of one) waits up to that fixed cost, ``one_row_s``, at most :data:`AUTO_DELAY_CAP_S`: the
-    ski-rental rule, the wait never exceeds the cost of the call it may save, while each call
-    carries more rows and the fixed cost per row falls (the traced digits Glow on the CPU: ~4 ms
-    at 1 row, ~5 ms at 16). A call whose cost grows with its rows (ONNX Runtime on the same model:
-    0.4 ms and 1.5 ms) gains little from larger batches and does not wait. The batcher applies the
-    wait only while requests overlap (``wait_when_alone=False``), so a lone request never waits.
+    calls of one) waits up to that fixed cost, at most :data:`AUTO_DELAY_CAP_S`: the ski-rental rule,
+    the wait never exceeds the cost of the call it may save, while each call carries more rows and
+    the fixed cost per row falls (the traced digits Glow on the CPU: ~4 ms at 1 row, ~5 ms at 16).
+    It stops waiting once the batch's rows cost as much as the fixed cost (``until_rows = fixed /
+    per_row``): beyond that, more rows save little. And it waits only after a batch of at least
+    ``probe_rows`` rows (``from_rows``), i.e. under load: with 16 closed-loop clients (batches of ~6
+    rows) waiting cost up to a third of the throughput, so at light load nothing waits. A call whose
+    cost grows with its rows (ONNX Runtime on the same model: 0.4 ms and 1.5 ms) does not wait.
     """
-    if probe_rows_s >= 2 * one_row_s:
-        return 0.0
-    return min(max(one_row_s, 0.0), AUTO_DELAY_CAP_S)
+    if probe_rows < 2 or probe_rows_s >= 2 * one_row_s:
+        return QueueWait()
+    per_row = max(probe_rows_s - one_row_s, 0.0) / (probe_rows - 1)
+    fixed = max(one_row_s - per_row, 0.0)
+    until = math.ceil(fixed / per_row) if per_row > 0 else None
+    return QueueWait(min(fixed, AUTO_DELAY_CAP_S), probe_rows, until)
 
 
 class Batcher:
@@ -81,15 +107,17 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_rows: int,
-        wait_when_alone: bool = True,
+        wait_from_rows: int = 0,
+        wait_until_rows: int | None = None,
     ) -> None:
         self.model, self.task, self.compute = model, task, compute
         self.replicas = replicas
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_s
-        self.wait_when_alone = wait_when_alone  # False: wait for more rows only after a batch of several requests
-        self._last_batch_requests = 0
+        self.wait_from_rows = wait_from_rows  # wait for more rows only after a batch of at least this many (0: always)
+        self.wait_until_rows = max_batch_size if wait_until_rows is None else wait_until_rows  # ... and only below this many
+        self._last_batch_rows = 0
         self.max_queue_rows = max_queue_rows
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._rows = 0
@@ -162,14 +190,14 @@ class Batcher:
             if not self._take(first):
                 continue
             batch, rows = [first], first.rows
-            waits = self.wait_when_alone or self._last_batch_requests > 1
+            waits = self._last_batch_rows >= self.wait_from_rows
             deadline = time.monotonic() + (self.max_delay if waits else 0.0)
             while rows < self.max_batch_size:
                 try:
                     nxt = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or rows >= self.wait_until_rows:
                         break
                     try:
                         nxt = await asyncio.wait_for(self._queue.get(), remaining)
@@ -181,7 +209,7 @@ class Batcher:
                 if self._take(nxt):
                     batch.append(nxt)
                     rows += nxt.rows
-            self._last_batch_requests = len(batch)
+            self._last_batch_rows = rows
             await self._run(replica, batch, rows)
 
     async def _compute_in_chunks(self, replica: Replica, payload: Payload, batch: list[_Item]) -> np.ndarray | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from models.manifest import read_manifest
 
 from . import tasks
-from .batching import AUTO_DELAY_PROBE_ROWS, Batcher, Replica, auto_queue_delay
+from .batching import AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
 from .entry import ModelEntry, manifest_mtime
 from .errors import NotFound, Unavailable
 from .memory import freeze_heap
@@ -98,15 +98,14 @@ class ModelRepository:
             entry.devices, entry.backend = [r.device for r in runners], runners[0].backend
             entry.execution = dict(runners[0].execution)
             replicas = [Replica(w, r) for w, r in zip(self.workers, runners)]
-            delays = await self._queue_delays(name, replicas[0])
-            overlap = " while requests overlap" if self.settings.max_queue_delay_ms == "auto" else ""
-            for task, delay in delays.items():
-                if delay > 0:
-                    entry.execution[task] = f"{entry.execution.get(task, task)}; batches wait up to {delay * 1000:.1f} ms{overlap}"
+            waits = await self._queue_waits(name, replicas[0])
+            for task, wait in waits.items():
+                if wait.delay_s > 0:
+                    entry.execution[task] = f"{entry.execution.get(task, task)}; {describe(wait)}"
             entry.batchers = {
                 task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size,
-                              delays[task], self.settings.max_queue_rows,
-                              wait_when_alone=self.settings.max_queue_delay_ms != "auto")
+                              waits[task].delay_s, self.settings.max_queue_rows,
+                              wait_from_rows=waits[task].from_rows, wait_until_rows=waits[task].until_rows)
                 for task, fn in tasks.TASKS.items()
             }
             for b in entry.batchers.values():
@@ -119,21 +118,21 @@ class ModelRepository:
         self.metrics.load_duration.labels(name, entry.version).set(entry.load_seconds)
         return entry
 
-    async def _queue_delays(self, name: str, replica: Replica) -> dict[str, float]:
-        """Seconds each task's batches may wait to fill: the setting, or under ``auto`` one call's
-        fixed cost measured on ``replica`` (:func:`~service.batching.auto_queue_delay`)."""
+    async def _queue_waits(self, name: str, replica: Replica) -> dict[str, QueueWait]:
+        """How each task's batches wait to fill: the setting, or under ``auto`` from call costs measured
+        on ``replica`` (:func:`~service.batching.auto_queue_wait`)."""
         setting = self.settings.max_queue_delay_ms
         if setting != "auto":
-            return {task: setting / 1000 for task in tasks.TASKS}
+            return {task: QueueWait(setting / 1000) for task in tasks.TASKS}
         probe = min(AUTO_DELAY_PROBE_ROWS, self.settings.max_batch_size)
-        delays = {}
+        waits = {}
         for task in tasks.TASKS:
             one = await replica.worker.run(tasks.call_seconds, replica.runner, task, 1, 3)
             many = await replica.worker.run(tasks.call_seconds, replica.runner, task, probe, 2)
-            delays[task] = auto_queue_delay(one, many) if probe > 1 else 0.0
-            log.info("model %s, %s: %.2f ms a call at 1 row, %.2f ms at %d; batches wait up to %.2f ms while requests overlap",
-                     name, task, one * 1000, many * 1000, probe, delays[task] * 1000)
-        return delays
+            waits[task] = auto_queue_wait(one, many, probe)
+            log.info("model %s, %s: %.2f ms a call at 1 row, %.2f ms at %d: %s", name, task, one * 1000, many * 1000, probe,
+                     describe(waits[task]) if waits[task].delay_s > 0 else "batches do not wait")
+        return waits
 
     async def reload(self) -> dict[str, str]:
         """Load what is new or changed, swap atomically, drain and stop what it replaces."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.batching import AUTO_DELAY_CAP_S, Batcher, Replica, auto_queue_delay
+from service.batching import AUTO_DELAY_CAP_S, AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
 from service.errors import Unavailable
 from service.metrics import Metrics
 from service.workers import DeviceWorker
@@ -84,20 +84,25 @@ def test_single_row_out_of_memory_fails_only_that_request() -> None:
     assert isinstance(out[0], torch.cuda.OutOfMemoryError)
 
 
-def test_auto_delay_waits_for_fixed_cost_calls_only() -> None:
-    assert auto_queue_delay(0.004, 0.005) == 0.004  # 16 rows cost little more than 1: wait up to the fixed cost
-    assert auto_queue_delay(0.5, 0.6) == AUTO_DELAY_CAP_S  # never more than the cap
-    assert auto_queue_delay(0.0004, 0.0015) == 0.0  # cost grows with rows: larger batches gain little, no wait
+def test_auto_wait_for_fixed_cost_calls_only() -> None:
+    w = auto_queue_wait(0.004, 0.0053, 16)  # 16 rows cost little more than 1: wait up to the fixed cost, under load
+    per_row = 0.0013 / 15
+    assert w.from_rows == 16 and abs(w.delay_s - (0.004 - per_row)) < 1e-12
+    assert w.until_rows == 46  # the rows whose cost equals the fixed cost: ceil(0.003913 / 0.0000867) = ceil(45.15)
+    assert auto_queue_wait(0.5, 0.6, 16).delay_s == AUTO_DELAY_CAP_S  # never more than the cap
+    assert auto_queue_wait(0.01, 0.01, 16).until_rows is None  # flat cost (tiles): fill up to the batch size
+    assert auto_queue_wait(0.0004, 0.0015, 16) == QueueWait()  # cost grows with rows: no wait
+    assert describe(w) == "batches wait up to 3.9 ms after batches of 16+ rows, below 46 rows"
 
 
-def test_overlap_only_delay_never_holds_a_lone_request_and_fills_batches_under_overlap() -> None:
-    """``wait_when_alone=False`` with a delay far beyond the test's bounds: a lone request still runs at
-    once; after a batch of two requests, the next batch waits until it is full."""
+def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_under_load() -> None:
+    """``wait_from_rows=2`` with a delay far beyond the test's bounds: a lone request still runs at
+    once; after a batch of two rows, the next batch waits until it is full."""
     runner, metrics = ScriptedRunner(), Metrics()
 
     async def main() -> None:
         worker = DeviceWorker("cpu")
-        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 2, 600.0, 100, wait_when_alone=False)
+        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 2, 600.0, 100, wait_from_rows=2)
         b.start()
 
         def one(v: float):  # noqa: ANN202
@@ -109,20 +114,25 @@ def test_overlap_only_delay_never_holds_a_lone_request_and_fills_batches_under_o
         assert [o.tolist() for o in both] == [[4.0], [6.0]]
         assert runner.batches == [1, 2]
         third = asyncio.ensure_future(one(4.0))
-        await asyncio.sleep(0.3)  # the batcher holds the third request: the last batch held two
+        await asyncio.sleep(0.3)  # the batcher holds the third request: the last batch had two rows
         assert not third.done() and runner.batches == [1, 2]
         fourth = await asyncio.wait_for(one(5.0), 10)  # fills the batch of two, which then runs at once
         assert fourth.tolist() == [10.0] and (await third).tolist() == [8.0]
         assert runner.batches == [1, 2, 2]
         await b.stop()
+        filling = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 4, 600.0, 100, wait_until_rows=2)
+        filling.start()
+        pair = await asyncio.wait_for(asyncio.gather(*(filling.submit({"x": np.array([[v]])}, 30) for v in (6.0, 7.0))), 10)
+        assert [o.tolist() for o in pair] == [[12.0], [14.0]] and runner.batches == [1, 2, 2, 2]  # 2 rows: no wait for 4
+        await filling.stop()
         worker.shutdown()
 
     asyncio.run(main())
 
 
 def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path) -> None:
-    """``auto`` (the default): a per-task delay from the measured call costs, applied only while
-    requests overlap, and said in the model's ``execution``; a number: that delay, always."""
+    """``auto`` (the default): a per-task delay from the measured call costs, applied only after
+    batches of 16+ rows, and said in the model's ``execution``; a number: that delay, always."""
     from service.repository import ModelRepository
     from service.settings import Settings
 
@@ -132,13 +142,13 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
         try:
             await repo.reload()
             entry = repo.get("digits")
-            return {t: (b.max_delay, b.wait_when_alone, entry.execution[t]) for t, b in entry.batchers.items()}
+            return {t: (b.max_delay, b.wait_from_rows, entry.execution[t]) for t, b in entry.batchers.items()}
         finally:
             await repo.close()
             worker.shutdown()
 
-    for task, (delay, alone, execution) in asyncio.run(load("auto")).items():
-        assert not alone and 0 <= delay <= AUTO_DELAY_CAP_S, task
-        assert ("while requests overlap" in execution) == (delay > 0), execution
-    for task, (delay, alone, execution) in asyncio.run(load("5")).items():
-        assert alone and delay == 0.005 and execution.endswith("; batches wait up to 5.0 ms"), (task, execution)
+    for task, (delay, wait_from, execution) in asyncio.run(load("auto")).items():
+        assert wait_from == AUTO_DELAY_PROBE_ROWS and 0 <= delay <= AUTO_DELAY_CAP_S, task
+        assert ("ms after batches of 16+ rows" in execution) == (delay > 0), execution
+    for task, (delay, wait_from, execution) in asyncio.run(load("5")).items():
+        assert wait_from == 0 and delay == 0.005 and execution.endswith("; batches wait up to 5.0 ms"), (task, execution)
