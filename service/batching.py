@@ -105,18 +105,14 @@ class Batcher:
         replicas: list[Replica],
         metrics: Metrics,
         max_batch_size: int,
-        max_queue_delay_s: float,
+        wait: QueueWait,
         max_queue_rows: int,
-        wait_from_rows: int = 0,
-        wait_until_rows: int | None = None,
     ) -> None:
         self.model, self.task, self.compute = model, task, compute
         self.replicas = replicas
         self.metrics = metrics
         self.max_batch_size = max_batch_size
-        self.max_delay = max_queue_delay_s
-        self.wait_from_rows = wait_from_rows  # wait for more rows only after a batch of at least this many (0: always)
-        self.wait_until_rows = max_batch_size if wait_until_rows is None else wait_until_rows  # ... and only below this many
+        self.wait = wait
         self._last_batch_rows = 0
         self.max_queue_rows = max_queue_rows
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -190,14 +186,15 @@ class Batcher:
             if not self._take(first):
                 continue
             batch, rows = [first], first.rows
-            waits = self._last_batch_rows >= self.wait_from_rows
-            deadline = time.monotonic() + (self.max_delay if waits else 0.0)
+            waits = self._last_batch_rows >= self.wait.from_rows
+            deadline = time.monotonic() + (self.wait.delay_s if waits else 0.0)
+            until = self.max_batch_size if self.wait.until_rows is None else self.wait.until_rows
             while rows < self.max_batch_size:
                 try:
                     nxt = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or rows >= self.wait_until_rows:
+                    if remaining <= 0 or rows >= until:
                         break
                     try:
                         nxt = await asyncio.wait_for(self._queue.get(), remaining)

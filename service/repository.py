@@ -103,9 +103,8 @@ class ModelRepository:
                 if wait.delay_s > 0:
                     entry.execution[task] = f"{entry.execution.get(task, task)}; {describe(wait)}"
             entry.batchers = {
-                task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size,
-                              waits[task].delay_s, self.settings.max_queue_rows,
-                              wait_from_rows=waits[task].from_rows, wait_until_rows=waits[task].until_rows)
+                task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size, waits[task],
+                              self.settings.max_queue_rows)
                 for task, fn in tasks.TASKS.items()
             }
             for b in entry.batchers.values():
@@ -125,6 +124,8 @@ class ModelRepository:
         if setting != "auto":
             return {task: QueueWait(setting / 1000) for task in tasks.TASKS}
         probe = min(AUTO_DELAY_PROBE_ROWS, self.settings.max_batch_size)
+        if probe < 2:  # batches of one row: nothing to wait for
+            return {task: QueueWait() for task in tasks.TASKS}
         waits = {}
         for task in tasks.TASKS:
             one = await replica.worker.run(tasks.call_seconds, replica.runner, task, 1, 3)

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="how long a batch may wait to fill. auto: for a task whose calls cost mostly a fixed amount "
         "(16 rows take less than twice 1 row, measured at load), up to that fixed cost (at most 10 ms) after a batch of 16+ "
-        "rows (under load; at light load nothing waits) and while the batch's rows cost less than it; otherwise no wait (service.batching.auto_queue_delay). A number: always that "
-        "long (0 = take what queued while the device was busy)")
+        "rows (under load; at light load nothing waits) and while the batch's rows cost less than it; otherwise no "
+        "wait (service.batching.auto_queue_wait). A number: always that long (0 = take what queued while the device was busy)")
     max_queue_rows: int = Field(8192, ge=1, description="rows waiting per model and task; beyond → 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + compute; beyond → 503")
     # limits

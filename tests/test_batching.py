@@ -35,7 +35,7 @@ def run(runner: ScriptedRunner, requests: list[int], max_batch: int, max_queue_r
 
     async def main() -> list:
         worker = DeviceWorker("cpu")
-        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, max_batch, 0.0, max_queue_rows)
+        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, max_batch, QueueWait(), max_queue_rows)
         b.start()
         start = 0
         jobs = []
@@ -96,13 +96,13 @@ def test_auto_wait_for_fixed_cost_calls_only() -> None:
 
 
 def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_under_load() -> None:
-    """``wait_from_rows=2`` with a delay far beyond the test's bounds: a lone request still runs at
+    """``from_rows=2`` with a delay far beyond the test's bounds: a lone request still runs at
     once; after a batch of two rows, the next batch waits until it is full."""
     runner, metrics = ScriptedRunner(), Metrics()
 
     async def main() -> None:
         worker = DeviceWorker("cpu")
-        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 2, 600.0, 100, wait_from_rows=2)
+        b = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 2, QueueWait(600.0, from_rows=2), 100)
         b.start()
 
         def one(v: float):  # noqa: ANN202
@@ -120,7 +120,7 @@ def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_unde
         assert fourth.tolist() == [10.0] and (await third).tolist() == [8.0]
         assert runner.batches == [1, 2, 2]
         await b.stop()
-        filling = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 4, 600.0, 100, wait_until_rows=2)
+        filling = Batcher("m", "score", compute, [Replica(worker, runner)], metrics, 4, QueueWait(600.0, until_rows=2), 100)
         filling.start()
         pair = await asyncio.wait_for(asyncio.gather(*(filling.submit({"x": np.array([[v]])}, 30) for v in (6.0, 7.0))), 10)
         assert [o.tolist() for o in pair] == [[12.0], [14.0]] and runner.batches == [1, 2, 2, 2]  # 2 rows: no wait for 4
@@ -142,7 +142,7 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
         try:
             await repo.reload()
             entry = repo.get("digits")
-            return {t: (b.max_delay, b.wait_from_rows, entry.execution[t]) for t, b in entry.batchers.items()}
+            return {t: (b.wait.delay_s, b.wait.from_rows, entry.execution[t]) for t, b in entry.batchers.items()}
         finally:
             await repo.close()
             worker.shutdown()
