@@ -90,7 +90,7 @@ def auto_queue_wait(one_row_s: float, probe_rows_s: float, probe_rows: int = AUT
         return QueueWait()
     per_row = max(probe_rows_s - one_row_s, 0.0) / (probe_rows - 1)
     fixed = max(one_row_s - per_row, 0.0)
-    until = math.ceil(fixed / per_row) if per_row > 0 else None
+    until = math.ceil(round(fixed / per_row, 6)) if per_row > 0 else None  # round: 40.0000001 rows is 40
     return QueueWait(min(fixed, AUTO_DELAY_CAP_S), probe_rows, until)
 
 

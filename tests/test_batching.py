@@ -130,9 +130,15 @@ def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_unde
     asyncio.run(main())
 
 
-def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path) -> None:
-    """``auto`` (the default): a per-task delay from the measured call costs, applied only after
-    batches of 16+ rows, and said in the model's ``execution``; a number: that delay, always."""
+def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path, monkeypatch) -> None:
+    """``auto`` (the default): each task's wait is :func:`auto_queue_wait` of the call costs measured
+    at load, said in the model's ``execution``; a number: that delay, always.
+
+    The wiring is checked twice: with call costs scripted (a mostly fixed cost for ``score``, one that
+    grows with the rows for ``sample``), so both outcomes are exercised whatever this machine's speed;
+    and with the real measurement, whose outcome depends on the machine and is checked for consistency.
+    """
+    from service import tasks
     from service.repository import ModelRepository
     from service.settings import Settings
 
@@ -142,13 +148,30 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
         try:
             await repo.reload()
             entry = repo.get("digits")
-            return {t: (b.wait.delay_s, b.wait.from_rows, entry.execution[t]) for t, b in entry.batchers.items()}
+            return {t: (b.wait, entry.execution[t]) for t, b in entry.batchers.items()}
         finally:
             await repo.close()
             worker.shutdown()
 
-    for task, (delay, wait_from, execution) in asyncio.run(load("auto")).items():
-        assert wait_from == AUTO_DELAY_PROBE_ROWS and 0 <= delay <= AUTO_DELAY_CAP_S, task
-        assert ("ms after batches of 16+ rows" in execution) == (delay > 0), execution
-    for task, (delay, wait_from, execution) in asyncio.run(load("5")).items():
-        assert wait_from == 0 and delay == 0.005 and execution.endswith("; batches wait up to 5.0 ms"), (task, execution)
+    for task, (wait, execution) in asyncio.run(load("auto")).items():  # real timings: either outcome
+        assert wait == QueueWait() or (wait.from_rows == AUTO_DELAY_PROBE_ROWS and 0 < wait.delay_s <= AUTO_DELAY_CAP_S), task
+        assert ("ms after batches of 16+ rows" in execution) == (wait.delay_s > 0), execution
+
+    costs = {"score": lambda rows: 0.004 + 1e-4 * rows, "sample": lambda rows: 4e-4 * rows}  # seconds a call
+    probed: list[tuple[str, int]] = []
+
+    def scripted(runner, task: str, rows: int, repeats: int) -> float:
+        probed.append((task, rows))
+        return costs[task](rows)
+
+    monkeypatch.setattr(tasks, "call_seconds", scripted)
+    waits = asyncio.run(load("auto"))
+    assert sorted(probed) == sorted((t, r) for t in tasks.TASKS for r in (1, AUTO_DELAY_PROBE_ROWS))
+    expected = auto_queue_wait(costs["score"](1), costs["score"](16))
+    assert waits["score"][0] == expected and (expected.from_rows, expected.until_rows) == (16, 40), waits["score"]
+    assert abs(expected.delay_s - 0.004) < 1e-9, expected
+    assert waits["score"][1].endswith("; batches wait up to 4.0 ms after batches of 16+ rows, below 40 rows"), waits["score"]
+    assert waits["sample"][0] == QueueWait() and "wait" not in waits["sample"][1], waits["sample"]
+
+    for task, (wait, execution) in asyncio.run(load("5")).items():
+        assert wait == QueueWait(0.005) and execution.endswith("; batches wait up to 5.0 ms"), (task, execution)
