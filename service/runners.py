@@ -272,7 +272,7 @@ class OnnxRunner:
         # ONNX Runtime's CPU kernels are mostly batch-invariant (the load check tiles where not); cuDNN/cuBLAS are not.
         tile = settings.tile_rows if on_gpu and settings.batch_invariant else None
         self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
-        mode = "io binding" if on_gpu else "run"
+        mode = "io binding, CUDA provider" if on_gpu else "session run, CPU provider"
         self.execution = {t: mode + (f", tiles of {tile} rows" if tile else "") for t in self.sessions}
 
     def _infer(self, task: str, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -90,7 +90,8 @@ def test_service_through_onnxruntime_backend(repository: Path, tmp_path: Path) -
     with running_server(repo, tmp_path) as s, s.client() as c:
         torch_lp = [r["log_prob"] for r in c.post("/v1/models/digits/score", json=body).json()["results"]]
     with running_server(repo, tmp_path, FLOWSERVE_BACKEND="onnxruntime") as s, s.client() as c:
-        assert c.get("/v1/models/digits").json()["backend"] == "onnxruntime"
+        info = c.get("/v1/models/digits").json()
+        assert info["backend"] == "onnxruntime" and info["execution"]["score"].startswith("session run, CPU provider"), info
         ort_lp = [r["log_prob"] for r in c.post("/v1/models/digits/score", json=body).json()["results"]]
         np.testing.assert_allclose(ort_lp, torch_lp, rtol=1e-4)
         samples = c.post("/v1/models/digits/sample", json={"n": 4, "seed": 1, "temperature": 0.8}).json()["samples"]
