@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from service.batching import AUTO_DELAY_CAP_S, AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
@@ -130,7 +131,7 @@ def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_unde
     asyncio.run(main())
 
 
-def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path, monkeypatch) -> None:
+def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` (the default): each task's wait is :func:`auto_queue_wait` of the call costs measured
     at load, said in the model's ``execution``; a number: that delay, always.
 
@@ -160,7 +161,7 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
     costs = {"score": lambda rows: 0.004 + 1e-4 * rows, "sample": lambda rows: 4e-4 * rows}  # seconds a call
     probed: list[tuple[str, int]] = []
 
-    def scripted(runner, task: str, rows: int, repeats: int) -> float:
+    def scripted(runner: object, task: str, rows: int, repeats: int) -> float:
         probed.append((task, rows))
         return costs[task](rows)
 
