@@ -113,6 +113,7 @@ class Batcher:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.wait = wait
+        self._fill_rows = max_batch_size if wait.until_rows is None else wait.until_rows  # waiting stops here
         self._last_batch_rows = 0
         self.max_queue_rows = max_queue_rows
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -188,13 +189,12 @@ class Batcher:
             batch, rows = [first], first.rows
             waits = self._last_batch_rows >= self.wait.from_rows
             deadline = time.monotonic() + (self.wait.delay_s if waits else 0.0)
-            until = self.max_batch_size if self.wait.until_rows is None else self.wait.until_rows
             while rows < self.max_batch_size:
                 try:
                     nxt = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or rows >= until:
+                    if remaining <= 0 or rows >= self._fill_rows:
                         break
                     try:
                         nxt = await asyncio.wait_for(self._queue.get(), remaining)
