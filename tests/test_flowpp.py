@@ -279,11 +279,13 @@ def test_service_scores_and_samples_flowpp_on_both_backends(tmp_path: Path) -> N
     np.testing.assert_allclose(results["onnxruntime"], results["torch"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_attention_runs_on_a_fused_sdpa_kernel(device: str) -> None:
+def test_attention_runs_on_a_fused_sdpa_kernel(device: str, layout: torch.memory_format) -> None:
     """Flow++ attention must not fall back to the math kernel (which keeps every T×T matrix for backward):
     with only the fused kernels allowed, forward and backward still run (flash on the CPU; flash or
-    memory-efficient on CUDA)."""
+    memory-efficient on CUDA), for NCHW inputs (q, k, v copied) and channels-last ones (the
+    conditioners' layout: q, k, v strided views with the head dimension at stride 1)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from models.nets.flowpp import GatedAttention
@@ -292,7 +294,7 @@ def test_attention_runs_on_a_fused_sdpa_kernel(device: str) -> None:
         pytest.skip("no CUDA device")
     torch.manual_seed(0)
     att = GatedAttention(32, heads=4).to(device)
-    x = torch.randn(4, 32, 14, 14, device=device, requires_grad=True)
+    x = torch.randn(4, 32, 14, 14, device=device).contiguous(memory_format=layout).requires_grad_()
     pos = torch.zeros(1, 32, 14, 14, device=device)
     with data_init(att), torch.no_grad():
         att.train()
