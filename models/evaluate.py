@@ -12,7 +12,7 @@ from .density import DensityModel
 
 def _batch_log_prob(model: DensityModel, batch: np.ndarray, g: torch.Generator, iw_samples: int) -> float:
     """Summed log-probability (nats) of one batch, on the model's device."""
-    x = torch.from_numpy(np.asarray(batch))
+    x = torch.from_numpy(np.array(batch))  # a copy: loaders hand out read-only views (memory maps, IDX buffers)
     lp = model.log_prob_iw(x, iw_samples, generator=g) if iw_samples > 1 else model.log_prob(x, noise=model.noise(len(x), g))
     return float(lp.double().sum())
 

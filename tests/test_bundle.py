@@ -83,3 +83,17 @@ def test_bundled_waveform_model_finds_every_planted_kind() -> None:
     for kind in WAVE_ANOMALIES:
         rows = (c.kind == "normal") | (c.kind == kind)
         assert roc_auc_score(c.kind[rows] == kind, s[rows]) > 0.85, kind
+
+
+def test_evaluation_accepts_read_only_arrays_without_warnings(fresh_bits_per_dim: dict[str, float]) -> None:
+    """Loaders hand out read-only arrays (IDX buffers, memory maps); evaluating one must neither warn
+    (torch warns on non-writable arrays) nor change the figure."""
+    import warnings
+
+    m = json.loads((ROOT / "digits" / "1" / "manifest.json").read_text())["metrics"]
+    test = np.array(load_dataset(m["data"]).split("test"))
+    test.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = evaluate(load(str(ROOT / "digits" / "1")), test, m["eval_batch"], seed=m["eval_seed"])["bits_per_dim"]
+    assert got == fresh_bits_per_dim["digits"]
