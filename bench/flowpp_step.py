@@ -35,9 +35,12 @@ def worker(root: Path, config: Path, steps: int, threads: int) -> None:
     import torch
     import yaml
 
+    import models
     from models.architectures import build, parse_config
     from models.spec import DataSpec
 
+    if not Path(models.__file__).resolve().is_relative_to(root.resolve()):  # e.g. an editable install's finder won
+        raise SystemExit(f"models imported from {models.__file__}, not from {root}")
     torch.set_num_threads(threads)
     spec = DataSpec(kind="image", shape=(1, 28, 28), levels=256, source="mnist")
     torch.manual_seed(0)

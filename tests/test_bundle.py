@@ -87,13 +87,19 @@ def test_bundled_waveform_model_finds_every_planted_kind() -> None:
 
 def test_evaluation_accepts_read_only_arrays_without_warnings(fresh_bits_per_dim: dict[str, float]) -> None:
     """Loaders hand out read-only arrays (IDX buffers, memory maps); evaluating one must neither warn
-    (torch warns on non-writable arrays) nor change the figure."""
-    import warnings
+    (torch warns on non-writable arrays, once per process, hence a fresh interpreter where that
+    warning is an error) nor change the figure."""
+    import subprocess
+    import sys
 
-    m = json.loads((ROOT / "digits" / "1" / "manifest.json").read_text())["metrics"]
-    test = np.array(load_dataset(m["data"]).split("test"))
-    test.setflags(write=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = evaluate(load(str(ROOT / "digits" / "1")), test, m["eval_batch"], seed=m["eval_seed"])["bits_per_dim"]
-    assert got == fresh_bits_per_dim["digits"]
+    code = (
+        "import json, sys, numpy as np\n"
+        "from models import load\nfrom models.data import load_dataset\nfrom models.evaluate import evaluate\n"
+        "path = sys.argv[1]\nm = json.load(open(path + '/manifest.json'))['metrics']\n"
+        "test = np.array(load_dataset(m['data']).split('test'))\ntest.setflags(write=False)\n"
+        "print(repr(evaluate(load(path), test, m['eval_batch'], seed=m['eval_seed'])['bits_per_dim']))\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error:The given NumPy array is not writable", "-c", code, str(ROOT / "digits" / "1")],
+                         capture_output=True, text=True, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == fresh_bits_per_dim["digits"]
