@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
@@ -307,6 +308,31 @@ def test_attention_runs_on_a_fused_sdpa_kernel(device: str, layout: torch.memory
         ref = att(x, pos)
     assert torch.allclose(out, ref, atol=1e-5) and x.grad is not None and torch.isfinite(x.grad).all()
 
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 12, 16, 24])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_attention_pads_small_heads_without_changing_results(d: int, dtype: torch.dtype) -> None:
+    """:func:`models.nets.flowpp.attention` zero-pads head dimensions 2 ≤ d < 16 to 16 on the CPU (the flash
+    kernel is faster there) with the scale of d: the output and the gradients of q, k and v are those of plain
+    SDPA, and the kernel is handed 16 columns exactly when the padding applies."""
+    from torch.profiler import profile
+
+    from models.nets.flowpp import attention
+
+    torch.manual_seed(d)
+    q, k, v = (torch.randn(3, 2, 50, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(3, 2, 50, d, dtype=dtype)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    with profile(record_shapes=True) as prof:
+        out = attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=tol, rtol=0)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=tol, rtol=0)
+    widths = {e.input_shapes[0][-1] for e in prof.events() if e.name == "aten::scaled_dot_product_attention"}
+    assert widths == {16 if 2 <= d < 16 else d}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_is_bernoulli_dropout(dtype: torch.dtype) -> None:
