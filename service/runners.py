@@ -179,8 +179,6 @@ class TorchRunner:
         dequantized = self.model.dequantizer is not None
 
         def score(x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-            if dequantized and noise is None:  # the graph takes noise as an input; eager draws it
-                return self._score_eager(x, noise)
             args = (torch.from_numpy(np.ascontiguousarray(x, np.float32)),)
             if dequantized:
                 args += (torch.from_numpy(np.ascontiguousarray(noise, np.float32)),)
@@ -228,6 +226,9 @@ class TorchRunner:
         return in_tiles(fn, arrays, self.tiles[task])
 
     def log_prob(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        if noise is None and self.model.dequantizer is not None:
+            # traced and captured graphs take the dequantization noise as an input; eager draws it
+            return in_tiles(self._score_eager, (x, noise), self.tiles["score"])
         return self._run("score", (x, noise))
 
     def sample(self, z: np.ndarray) -> np.ndarray:

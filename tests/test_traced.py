@@ -93,3 +93,17 @@ def test_runner_serves_eager_and_says_why_when_tracing_fails(tiny_glow_run: Path
     runner = TorchRunner(tiny_glow_run / "artifact", "cpu", Settings())
     assert runner.execution["score"].startswith("eager (tracing failed: traced log_prob differs from eager at 1 rows")
     assert runner.execution["score"].endswith("tiles of 64 rows") and runner.tiles["score"] == 64
+
+
+def test_traced_runner_draws_noise_when_a_caller_gives_none() -> None:
+    """Traced (and, on CUDA, captured) graphs take dequantization noise as an input; a caller with no noise
+    (direct runner use; the service always sends seeded noise) is scored eagerly with noise drawn there, not
+    refused: the bundled Flow++ (variational dequantization)."""
+    runner = TorchRunner(ROOT / "model_repository" / "digits-flowpp" / "1", "cpu", Settings())
+    assert runner.execution["score"].startswith("torchscript")
+    m = runner.manifest
+    x = m.data_spec.random_examples(20, seed=3).astype(np.float32)
+    drawn = runner.log_prob(x, None)
+    seeded = runner.log_prob(x, dequantization_noise(m, 20, 3))
+    assert drawn.shape == seeded.shape == (20,) and np.isfinite(drawn).all()
+    assert abs(drawn.mean() - seeded.mean()) < 0.02 * abs(seeded.mean())  # the same bound, other noise
