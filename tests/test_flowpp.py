@@ -334,6 +334,7 @@ def test_cpu_attention_pads_small_heads_without_changing_results(d: int, dtype: 
     widths = {e.input_shapes[0][-1] for e in prof.events() if e.name == "aten::scaled_dot_product_attention"}
     assert widths == {16 if 2 <= d < 16 else d}
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dropout_is_bernoulli_dropout(dtype: torch.dtype) -> None:
     """The conditioners' CPU dropout (uniform draws instead of ``bernoulli_``) drops each element with
