@@ -43,3 +43,16 @@ def test_readme_curl_examples_answer_as_documented(tmp_path: Path) -> None:
             argv = [*shlex.split(cmd), "-o", str(tmp_path / "body"), "-w", "%{http_code}", "--max-time", "120"]
             got = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, check=False).stdout.strip()
             assert got == str(status), (command, got, (tmp_path / "body").read_bytes()[:300])
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    """Each ``Settings`` field has a row in README's ``FLOWSERVE_*`` table, and each row names a real field."""
+    from service.settings import Settings
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### Configuration (`FLOWSERVE_*`") :].split("\n\n")[1]
+    first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `FLOWSERVE_")]
+    documented = set(re.findall(r"FLOWSERVE_([A-Z0-9_]+)", "\n".join(first_cells)))
+    fields = {name.upper() for name in Settings.model_fields}
+    assert fields - documented == set(), "settings missing from README's table"
+    assert documented - fields == set(), "README's table names settings that do not exist"
