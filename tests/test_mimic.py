@@ -279,6 +279,9 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_server: Server) -> None:
         assert all(a.get("feature") != "pH" and "pH" not in a.get("features", []) for a in res[2]["attribution"])
         # a record with absent features is compared with calibration records of its own pattern
         assert res[0]["calibration_n"] == r.json()["calibration"]["n"] and res[2]["calibration_n"] <= 1000
+        half = {**records[0], "Glascow coma scale eye opening": 2.5}  # the Glasgow scale has integer levels only
+        bad = client.post("/v1/models/vitals/anomaly", json={"records": [records[0], half]})
+        assert bad.status_code == 400 and bad.json()["error"].startswith("records[1].Glascow coma scale eye opening: value 2.5")
         r = client.post("/v1/models/waves/anomaly", json={"records": windows.tolist(), "explain": "all", "segments": 8})
         assert r.status_code == 200, r.text
         assert r.json()["statistic"] == "typicality"  # the waveform model's default (set at training)

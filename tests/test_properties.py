@@ -20,7 +20,8 @@ from service.api.v2 import DTYPES, InferRequest, decode_tensor, split_body
 from service.errors import ServiceError
 
 IMAGE = DataSpec(kind="image", shape=(1, 8, 8), levels=17)
-RECORD = DataSpec(kind="record", shape=(3,), feature_names=["hr", "sbp", "gcs"], ranges=[(30, 200), (60, 230), (3, 15)])
+RECORD = DataSpec(kind="record", shape=(3,), feature_names=["hr", "sbp", "gcs"], ranges=[(30, 200), (60, 230), (3, 15)],
+                  discrete_features=[2])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
 FAST = settings(max_examples=150, deadline=None, derandomize=True)  # the same cases in every CI run
@@ -119,12 +120,14 @@ def test_records_decode_exactly_or_are_refused(records: list) -> None:
             assert set(rec) == {"hr", "sbp", "gcs"}
             for k, name in enumerate(["hr", "sbp", "gcs"]):
                 assert math.isfinite(rec[name]) and row[k] == np.float32(rec[name])
-    filled = refused_cleanly(impute_records, records, RECORD, [70.0, 120.0, 15.0], "records")
+            assert float(rec["gcs"]).is_integer()  # an integer-valued feature: a fraction is refused
+    filled = refused_cleanly(impute_records, records, RECORD, [70.0, 120.0, 14.6], "records")
     if filled is not None:
         out, imputed = filled
         for rec, full, names in zip(records, out, imputed):
             assert names == [n for n in ("hr", "sbp", "gcs") if rec.get(n) is None]
             assert all(full[n] is not None for n in ("hr", "sbp", "gcs"))
+            assert "gcs" not in names or full["gcs"] == 15.0  # a fill between levels is rounded to one
 
 
 @FAST

@@ -71,7 +71,20 @@ def check_values(x: np.ndarray, spec: DataSpec, field: str) -> np.ndarray:
         ok = bool(np.abs(x).max() <= FLOAT32_MAX)
     if not ok:
         _refuse(x, spec, field)
+    if spec.discrete_features:
+        _check_levels(x.reshape(len(x), -1), spec, field)
     return x.astype(np.float32)
+
+
+def _check_levels(x: np.ndarray, spec: DataSpec, field: str) -> None:
+    """Integer-valued features of records ``(N, D)`` (``spec.discrete_features``: the Glasgow coma scale) must be integers:
+    the flow scores each level's unit bin, and a value between levels has no bin."""
+    cols = np.asarray(spec.discrete_features)
+    bad = x[:, cols] != np.rint(x[:, cols])
+    if bad.any():
+        i, k = (int(v) for v in np.argwhere(bad)[0])
+        name = (spec.feature_names or [str(j) for j in range(x.shape[1])])[cols[k]]
+        raise BadRequest(f"{field}[{i}].{name}: value {x[i, cols[k]]:g} is not an integer; this feature takes integer levels")
 
 
 def _refuse(x: np.ndarray, spec: DataSpec, field: str) -> None:
@@ -118,9 +131,14 @@ def impute_records(records: list[Any], spec: DataSpec, fill: list[float], field:
         if not isinstance(rec, dict):
             raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
         missing = [n for n in names if rec.get(n) is None]
-        out.append({**rec, **{n: fill[names.index(n)] for n in missing}})
+        out.append({**rec, **{n: _level(fill[names.index(n)], names.index(n), spec) for n in missing}})
         imputed.append(missing)
     return out, imputed
+
+
+def _level(value: float, feature: int, spec: DataSpec) -> float:
+    """A fill value, rounded to a level for integer-valued features (a median can fall between two)."""
+    return float(np.rint(value)) if spec.discrete_features and feature in spec.discrete_features else value
 
 
 def instances_to_array(instances: Any, spec: DataSpec, field: str = "instances") -> np.ndarray:
