@@ -126,6 +126,7 @@ def test_records_decode_exactly_or_are_refused(records: list) -> None:
         out, imputed = filled
         for rec, full, names in zip(records, out, imputed):
             assert names == [n for n in ("hr", "sbp", "gcs") if rec.get(n) is None]
+            assert len(names) < 3 or set(rec) - {"hr", "sbp", "gcs"}  # no features at all: refused (unknown ones: later, by name)
             assert all(full[n] is not None for n in ("hr", "sbp", "gcs"))
             assert "gcs" not in names or full["gcs"] == 15.0  # a fill between levels is rounded to one
 

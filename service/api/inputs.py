@@ -124,13 +124,16 @@ def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarr
 
 
 def impute_records(records: list[Any], spec: DataSpec, fill: list[float], field: str) -> tuple[list[Any], list[list[str]]]:
-    """Fill absent or null features of ``{feature: value}`` records with ``fill`` (per-feature values); returns the names filled per record."""
+    """Fill absent or null features of ``{feature: value}`` records with ``fill`` (per-feature values); returns the names
+    filled per record. A record must have at least one feature: with none there is nothing to score."""
     names = spec.feature_names or []
     out, imputed = [], []
     for r, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
         missing = [n for n in names if rec.get(n) is None]
+        if len(missing) == len(names) and set(rec) <= set(names):  # (unknown names are refused by name below)
+            raise BadRequest(f"{field}[{r}]: no features (all absent or null); send at least one of {names}")
         out.append({**rec, **{n: _level(fill[names.index(n)], names.index(n), spec) for n in missing}})
         imputed.append(missing)
     return out, imputed
