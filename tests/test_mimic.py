@@ -282,6 +282,8 @@ def test_anomaly_route_for_vitals_and_waveforms(mimic_server: Server) -> None:
         half = {**records[0], "Glascow coma scale eye opening": 2.5}  # the Glasgow scale has integer levels only
         bad = client.post("/v1/models/vitals/anomaly", json={"records": [records[0], half]})
         assert bad.status_code == 400 and bad.json()["error"].startswith("records[1].Glascow coma scale eye opening: value 2.5")
+        bad = client.post("/v1/models/vitals/score", json={"instances": [records[2]]})  # scoring takes complete records
+        assert bad.status_code == 400 and "missing feature(s) ['pH']" in bad.json()["error"] and "anomaly route" in bad.json()["error"]
         for empty in ({}, {"Heart Rate": None}):  # nothing measured: nothing to score or to explain
             bad = client.post("/v1/models/vitals/anomaly", json={"records": [records[0], empty], "explain": "all"})
             assert bad.status_code == 400 and bad.json()["error"].startswith("records[1]: no features"), bad.text

@@ -115,7 +115,8 @@ def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarr
             raise BadRequest(f"{field}[{r}]: unknown feature(s) {sorted(unknown)}; expected {names}")
         missing = [n for n in names if n not in rec or rec[n] is None]
         if missing:
-            raise BadRequest(f"{field}[{r}]: missing feature(s) {missing}")
+            raise BadRequest(f"{field}[{r}]: missing feature(s) {missing}; scoring takes complete records (the anomaly "
+                             "route takes records with absent features and scores their marginal likelihood)")
         for n, v in rec.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise BadRequest(f"{field}[{r}].{n}: expected a number, got {type(v).__name__}")
