@@ -74,8 +74,8 @@ def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
     """Features (records) or channels (waveforms) of one row outside the data spec's ranges."""
     if not spec.ranges:
         return []
-    lo, hi = np.asarray(spec.ranges, dtype=np.float64).T
-    per = np.asarray(row, dtype=np.float64).reshape(len(lo), -1)
+    lo, hi = np.asarray(spec.ranges, dtype=np.float32).T  # as the rows were scored (FiO2 0.21 is float32(0.21) in both)
+    per = np.asarray(row, dtype=np.float32).reshape(len(lo), -1)
     names = spec.feature_names or [str(k) for k in range(len(lo))]
     out = []
     for k in range(len(lo)):

@@ -31,3 +31,12 @@ def test_non_finite_rows_are_refused_naming_the_row_and_features(spec: DataSpec,
         assert n in e.value.message
     if not names:
         assert "ranges" not in e.value.message
+
+
+def test_a_value_on_a_range_edge_is_inside_it_after_float32_decoding() -> None:
+    """Rows arrive as float32 (FiO2 0.21 → 0.2099999934), so the ranges are compared in float32 too."""
+    spec = DataSpec(kind="record", shape=(2,), feature_names=["fio2", "hr"], ranges=[(0.21, 1.0), (30, 200)])
+    x = np.array([[0.21, 80], [0.21, 1e30]], dtype=np.float32)
+    with pytest.raises(OutOfSupport) as e:
+        check_support(spec, x, np.array([-3.0, -np.inf]), "records")
+    assert e.value.message.endswith("outside the schema's ranges: hr = 1e+30 (range 30..200)"), e.value.message
