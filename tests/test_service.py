@@ -217,6 +217,16 @@ def test_tritonclient_binary_and_json(server: Server) -> None:
     res = client.infer("digits", [inp])  # no outputs named: binary_data_output
     np.testing.assert_allclose(res.as_numpy("bits_per_dim"), -np.array(want) / (64 * math.log(2)), rtol=1e-6)
     client.close()
+    # the binary part holds exactly the tensors the header declares: stray bytes are a client bug, not padding
+    raw = rows.tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    with server.client() as c:
+        for extra, status in ((b"", 200), (b"\0\0", 400)):
+            r = c.post("/v2/models/digits/infer", content=head + raw + extra,
+                       headers={"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"})
+            assert r.status_code == status, r.text
+    assert "2 bytes after the JSON header" in r.json()["error"]
 
 
 def test_reload_swaps_in_new_version(repository: Path, tmp_path: Path) -> None:

@@ -252,7 +252,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     head, binary = split_body(body, request.headers.get(HEADER))
     req = parse(InferRequest, parse_json(head))
     tensor = req.inputs[0]
-    arr, _ = decode_tensor(tensor, binary, 0)
+    arr, end = decode_tensor(tensor, binary, 0)
+    if end != len(binary):
+        raise BadRequest(f"body: {len(binary) - end} bytes after the JSON header that no input's binary_data_size accounts for")
     x = check_values(arr.astype(np.float64), spec, f"inputs.{tensor.name}")
     s = await c.score(name, x, (req.parameters or InferParameters()).seed, 1, version, f"inputs.{tensor.name}",
                       request.is_disconnected)
