@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from models.cli import app
@@ -351,3 +353,31 @@ def test_waveform_routes_draw_png_plots(mimic_server: Server) -> None:
         assert many.status_code == 400 and "at most 16" in many.json()["error"]
         rec = c.post("/v1/models/vitals/sample", json={"n": 2}, headers=png)
         assert rec.status_code == 400 and "image or waveform" in rec.json()["error"]
+
+
+VITAL_VALUE = st.one_of(st.none(), st.integers(-5, 20), st.floats(-1e3, 1e3, allow_nan=False),
+                        st.sampled_from([0.21, 7.4, 1e30, -3e38, 1e-30]))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.dictionaries(st.sampled_from(VITAL_NAMES), VITAL_VALUE, max_size=17), min_size=1, max_size=3),
+       st.sampled_from(["all", "anomalies", "none"]), st.sampled_from(["marginal", "median"]),
+       st.sampled_from(["nll", "typicality", "conditional"]), st.integers(1, 20))
+def test_anomaly_route_answers_any_records_with_a_score_or_a_400(mimic_server: Server, records: list, explain: str,
+                                                                   missing: str, statistic: str, top: int) -> None:
+    """Any mix of present, null and absent features, in or out of range: finite results or a 400 that says why."""
+    with mimic_server.client() as c:
+        r = c.post("/v1/models/vitals/anomaly", json={"records": records, "explain": explain, "missing": missing,
+                                                        "statistic": statistic, "top": top})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"].startswith("records"), r.text
+        return
+    res = r.json()["results"]
+    assert len(res) == len(records)
+    for rec, out in zip(records, res):
+        assert np.isfinite(out["nll"]) and 0 < out["p_value"] <= 1
+        sent = {k for k, v in rec.items() if v is not None}
+        assert set(out["absent"]) == set(VITAL_NAMES) - sent
+        for a in out.get("attribution") or []:  # only what was sent is blamed
+            assert set([a["feature"]] if "feature" in a else a["features"]) <= sent
