@@ -83,6 +83,8 @@ class ModelRepository:
             numbered = versions(model_dir)
             if numbered:
                 found[model_dir.name] = numbered[-1]
+        if not found:
+            log.warning("model repository %s holds no model (each is a directory <name>/<version>/, the version a number)", self.root)
         return found
 
     async def _load(self, name: str, path: Path) -> ModelEntry:

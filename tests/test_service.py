@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -348,3 +349,17 @@ def test_api_keys_guard_every_inference_reload_and_upload_route(repository: Path
                     r = c.post(path, content=body, headers={"content-type": ctype, **auth})
                     assert r.status_code == 401 and r.json()["error"], (path, ctype, auth, r.status_code)
         assert c.post("/v1/repository/reload", headers={"authorization": "Bearer k1"}).status_code == 200
+
+
+def test_a_repository_without_models_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A mistyped ``--repository`` serves nothing, so the log says why: missing, or holding no ``<name>/<version>/``."""
+    from service.metrics import Metrics
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    (tmp_path / "empty" / "digits" / "latest").mkdir(parents=True)  # a version must be a number
+    for root, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no model")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.repository"):
+            assert ModelRepository(Settings(repository=root), [], Metrics()).scan() == {}
+        assert any(words in r.getMessage() for r in caplog.records), caplog.text
