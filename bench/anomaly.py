@@ -357,9 +357,9 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
 
     _, _, b_anom, b_obs, b_kinds, _ = measured_only_cases(np.random.default_rng(1))  # missing_data's cases
     b_hyp = np.asarray(b_kinds) == "hypotension"
-    bench = {}
+    mixture_192 = {}
     for view, masks in (("complete", np.ones_like(b_obs[b_hyp])), ("measured only, exact marginal", b_obs[b_hyp])):
-        first = []
+        ahead = []
         for row, seen in zip(b_anom[b_hyp], masks):
             keep = [j for j, col in enumerate(cols) if seen[col]]
             base = gm_marginal_nll(row[None], keep)[0]
@@ -368,8 +368,8 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
                 v = np.repeat(row[None], len(refs), 0)
                 v[:, part] = refs[:, part]
                 drops.append(base - gm_marginal_nll(v, keep).min())
-            first.append(drops[0] > drops[1])
-        bench[view] = 100 * np.mean(first)
+            ahead.append(drops[0] > drops[1])
+        mixture_192[view] = 100 * np.mean(ahead)
 
     model = artifact.load(art).eval()
     cal = record_calibration_of(model, model.manifest.calibration)
@@ -426,7 +426,7 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
     print(f"\nThe missing-data experiment's own {b_hyp.sum()} hypotension cases (the must-show's cases):\n")
     print("| records | mixture: group ahead of heart rate | route: group ahead of heart rate | route: group first of all parts |")
     print("|---|---|---|---|")
-    for view, v in bench.items():
+    for view, v in mixture_192.items():
         label = "complete" if view == "complete" else "measured only (mixture: exact marginal; route: K = 32)"
         print(f"| {label} | {v:.1f}% | {route_192[view][0]:.1f}% | {route_192[view][1]:.1f}% |")
 
