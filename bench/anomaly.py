@@ -322,11 +322,11 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
     bp = [INDEX[k] for k in ("Systolic blood pressure", "Diastolic blood pressure", "Mean blood pressure")]
     hr = [INDEX["Heart Rate"]]
 
-    def best_drop(stat, refs: np.ndarray, part: list[int]) -> np.ndarray:
+    def best_drop(stat, refs: np.ndarray, part: list[int], cases: np.ndarray = hyp) -> np.ndarray:
         """Per case: the statistic minus its minimum over the reference tuples put into ``part``."""
-        base, out = stat(hyp), np.empty(len(hyp))
-        for i in range(len(hyp)):
-            v = np.repeat(hyp[i : i + 1], len(refs), 0)
+        base, out = stat(cases), np.empty(len(cases))
+        for i in range(len(cases)):
+            v = np.repeat(cases[i : i + 1], len(refs), 0)
             v[:, part] = refs[:, part]
             out[i] = stat(v).min()
         return base - out
@@ -362,13 +362,10 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
         ahead = []
         for row, seen in zip(b_anom[b_hyp], masks):
             keep = [j for j, col in enumerate(cols) if seen[col]]
-            base = gm_marginal_nll(row[None], keep)[0]
-            drops = []
-            for part in (bp, hr):
-                v = np.repeat(row[None], len(refs), 0)
-                v[:, part] = refs[:, part]
-                drops.append(base - gm_marginal_nll(v, keep).min())
-            ahead.append(drops[0] > drops[1])
+
+            def marginal(v: np.ndarray, keep: list[int] = keep) -> np.ndarray:
+                return gm_marginal_nll(v, keep)
+            ahead.append(best_drop(marginal, refs, bp, row[None])[0] > best_drop(marginal, refs, hr, row[None])[0])
         mixture_192[view] = 100 * np.mean(ahead)
 
     model = artifact.load(art).eval()
