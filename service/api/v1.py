@@ -19,9 +19,10 @@ from ..core import Bound
 from ..errors import BadRequest
 from .deps import core, state
 from .inputs import decode_upload, impute_records, instances_to_array, media_type, parse_json, read_body
+from .routing import CodecRoute
 from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, error_responses, json_body, parse
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+router = APIRouter(prefix="/v1", tags=["v1"], route_class=CodecRoute)
 
 
 # --- request bodies -------------------------------------------------------------------------

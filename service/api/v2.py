@@ -22,9 +22,10 @@ from models.manifest import flowserve_version
 from ..errors import BadRequest
 from .deps import core, state
 from .inputs import check_values, parse_json, read_body
+from .routing import CodecRoute
 from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, json_body, parse
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=CodecRoute)
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16), "UINT32": np.dtype(np.uint32),
