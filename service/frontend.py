@@ -376,7 +376,7 @@ class RemoteRepository:
 
 def main() -> None:
     from .app import create_frontend_app
-    from .memory import limit_malloc_arenas
+    from .memory import collect_young_after, limit_malloc_arenas
     from .process import child_logging, die_with_parent, read_child_spec
     from .server import run_uvicorn
 
@@ -384,6 +384,7 @@ def main() -> None:
     die_with_parent(spec.parent)
     child_logging("frontend", spec.index)
     limit_malloc_arenas(spec.settings.malloc_arenas)
+    collect_young_after(spec.settings.gc_threshold)
     sock = reuse_port_socket(spec.settings.host, spec.port, backlog=None)  # listens once it knows the tables
     run_uvicorn(create_frontend_app(spec), spec.settings, sockets=[sock])
 

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     malloc_trim_s: float = Field(10.0, ge=0, description="hand freed heap memory back to the OS this often (glibc malloc_trim); 0 = never")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX) for the server process; 0 = glibc's "
                                "default (8 per core)")
+    gc_threshold: int = Field(20000, ge=0, description="net allocations of container objects between collections of the "
+                              "youngest generation (gc.set_threshold); 0 = CPython's default (700)")
 
     @field_validator("ort_cache_dir", mode="before")
     @classmethod
