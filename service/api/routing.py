@@ -2,8 +2,9 @@
 
 The codecs parse their bodies themselves (:mod:`service.api.inputs`: orjson, then the pydantic request
 models, with errors worded for the client), so what FastAPI's request handler adds to each call
-(dependency solving, its body and response-validation paths) is unused work: about a fifth of a
-1-row score request's time in the ASGI app (``docs/benchmarks.md``). :class:`CodecRoute` keeps
+(dependency solving, its body and response-validation paths) is unused work. With the routes on the
+app's own router (not ``include_router``), a 1-row score request costs the ASGI app 101 µs instead of
+169 on the 2-core machine (``bench/frontend_app.py``, ``docs/benchmarks.md``). :class:`CodecRoute` keeps
 everything FastAPI derives from the endpoint, including ``/openapi.json``, and replaces only that
 handler, with FastAPI's extension point for it (``APIRoute.get_route_handler``). The call is made
 directly when the endpoint takes only ``str`` path and query parameters and the ``Request``, as every
