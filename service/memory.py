@@ -4,7 +4,7 @@ garbage collector that runs less often.
 Under sustained load the RSS of the server crept up by about 1 MiB every 15 s while its live
 Python memory did not grow (tracemalloc): requests allocate on the event loop's thread and free
 on the compute thread and back, and freed chunks stay scattered through glibc's arenas
-(`docs/benchmarks.md`). Both functions are no-ops off glibc.
+(`docs/benchmarks.md`). The malloc functions are no-ops off glibc.
 """
 
 from __future__ import annotations

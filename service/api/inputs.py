@@ -132,11 +132,11 @@ def impute_records(records: list[Any], spec: DataSpec, fill: list[float], field:
     for r, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
-        missing = [n for n in names if rec.get(n) is None]
+        missing = [k for k, n in enumerate(names) if rec.get(n) is None]
         if len(missing) == len(names) and set(rec) <= set(names):  # (unknown names are refused by name below)
             raise BadRequest(f"{field}[{r}]: no features (all absent or null); send at least one of {names}")
-        out.append({**rec, **{n: _level(fill[names.index(n)], names.index(n), spec) for n in missing}})
-        imputed.append(missing)
+        out.append({**rec, **{names[k]: _level(fill[k], k, spec) for k in missing}})
+        imputed.append([names[k] for k in missing])
     return out, imputed
 
 
