@@ -6,8 +6,10 @@ For each bundled model (torch backend, one thread unless ``--threads``), side by
   FLOWSERVE_TRACE_CPU=0`` serves);
 * ``eager, tiles``: eager in tiles of 64 rows (the default before the traced graph);
 * ``traced``: the default: the traced graph, with tiles only where the load check asks for them;
+* ``traced, 1x1 conv``: the same, with channel mixing as oneDNN 1×1 convolutions at every channel
+  count (``models.flows.linear.SUM_MAX_CHANNELS = 0``), as before the multiply-sum for few channels;
 
-rows/s at batch 1, 16, 64 and 256 (the best call within ``--seconds``), the ratio traced ÷ eager-with-tiles, and how many of 40 probe
+rows/s at batch 1, 16, 64 and 256 (the best call within ``--seconds``), the ratios of traced to the others, and how many of 40 probe
 rows change in the last bits with their batch-mates (batches of 2–256, shifted positions).
 Usage: ``python bench/traced.py [--seconds 1] [--threads 1] [--models digits,mimic-vitals]``.
 """
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from butterfly import timed  # noqa: E402  (bench/butterfly.py: seconds per call, best within a budget)
+from models.flows import linear  # noqa: E402
 from service.runners import TorchRunner, check_batch_invariance  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.tasks import dequantization_noise  # noqa: E402
@@ -54,31 +57,35 @@ def main() -> None:
     ap.add_argument("--models", default="digits,digits-flowpp,mimic-vitals,mimic-waveform")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    default_sum_channels = linear.SUM_MAX_CHANNELS
     print(f"torch {torch.__version__}, {args.threads} thread(s); rows/s per batch size; 'differ': of 40 probe rows, how many "
           "change with their batch-mates")
     for name in args.models.split(","):
         path = ROOT / "model_repository" / name / "1"
         variants = {"eager": Settings(trace_cpu=False, batch_invariant=False), "eager, tiles": Settings(trace_cpu=False),
-                    "traced": Settings()}
+                    "traced": Settings(), "traced, 1x1 conv": Settings()}
         rates: dict[str, list[float]] = {}
         print(f"{name}:")
         for label, settings in variants.items():
-            t0 = time.perf_counter()
-            runner = TorchRunner(path, "cpu", settings)
-            check_batch_invariance(runner, settings)
-            load_s = time.perf_counter() - t0
-            m = runner.manifest
-            x = m.data_spec.random_examples(280, seed=3).astype(np.float32)
-            noise = dequantization_noise(m, 280, 3)
-            rates[label] = [b / timed(lambda b=b: runner.log_prob(x[:b], None if noise is None else noise[:b]), args.seconds)
-                            for b in BATCHES]
+            linear.SUM_MAX_CHANNELS = 0 if label == "traced, 1x1 conv" else default_sum_channels
+            try:
+                t0 = time.perf_counter()
+                runner = TorchRunner(path, "cpu", settings)
+                check_batch_invariance(runner, settings)
+                load_s = time.perf_counter() - t0
+                m = runner.manifest
+                x = m.data_spec.random_examples(280, seed=3).astype(np.float32)
+                noise = dequantization_noise(m, 280, 3)
+                rates[label] = [b / timed(lambda b=b: runner.log_prob(x[:b], None if noise is None else noise[:b]), args.seconds)
+                                for b in BATCHES]
+                differ = rows_differing(runner, x, noise)
+            finally:
+                linear.SUM_MAX_CHANNELS = default_sum_channels
             cells = "  ".join(f"b{b} {r:8.0f}" for b, r in zip(BATCHES, rates[label]))
-            print(f"  {label:13s} {cells}  differ {rows_differing(runner, x, noise):2d}/40  load {load_s:4.1f} s  "
-                  f"({runner.execution['score']})", flush=True)
-        ratio = "  ".join(f"b{b} {t / e:5.2f}x" for b, t, e in zip(BATCHES, rates["traced"], rates["eager, tiles"]))
-        print(f"  traced / eager, tiles: {ratio}")
-        ratio = "  ".join(f"b{b} {t / e:5.2f}x" for b, t, e in zip(BATCHES, rates["traced"], rates["eager"]))
-        print(f"  traced / eager:        {ratio}")
+            print(f"  {label:16s} {cells}  differ {differ:2d}/40  load {load_s:4.1f} s  ({runner.execution['score']})", flush=True)
+        for other in ("eager, tiles", "eager", "traced, 1x1 conv"):
+            ratio = "  ".join(f"b{b} {t / e:5.2f}x" for b, t, e in zip(BATCHES, rates["traced"], rates[other]))
+            print(f"  traced / {other + ':':17s} {ratio}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ equals ``log|det J|`` from autograd; the inverse's log-det is its negative.
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from models import flows as F
+from models.flows import linear
 from models.nets import FlowppConditioner
 
 Factory = Callable[[], tuple[nn.Module, tuple[int, ...]]]
@@ -163,3 +166,42 @@ def test_data_init_is_an_explicit_pass() -> None:
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
     assert not layer._forward_pre_hooks  # nothing left behind
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (8, 2, 2), (3, 16), (12, 3, 3)])
+def test_channel_mixing_is_the_1x1_convolution(shape: tuple[int, ...]) -> None:
+    """On the CPU up to ``SUM_MAX_CHANNELS`` channels mix by multiply-sum, more by convolution: both
+    are ``z = W x`` at every position; the multiply-sum's rows are bit-for-bit independent of their
+    batch-mates (eager CPU convolutions are not: their algorithm depends on the batch size)."""
+    layer = _with_random_params(F.InvConv1x1LU(shape[0])).eval()
+    x = torch.randn(67, *shape)
+    w = layer.weight_matrix().detach()
+    conv = torch.nn.functional.conv1d if len(shape) == 2 else torch.nn.functional.conv2d
+    with torch.no_grad():
+        z, _ = layer(x)
+        torch.testing.assert_close(z, conv(x, w.view(*w.shape, *(1,) * (len(shape) - 1))), rtol=1e-5, atol=1e-5)
+        if shape[0] <= linear.SUM_MAX_CHANNELS:
+            assert torch.equal(torch.cat([layer(x[i : i + 1])[0] for i in range(len(x))]), z)
+
+
+def test_channel_mixing_exports_as_onnx_conv() -> None:
+    """ONNX export keeps the 1×1 ``Conv`` node at any channel count (the multiply-sum is a CPU-eager choice)."""
+    onnx = pytest.importorskip("onnx")
+    layer = _with_random_params(F.InvConv1x1LU(4)).eval()
+    layer.freeze()  # plain matrices, as models.export exports them
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as models.export: the channel count is a constant
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy TorchScript exporter, as models.export uses
+        torch.onnx.export(_FirstOutput(layer), (torch.randn(2, 4, 3, 3),), buf, dynamo=False)
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert "Conv" in ops and "ReduceSum" not in ops, ops
+
+
+class _FirstOutput(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]

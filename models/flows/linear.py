@@ -13,10 +13,25 @@ from torch import Tensor, nn
 from .base import Bijector
 
 
+SUM_MAX_CHANNELS = 8
+"""Up to this many channels, :func:`_apply` mixes a CPU sequence or image by multiply-sum, not convolution."""
+
+
 def _apply(x: Tensor, w: Tensor) -> Tensor:
-    """``W`` applied over dim 1 of ``(B, C)``, ``(B, C, T)`` or ``(B, C, H, W)``."""
+    """``W`` applied over dim 1 of ``(B, C)``, ``(B, C, T)`` or ``(B, C, H, W)``.
+
+    On the CPU, a sequence or image of at most :data:`SUM_MAX_CHANNELS` channels is mixed as
+    ``z[:, o] = Σ_c W[o, c] · x[:, c]``: one broadcast multiply and one sum over ``c``. A 1×1
+    convolution that small costs oneDNN's fixed ~60 µs a call, plus two layout reorders in a traced
+    graph, many times its arithmetic: most of a one-row forward for the bundled digits Glow, which
+    scores 1.38× as many rows a second at batch 1 this way (``bench/traced.py``). Each row's sums
+    are its own, so results stay independent of batch-mates. Not in ONNX export (the exported graph
+    keeps its Conv), not on other devices.
+    """
     if x.dim() == 2:
         return x @ w.T
+    if x.shape[1] <= SUM_MAX_CHANNELS and x.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
+        return (x.unsqueeze(1) * w.view(*w.shape, *(1,) * (x.dim() - 2))).sum(2)
     if x.dim() == 3:
         return F.conv1d(x, w.view(*w.shape, 1))
     return F.conv2d(x, w.view(*w.shape, 1, 1))
