@@ -21,17 +21,20 @@ def _apply(x: Tensor, w: Tensor) -> Tensor:
     """``W`` applied over dim 1 of ``(B, C)``, ``(B, C, T)`` or ``(B, C, H, W)``.
 
     On the CPU, a sequence or image of at most :data:`SUM_MAX_CHANNELS` channels is mixed as
-    ``z[:, o] = Σ_c W[o, c] · x[:, c]``: one broadcast multiply and one sum over ``c``. A 1×1
-    convolution that small costs oneDNN's fixed ~60 µs a call, plus two layout reorders in a traced
-    graph, many times its arithmetic: most of a one-row forward for the bundled digits Glow, which
-    scores 1.38× as many rows a second at batch 1 this way (``bench/traced.py``). Each row's sums
-    are its own, so results stay independent of batch-mates. Not in ONNX export (the exported graph
-    keeps its Conv), not on other devices.
+    ``z[:, o] = Σ_c W[o, c] · x[:, c]``, summed in channel order by elementwise multiplies and adds.
+    A 1×1 convolution that small costs oneDNN's fixed ~60 µs a call, plus two layout reorders in a
+    traced graph, many times its arithmetic: most of a one-row forward for the bundled digits Glow
+    (``bench/traced.py``). Each row's sums are its own, so results stay independent of batch-mates.
+    Not in ONNX export (the exported graph keeps its Conv), not on other devices.
     """
     if x.dim() == 2:
         return x @ w.T
     if x.shape[1] <= SUM_MAX_CHANNELS and x.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
-        return (x.unsqueeze(1) * w.view(*w.shape, *(1,) * (x.dim() - 2))).sum(2)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        z = x[:, :1] * w[:, 0].view(shape)
+        for c in range(1, x.shape[1]):
+            z = z + x[:, c : c + 1] * w[:, c].view(shape)
+        return z
     if x.dim() == 3:
         return F.conv1d(x, w.view(*w.shape, 1))
     return F.conv2d(x, w.view(*w.shape, 1, 1))
