@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .errors import ServiceError
-from .memory import collect_young_after, limit_malloc_arenas, trim_malloc_every
+from .memory import apply_heap_settings, trim_malloc_every
 from .metrics import Metrics
 from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
 from .transport import Arena, Channel
@@ -238,8 +238,7 @@ def main() -> None:
     spec = read_child_spec()
     die_with_parent(spec.parent)
     child_logging("executor", spec.index)
-    limit_malloc_arenas(spec.settings.malloc_arenas)
-    collect_young_after(spec.settings.gc_threshold)
+    apply_heap_settings(spec.settings)
     try:
         from uvloop import run
     except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop

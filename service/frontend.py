@@ -376,15 +376,14 @@ class RemoteRepository:
 
 def main() -> None:
     from .app import create_frontend_app
-    from .memory import collect_young_after, limit_malloc_arenas
+    from .memory import apply_heap_settings
     from .process import child_logging, die_with_parent, read_child_spec
     from .server import run_uvicorn
 
     spec = read_child_spec()
     die_with_parent(spec.parent)
     child_logging("frontend", spec.index)
-    limit_malloc_arenas(spec.settings.malloc_arenas)
-    collect_young_after(spec.settings.gc_threshold)
+    apply_heap_settings(spec.settings)
     sock = reuse_port_socket(spec.settings.host, spec.port, backlog=None)  # listens once it knows the tables
     run_uvicorn(create_frontend_app(spec), spec.settings, sockets=[sock])
 

@@ -14,6 +14,8 @@ import gc
 
 from models.libc import libc
 
+from .settings import Settings
+
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
@@ -62,3 +64,12 @@ def collect_young_after(allocations: int) -> None:
     if allocations > 0:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(allocations, older, oldest)
+
+
+def apply_heap_settings(settings: Settings) -> bool:
+    """A server process's heap settings, at its start: the malloc arena cap
+    (:func:`limit_malloc_arenas`) and the collector's threshold (:func:`collect_young_after`).
+    Returns whether the arena cap was set."""
+    capped = limit_malloc_arenas(settings.malloc_arenas)
+    collect_young_after(settings.gc_threshold)
+    return capped

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .memory import collect_young_after, limit_malloc_arenas
+from .memory import apply_heap_settings
 from .metrics import MULTIPROC_DIR
 from .process import CHILD_ENV, ChildSpec, available_cores, default_http_workers, reuse_port_socket
 from .settings import Settings
@@ -117,9 +117,8 @@ def serve(settings: Settings) -> None:
     if settings.http_workers == 0:
         from .app import create_app
 
-        if limit_malloc_arenas(settings.malloc_arenas):
+        if apply_heap_settings(settings):
             log.info("malloc arenas capped at %d", settings.malloc_arenas)
-        collect_young_after(settings.gc_threshold)
         run_uvicorn(create_app(settings), settings)
         return
     Supervisor(settings).run()

@@ -24,8 +24,9 @@ def _apply(x: Tensor, w: Tensor) -> Tensor:
     ``z[:, o] = Σ_c W[o, c] · x[:, c]``, summed in channel order by elementwise multiplies and adds.
     A 1×1 convolution that small costs oneDNN's fixed cost per call (tens of µs), plus two layout
     reorders in a traced graph, many times its arithmetic: the bundled digits Glow scores 1.31× as
-    many rows a second at one row this way, 1.04× at 256 (``bench/traced.py``). Each row's sums are its own, so results stay independent of batch-mates.
-    Not in ONNX export (the exported graph keeps its Conv), not on other devices.
+    many rows a second at one row this way, 1.04× at 256 (``bench/traced.py``). Each row's sums
+    are its own, so results stay independent of batch-mates. Not in ONNX export (the exported
+    graph keeps its Conv), not on other devices.
     """
     if x.dim() == 2:
         return x @ w.T
