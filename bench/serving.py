@@ -11,9 +11,14 @@ generator, and stopped before the next starts):
   its process group;
 
 then the same runner called in-process at the batch size the service formed, and at batch 1.
-Prints a table, the CPU the server's processes used, and the ratios. Usage:
-``python bench/serving.py [--seconds 5] [--levels 1,16,64,256] [--rows 1] [--protocol v1|v2]
-[--backend auto|torch|onnxruntime] [--http-workers 0,auto] [--baseline-ref REF] [--no-peer]``.
+
+With ``--rounds N`` the whole sequence of servers runs N times, in reverse order every other
+round, so that a slow phase of a shared machine falls on different servers in different rounds.
+Each figure is then the median over the rounds, and the goals are judged per round and on the
+medians. Prints a table, the CPU the server's processes used, and the ratios. Usage:
+``python bench/serving.py [--seconds 5] [--rounds 1] [--levels 1,16,64,256] [--rows 1]
+[--protocol v1|v2] [--backend auto|torch|onnxruntime] [--http-workers 0,auto] [--baseline-ref REF]
+[--no-peer]``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -98,8 +104,24 @@ def baseline_tree(ref: str | None, path: Path) -> Iterator[Path | None]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
 
 
+PEER = "LitServe"
+
+
 def flowserve_cmd(port: int) -> list[str]:
     return [sys.executable, "-m", "models.cli", "serve", "--port", str(port)]
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server the benchmark starts, sweeps and stops: ``cmd(port)`` runs it; ``env`` adds to the environment."""
+
+    label: str
+    cmd: Callable[[int], list[str]]
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    ready: str = "/v2/health/ready"
+    score_path: str | None = None  # None: the protocol's own scoring route
+    title: str | None = None
 
 
 async def load_level(url: str, path: str, concurrency: int, seconds: float, rows: int, data: np.ndarray, protocol: str) -> dict:
@@ -182,6 +204,17 @@ def sweep(url: str, pid: int, path: str, levels: list[int], seconds: float, rows
     return out
 
 
+def median_over_rounds(rounds: list[dict[int, dict]]) -> dict[int, dict]:
+    """Per level and measure, the median over rounds (each round: ``{level: {measure: value}}``)."""
+    return {c: {m: float(np.median([r[c][m] for r in rounds])) for m in rounds[0][c]} for c in rounds[0]}
+
+
+def peer_goals(ours: dict[int, dict], peer: dict[int, dict]) -> tuple[bool, bool]:
+    """(throughput ≥ 2x the peer's at every c ≥ 64, p99 ≤ the peer's at every c)."""
+    return (all(ours[c]["rows_per_s"] >= 2 * peer[c]["rows_per_s"] for c in ours if c >= 64),
+            all(ours[c]["p99"] <= peer[c]["p99"] for c in ours))
+
+
 def in_process(batch: int, seconds: float, data: np.ndarray, backend: str, threads: int) -> dict:
     """Rows/s and latency of the service's own runner called directly at ``batch`` rows (same backend and threads)."""
     import torch
@@ -211,6 +244,8 @@ def in_process(batch: int, seconds: float, data: np.ndarray, backend: str, threa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times, alternating the order; report medians")
     ap.add_argument("--rows", type=int, default=1, help="rows per request")
     ap.add_argument("--levels", default="1,16,64,256")
     ap.add_argument("--protocol", default="v1", choices=["v1", "v2"], help="v1 JSON, or V2 with binary tensors")
@@ -230,32 +265,37 @@ def main() -> None:
     cores = available_cores()
     threads = max(1, cores - default_http_workers(1, cores)) if cores > 1 else 1  # the CPU executor's default
     base_env = {"FLOWSERVE_BACKEND": args.backend, "FLOWSERVE_DEVICES": "cpu", "FLOWSERVE_REPOSITORY": str(REPO)}
-    results: dict[str, dict[int, dict]] = {}
+    per_round: dict[str, list[dict[int, dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp, baseline_tree(args.baseline_ref, Path(tmp) / "baseline") as tree:
         logs = Path(tmp)
-        runs: list[tuple[str, dict[str, str], Path | None]] = []
+        servers: list[Server] = []
         if tree is not None:
-            runs.append((f"flowserve @ {args.baseline_ref}", {}, tree))
+            servers.append(Server(f"flowserve @ {args.baseline_ref}", flowserve_cmd, {**base_env}, tree))
         for w in args.http_workers.split(","):
-            runs.append((f"flowserve http_workers={w}", {} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w}, None))
+            servers.append(Server(f"flowserve http_workers={w}", flowserve_cmd,
+                                  {**base_env, **({} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w})}))
         if args.variant_runs:
-            runs.append(("flowserve batch_invariant=0", {"FLOWSERVE_BATCH_INVARIANT": "0"}, None))
+            servers.append(Server("flowserve batch_invariant=0", flowserve_cmd, {**base_env, "FLOWSERVE_BATCH_INVARIANT": "0"}))
             if args.backend == "torch":
-                runs.append(("flowserve trace_cpu=0", {"FLOWSERVE_TRACE_CPU": "0"}, None))
+                servers.append(Server("flowserve trace_cpu=0", flowserve_cmd, {**base_env, "FLOWSERVE_TRACE_CPU": "0"}))
         if not args.no_unbatched:
-            runs.append(("flowserve max_batch_size=1", {"FLOWSERVE_MAX_BATCH_SIZE": "1"}, None))
-        for label, env, cwd in runs:
-            print(f"{label}, {args.rows} row(s) per request, {args.protocol}:", flush=True)
-            port = free_port()
-            with running(flowserve_cmd(port), "/v2/health/ready", port, {**base_env, **env}, cwd, logs / f"{len(results)}.log") as (url, pid):
-                results[label] = sweep(url, pid, path, levels, args.seconds, args.rows, data, args.protocol)
-        peer = None
+            servers.append(Server("flowserve max_batch_size=1", flowserve_cmd, {**base_env, "FLOWSERVE_MAX_BATCH_SIZE": "1"}))
         if not args.no_peer and args.protocol == "v1":
-            print(f"LitServe peer (max_batch_size 256, {threads} torch thread(s)), {args.rows} row(s) per request:", flush=True)
-            port = free_port()
-            cmd = [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(REPO / MODEL / "1"), str(port), "256", args.backend, str(threads)]
-            with running(cmd, "/health", port, log=logs / "litserve.log") as (url, pid):
-                peer = results["LitServe"] = sweep(url, pid, "/predict", levels, args.seconds, args.rows, data, args.protocol)
+            def peer_cmd(port: int) -> list[str]:
+                return [sys.executable, str(ROOT / "bench" / "litserve_peer.py"), str(REPO / MODEL / "1"), str(port), "256",
+                        args.backend, str(threads)]
+            servers.append(Server(PEER, peer_cmd, None, None, "/health", "/predict",
+                                  f"LitServe peer (max_batch_size 256, {threads} torch thread(s))"))
+        for r in range(args.rounds):
+            for i, server in enumerate(servers if r % 2 == 0 else servers[::-1]):
+                print(f"{server.title or server.label}, {args.rows} row(s) per request, {args.protocol}"
+                      + (f", round {r + 1}/{args.rounds}" if args.rounds > 1 else "") + ":", flush=True)
+                port = free_port()
+                with running(server.cmd(port), server.ready, port, server.env, server.cwd, logs / f"{r}.{i}.log") as (url, pid):
+                    swept = sweep(url, pid, server.score_path or path, levels, args.seconds, args.rows, data, args.protocol)
+                per_round.setdefault(server.label, []).append(swept)
+    results = {label: median_over_rounds(rounds) for label, rounds in per_round.items()}
+    peer = results.get(PEER)
 
     main_label = next(label for label in results if label.endswith("http_workers=auto"))
     ours = results[main_label]
@@ -278,9 +318,16 @@ def main() -> None:
                  for c in levels]
         print(f"  {main_label} vs {label}: " + "; ".join(cells))
     if peer is not None:
-        print(f"\ngoals vs the peer: throughput ≥ 2x at c ≥ 64: "
-              f"{all(ours[c]['rows_per_s'] >= 2 * peer[c]['rows_per_s'] for c in levels if c >= 64)}; "
-              f"p99 ≤ the peer's at every c: {all(ours[c]['p99'] <= peer[c]['p99'] for c in levels)}")
+        print()
+        if args.rounds > 1:
+            for r, (mine, theirs) in enumerate(zip(per_round[main_label], per_round[PEER])):
+                cells = [f"c={c}: {mine[c]['rows_per_s'] / max(theirs[c]['rows_per_s'], 1e-9):.2f}x, "
+                         f"p99 {mine[c]['p99'] / theirs[c]['p99']:.2f}" for c in levels]
+                through, p99 = peer_goals(mine, theirs)
+                print(f"round {r + 1} vs the peer: " + "; ".join(cells) + f"  (≥ 2x at c ≥ 64: {through}; p99 ≤ at every c: {p99})")
+        through, p99 = peer_goals(ours, peer)
+        print(f"goals vs the peer{' (medians over rounds)' if args.rounds > 1 else ''}: throughput ≥ 2x at c ≥ 64: {through}; "
+              f"p99 ≤ the peer's at every c: {p99}")
     print("\n" + json.dumps({k: {c: {m: round(v, 2) for m, v in r.items()} for c, r in res.items()} for k, res in results.items()}))
 
 
