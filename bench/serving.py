@@ -215,6 +215,12 @@ def peer_goals(ours: dict[int, dict], peer: dict[int, dict]) -> tuple[bool, bool
             all(ours[c]["p99"] <= peer[c]["p99"] for c in ours))
 
 
+def ratio_cells(ours: dict[int, dict], other: dict[int, dict]) -> str:
+    """``c=1: 1.69x, p99 0.59; ...``: our throughput and p99 as ratios to ``other``'s, per level."""
+    return "; ".join(f"c={c}: {ours[c]['rows_per_s'] / max(other[c]['rows_per_s'], 1e-9):.2f}x, p99 {ours[c]['p99'] / other[c]['p99']:.2f}"
+                     for c in ours)
+
+
 def in_process(batch: int, seconds: float, data: np.ndarray, backend: str, threads: int) -> dict:
     """Rows/s and latency of the service's own runner called directly at ``batch`` rows (same backend and threads)."""
     import torch
@@ -310,23 +316,19 @@ def main() -> None:
           f"{inproc_1['rows_per_s']:.0f} rows/s, p50 {inproc_1['p50_ms']:.2f} ms")
     print(f"service ({main_label}) / in-process at its mean batch ({mean_batch:.1f}) at saturation (c={sat}): "
           f"{ours[sat]['rows_per_s'] / inproc['rows_per_s']:.2f}")
-    print("\nratios per concurrency (throughput; p99 as ours/theirs, ≤ 1 is better):")
-    for label, other in results.items():
+    print("\nratios per concurrency (throughput; p99 as ours/theirs, ≤ 1 is better)"
+          + (f", medians over {args.rounds} rounds, then each round" if args.rounds > 1 else "") + ":")
+    for label in results:
         if label == main_label:
             continue
-        cells = [f"c={c}: {ours[c]['rows_per_s'] / max(other[c]['rows_per_s'], 1e-9):.2f}x, p99 {ours[c]['p99'] / other[c]['p99']:.2f}"
-                 for c in levels]
-        print(f"  {main_label} vs {label}: " + "; ".join(cells))
-    if peer is not None:
-        print()
+        print(f"  {main_label} vs {label}: {ratio_cells(ours, results[label])}")
         if args.rounds > 1:
-            for r, (mine, theirs) in enumerate(zip(per_round[main_label], per_round[PEER])):
-                cells = [f"c={c}: {mine[c]['rows_per_s'] / max(theirs[c]['rows_per_s'], 1e-9):.2f}x, "
-                         f"p99 {mine[c]['p99'] / theirs[c]['p99']:.2f}" for c in levels]
-                through, p99 = peer_goals(mine, theirs)
-                print(f"round {r + 1} vs the peer: " + "; ".join(cells) + f"  (≥ 2x at c ≥ 64: {through}; p99 ≤ at every c: {p99})")
+            for r, (mine, theirs) in enumerate(zip(per_round[main_label], per_round[label])):
+                verdict = "  (≥ 2x at c ≥ 64: {}; p99 ≤ at every c: {})".format(*peer_goals(mine, theirs)) if label == PEER else ""
+                print(f"    round {r + 1}: {ratio_cells(mine, theirs)}{verdict}")
+    if peer is not None:
         through, p99 = peer_goals(ours, peer)
-        print(f"goals vs the peer{' (medians over rounds)' if args.rounds > 1 else ''}: throughput ≥ 2x at c ≥ 64: {through}; "
+        print(f"\ngoals vs the peer{' (medians over rounds)' if args.rounds > 1 else ''}: throughput ≥ 2x at c ≥ 64: {through}; "
               f"p99 ≤ the peer's at every c: {p99}")
     print("\n" + json.dumps({k: {c: {m: round(v, 2) for m, v in r.items()} for c, r in res.items()} for k, res in results.items()}))
 
