@@ -316,8 +316,9 @@ def main() -> None:
           f"{inproc_1['rows_per_s']:.0f} rows/s, p50 {inproc_1['p50_ms']:.2f} ms")
     print(f"service ({main_label}) / in-process at its mean batch ({mean_batch:.1f}) at saturation (c={sat}): "
           f"{ours[sat]['rows_per_s'] / inproc['rows_per_s']:.2f}")
-    print("\nratios per concurrency (throughput; p99 as ours/theirs, ≤ 1 is better)"
-          + (f", medians over {args.rounds} rounds, then each round" if args.rounds > 1 else "") + ":")
+    if len(results) > 1:
+        print("\nratios per concurrency (throughput; p99 as ours/theirs, ≤ 1 is better)"
+              + (f", medians over {args.rounds} rounds, then each round" if args.rounds > 1 else "") + ":")
     for label in results:
         if label == main_label:
             continue
