@@ -263,6 +263,8 @@ def main() -> None:
     ap.add_argument("--variant-runs", action="store_true", help="also run the default layout with FLOWSERVE_BATCH_INVARIANT=0 "
                     "(and, with --backend torch, FLOWSERVE_TRACE_CPU=0: eager)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     levels = [int(v) for v in args.levels.split(",")]
     data = load_dataset(MODEL).split("test")
     path = f"/v2/models/{MODEL}/infer" if args.protocol == "v2" else f"/v1/models/{MODEL}/score"
@@ -276,7 +278,7 @@ def main() -> None:
         logs = Path(tmp)
         servers: list[Server] = []
         if tree is not None:
-            servers.append(Server(f"flowserve @ {args.baseline_ref}", flowserve_cmd, {**base_env}, tree))
+            servers.append(Server(f"flowserve @ {args.baseline_ref}", flowserve_cmd, base_env, tree))
         for w in args.http_workers.split(","):
             servers.append(Server(f"flowserve http_workers={w}", flowserve_cmd,
                                   {**base_env, **({} if w == "auto" else {"FLOWSERVE_HTTP_WORKERS": w})}))
