@@ -36,7 +36,11 @@ class DensityModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the model's tensors are: its parameters', else its buffers' (a flow of fixed layers), else the CPU."""
+        tensor = next(self.parameters(), None)
+        if tensor is None:
+            tensor = next(self.buffers(), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
     def noise(self, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> Tensor | None:
         """Dequantization noise for ``n`` examples (``None`` for continuous data).

@@ -4,6 +4,7 @@ from .butterfly import Butterfly, ButterflyFactor, max_levels
 from .base import Bijector, Flatten, Sequential, data_init, standard_normal_log_prob, sum_except_batch
 from .coupling import AffineCoupling, RealNVPCoupling, checkerboard
 from .linear import InvConv1x1, InvConv1x1LU, Pointwise
+from .marginal import Permutation, YeoJohnson
 from .mixture import InverseOptions, MixtureCDFCoupling, mixture_inverse_cdf, mixture_log_cdf, mixture_log_pdf, mixture_logit_cdf
 from .multiscale import GaussianSplit, MultiScale
 from .normalization import ActNorm, GaussianWhitening, PositionNorm
@@ -27,6 +28,7 @@ __all__ = [
     "Logit",
     "MixtureCDFCoupling",
     "MultiScale",
+    "Permutation",
     "Pointwise",
     "PositionNorm",
     "RealNVPCoupling",
@@ -35,6 +37,7 @@ __all__ = [
     "Squeeze",
     "Squeeze1d",
     "SwapHalves",
+    "YeoJohnson",
     "checkerboard",
     "max_levels",
     "mixture_inverse_cdf",

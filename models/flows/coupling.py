@@ -3,6 +3,10 @@
 With ``x = (x_a, x_b)`` split by a mask, a network reads ``x_a`` and gives ``shift`` and a
 raw scale; ``z_b = (x_b + shift) · s`` with Glow's ``s = sigmoid(raw + 2)``, ``z_a = x_a``.
 ``logdet = Σ_b log s`` per sample.
+
+With ``soft_clamp = c`` the scale is ``s = exp(c · tanh(raw / c))`` instead: ``|log s| < c``,
+and a network whose last layer starts at zero (:class:`models.nets.MLP`) starts the coupling
+at the identity, so a flow whose earlier layers form a Gaussian starts as that Gaussian.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ class AffineCoupling(Bijector):
         mask: Literal["channel", "checkerboard"] = "channel",
         parity: int = 0,
         depth: int = 2,
+        soft_clamp: float | None = None,
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
+        self.soft_clamp = soft_clamp
         self.mask_kind = mask
         self.parity = parity
         channels = shape[0]
@@ -73,6 +79,8 @@ class AffineCoupling(Bijector):
     def _params(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         h = conditioned(self.net, cond)
         shift, raw = h[:, 0::2], h[:, 1::2]
+        if self.soft_clamp is not None:
+            return shift, self.soft_clamp * torch.tanh(raw / self.soft_clamp)
         log_s = F.logsigmoid(raw + 2.0)
         return shift, log_s
 
