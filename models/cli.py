@@ -42,23 +42,30 @@ def _logging(verbose: bool) -> None:
 @app.command()
 @user_errors
 def train(
-    config: Path = typer.Argument(..., help="YAML training config (see configs/)"),
-    out: Path = typer.Option(None, "--out", help="output directory (default runs/<config name>)"),
+    config: Optional[Path] = typer.Argument(None, help="YAML training config (see configs/); or --preset"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a config that ships with flowserve: tabular"),
+    data: Optional[str] = typer.Option(None, "--data", help="data spec, e.g. csv:records.csv (overrides the config's)"),
+    out: Path = typer.Option(None, "--out", help="output directory (default runs/<config or preset name>)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N steps"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides the config)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train a flow; writes OUT/artifact, OUT/metrics.jsonl and OUT/samples.png."""
+    """Train a flow; writes OUT/artifact, OUT/metrics.jsonl and OUT/samples.png (images)."""
+    from . import presets
+    from .errors import ConfigError
     from .train import load_config, train as run
 
     _logging(verbose)
-    cfg = load_config(config)
-    updates = {k: v for k, v in {"device": device, "seed": seed}.items() if v is not None}
+    if (config is None) == (preset is None):
+        raise ConfigError("give a config file or --preset NAME (one of them)")
+    path = config if config is not None else presets.path(preset)
+    cfg = load_config(path)
+    updates = {k: v for k, v in {"device": device, "seed": seed, "data": data}.items() if v is not None}
     if updates:
         cfg = cfg.model_validate({**cfg.model_dump(), **updates})
-    out = out or Path("runs") / config.stem
+    out = out or Path("runs") / path.stem
     metrics = run(cfg, out, max_steps=max_steps, resume=resume, progress=sys.stderr.isatty())
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"artifact: {out / 'artifact'}")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from . import artifact
-from .architectures import ArchitectureConfig, build
+from .architectures import ArchitectureConfig, build, sized_for
 from .anomaly import FEW_CALIBRATION
 from .data import Dataset, load_dataset
 from .density import DensityModel
@@ -46,6 +46,8 @@ class OptimConfig(BaseModel):
     ema: float = Field(0.999, ge=0, lt=1, description="Polyak/EMA decay for evaluation and export")
     init_batch: int = Field(256, ge=1, description="examples for data-dependent initialisation")
     eval_every: int = Field(250, ge=1)
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better validation "
+                                 "likelihood (default: never stop early)")
     eval_batch: int = Field(512, ge=1)
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
     micro_batch: int | None = Field(None, ge=1, description="rows per forward/backward pass; gradients accumulate to "
@@ -113,13 +115,7 @@ def calibration_split(data: Dataset, cfg: CalibrationConfig, seed: int = 0) -> D
     total = len(train) + len(val)
     want = max(math.ceil(cfg.fraction * total) if cfg.fraction else len(val), min(cfg.min_records, total // 2))
     if want != len(val) and not data.grouped:
-        order = np.random.default_rng(seed).permutation(total)
-        pool = np.concatenate([train, val])[order]
-        known = None
-        if data.known:
-            k = np.concatenate([data.known["train"], data.known["val"]])[order]
-            known = {**data.known, "val": k[:want], "train": k[want:]}
-        data = Dataset(data.spec, {**data.splits, "val": pool[:want], "train": pool[want:]}, known)
+        data = data.with_held_out(want, seed)
         log.info("calibration: %d of %d records held out (fraction %s, min_records %d)", want, total, cfg.fraction, cfg.min_records)
     n = len(data.split("val"))
     if n < FEW_CALIBRATION:
@@ -255,7 +251,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         raise ConfigError(f"anomaly_statistic: 'conditional' is for record data, not {data.spec.kind} ({cfg.data})")
     data = calibration_split(data, cfg.calibration, cfg.seed)
     train_x = data.split("train")
+    cfg = cfg.model_copy(update={"model": sized_for(cfg.model, len(train_x), data.spec.dims)})
     model = build(cfg.model, data.spec).to(device)
+    initial_model = getattr(cfg.model, "initial_model", None)  # a closed-form model the flow starts as (tabular: its Gaussian)
     oc = cfg.train
     steps = min(oc.steps, max_steps) if max_steps else oc.steps
 
@@ -324,6 +322,13 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
             save_file(best_state, str(out / "best.safetensors"))
         bar.set_postfix_str(f"val {val['bits_per_dim']:.3f} best {best['val_bits_per_dim']:.3f}", refresh=False)
 
+    def stalled(step: int) -> bool:
+        """Whether ``oc.patience`` evaluations have passed since the best one."""
+        return oc.patience is not None and step - best["step"] >= oc.patience * oc.eval_every
+
+    if initial_model is not None and start_step == 0:  # the initial model is a candidate like any evaluated step
+        validate(0)
+        best["initial_val_bits_per_dim"] = best["val_bits_per_dim"]
     for step in bar:
         model.train()
         idx = rng.integers(0, len(train_x), oc.batch_size)
@@ -358,6 +363,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         if out_of_time:
             log.info("wall-clock budget of %.1f min reached at step %d", oc.max_minutes, step + 1)
             break
+        if (step + 1) % oc.eval_every == 0 and stalled(step + 1):
+            log.info("validation likelihood not better for %d evaluations: stopped at step %d", oc.patience, step + 1)
+            break
     bar.close()
 
     final: DensityModel = copy.deepcopy(ema.module)  # type: ignore[arg-type]
@@ -381,6 +389,9 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,
     }
+    if initial_model is not None:  # which of the two the artifact holds, and the initial model's validation bits/dim
+        metrics["selected"] = initial_model if best["step"] == 0 else "flow"
+        metrics["initial_val_bits_per_dim"] = best.get("initial_val_bits_per_dim")
     if data.spec.kind in ("record", "waveform"):
         metrics["calibration_records"] = len(data.split("val"))
     calibration = None
@@ -389,7 +400,8 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
 
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
                                 train=train_x if data.spec.kind == "record" else None,
-                                known=data.known["val"] if data.known else None)
+                                known=data.known["val"] if data.known else None,
+                                measured=data.measured["train"] if data.measured else None)
     artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, out / "samples.png")

@@ -20,6 +20,8 @@ class Dataset:
 
     ``known`` (records with gaps, e.g. MIMIC vitals): per split, which cells hold a measurement
     (or one carried forward) rather than a default for a variable never measured; ``None``: all.
+    ``measured`` (the same data sets): per split, which cells were measured in that record itself, the
+    pattern of features a monitor sends for it; ``None``: all.
     ``grouped``: the splits are by patient (or episode), so records must not move between them.
     """
 
@@ -27,11 +29,29 @@ class Dataset:
     splits: dict[str, np.ndarray]
     known: dict[str, np.ndarray] | None = None
     grouped: bool = False
+    measured: dict[str, np.ndarray] | None = None
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
             raise DataError(f"unknown split {name!r}; choose one of {', '.join(self.splits)}")
         return self.splits[name]
+
+    def with_held_out(self, n: int, seed: int) -> Dataset:
+        """This data set with the training and validation records pooled, shuffled by ``seed``, and the first ``n``
+        made the validation split (the records held out to calibrate anomaly scores), their masks moved with them.
+        The same ``(n, seed)`` on the same data gives the same split: what training held out, recalibration finds."""
+        train, val = self.split("train"), self.split("val")
+        order = np.random.default_rng(seed).permutation(len(train) + len(val))
+        pool = np.concatenate([train, val])[order]
+
+        def moved(masks: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+            if not masks:
+                return masks
+            m = np.concatenate([masks["train"], masks["val"]])[order]
+            return {**masks, "val": m[:n], "train": m[n:]}
+
+        return Dataset(self.spec, {**self.splits, "val": pool[:n], "train": pool[n:]}, moved(self.known), self.grouped,
+                       moved(self.measured))
 
 
 def _image_dataset(spec: str, splits: dict[str, np.ndarray], levels: int = 256) -> Dataset:

@@ -1,6 +1,9 @@
 """Record (tabular) datasets: real-valued vectors ``(N, D)`` with feature names.
 
-``csv:FILE``: a header row of feature names, one record per row, numeric values.
+``csv:FILE``: a header row of feature names, one record per row, numeric values. Columns whose
+values are all whole numbers (counts, scores, rounded readings) are integer-valued features
+(``DataSpec.discrete_features``): models dequantize them, so a density of such a column is the
+probability of its value.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def read_csv_records(path: Path) -> tuple[list[str], np.ndarray]:
     return names, values
 
 
+def integer_columns(values: np.ndarray) -> list[int]:
+    """Indices of the columns of ``values (N, D)`` whose every value is a whole number."""
+    return [int(j) for j in np.flatnonzero((values == np.round(values)).all(axis=0))]
+
+
 def _csv(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset (import cycle)
     from . import Dataset
 
@@ -47,7 +55,8 @@ def _csv(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset (im
     if len(finite) < 3:
         raise DataError(f"{arg}: need at least 3 complete records to train, found {len(finite)}")
     ranges = [(float(lo), float(hi)) for lo, hi in zip(finite.min(0), finite.max(0))]
-    ds = DataSpec(kind="record", shape=(len(names),), feature_names=names, ranges=ranges, source=spec)
+    ds = DataSpec(kind="record", shape=(len(names),), feature_names=names, ranges=ranges,
+                  discrete_features=integer_columns(finite) or None, source=spec)
     return Dataset(ds, split_fixed(finite))
 
 
