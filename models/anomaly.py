@@ -178,12 +178,14 @@ def pattern_records(calibration: dict, pattern: tuple[int, ...]) -> np.ndarray:
 
 
 def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
-              train: np.ndarray | None = None, known: np.ndarray | None = None) -> dict:
+              train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None) -> dict:
     """Score held-out normal records (or windows); returns the calibration stored in the manifest.
 
     ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
     For records, ``train`` (the training records) adds what absent features need
-    (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``).
+    (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``), and
+    ``measured (M, D)``, which cells the training records measured, the calibrations of their most
+    frequent missingness patterns (``patterns``: :func:`models.missing.calibrate_patterns`).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")
@@ -210,6 +212,11 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
         cal["conditional_scores"] = _sorted_sample(nll - design @ beta).tolist()
         if train is not None:
             cal.update(record_calibration(model, normal, train, known))
+            if measured is not None:
+                from .missing import calibrate_patterns, frequent_patterns
+
+                cal["patterns"] = calibrate_patterns(cal, model.spec.discrete_features, frequent_patterns(measured),
+                                                     model_scorer(model, batch_size=8192))
     cal["p_value_resolution"] = 1.0 / (len(s) + 1)
     return cal
 
@@ -223,6 +230,7 @@ class AnomalyScorer:
     """
 
     def __init__(self, calibration: dict) -> None:
+        self.calibration = calibration  # what it was built from (a pattern's travels from the executor to the front-ends)
         self.scores = np.asarray(calibration["scores"], dtype=np.float64)
         self.n = len(self.scores)
         self.mean = float(calibration.get("mean", self.scores.mean()))
@@ -309,6 +317,9 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
     trained_on = manifest.metrics.get("data") or spec.source
     same = data is None or data == trained_on
     ds = load_dataset(trained_on if same else data)
+    held = manifest.metrics.get("calibration_records")
+    if same and held and not ds.grouped and held != len(ds.split("val")):  # the records training held out
+        ds = ds.with_held_out(int(held), int(manifest.metrics.get("eval_seed", 0)))
     if ds.spec.shape != spec.shape or (ds.spec.feature_names and spec.feature_names and ds.spec.feature_names != spec.feature_names):
         raise DataError(f"data {data!r} has features {ds.spec.feature_names or ds.spec.shape}; the model expects "
                         f"{spec.feature_names or spec.shape}")
@@ -318,10 +329,12 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
         names = list(ds.splits)
     normal = np.concatenate([ds.split(n) for n in names])
     known = np.concatenate([ds.known[n] for n in names]) if ds.known else None
-    train = None
+    train = measured = None
     if spec.kind == "record":
         try:
-            train = ds.split("train") if same else load_dataset(trained_on).split("train")
+            source = ds if same else load_dataset(trained_on)
+            train = source.split("train")
+            measured = source.measured["train"] if source.measured else None
         except DataError as e:  # the training data may be gone; the proposal then uses the calibration records
             log.warning("training data %r not loadable (%s); fitting the absent-feature proposal on the calibration records", trained_on, e)
             train = normal
@@ -329,10 +342,10 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
         spec = spec.model_copy(update={"feature_groups": ds.spec.feature_groups, "derived": ds.spec.derived})
         model.spec = spec
     old = manifest.calibration or {}
-    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known)
+    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known, measured=measured)
     cal["split"] = ",".join(names) if same else f"{data} ({','.join(names)})"
     if cal["n"] < FEW_CALIBRATION:
         log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal["n"], cal["n"] + 1)
     artifact.write_manifest(directory, manifest.model_copy(update={"calibration": cal, "data_spec": spec}))
     return {"n": cal["n"], "statistic": cal["statistic"], "split": cal["split"], "p_value_resolution": cal["p_value_resolution"],
-            "patterns_supported": "proposal" in cal}
+            "patterns_supported": "proposal" in cal, "patterns_stored": len(cal.get("patterns", []))}

@@ -45,7 +45,7 @@ import numpy as np
 
 from .anomaly import BIN_MIDPOINT
 
-DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLES = 32  # importance samples K per record; the service's default too (FLOWSERVE_ANOMALY_SAMPLES)
 STUDENT_DF = 5.0
 
 Pattern = tuple[int, ...]  # indices of the observed features, ascending

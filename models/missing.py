@@ -4,9 +4,18 @@ A record with features ``o`` observed (its *pattern*) is scored by ``−log p̂(
 (:mod:`models.marginal`), and its p-value compares that score with the calibration records masked
 to the same pattern and scored by the same estimator with the same draws
 (:func:`models.anomaly.pattern_calibration`). The realised false-positive rate then holds for
-each pattern, not only on average. Calibrations are built on first use and kept in a bounded
-LRU cache (:class:`PatternCalibrations`); building one costs ``n × K`` flow rows
-(``n ≤`` :data:`~models.anomaly.MAX_PATTERN_RECORDS`).
+each pattern, not only on average.
+
+Where calibrations come from:
+
+* **Stored** (warm): training and ``flowserve calibrate`` build the :data:`STORED_PATTERNS` most
+  frequent patterns of what the training records measured (:func:`frequent_patterns`,
+  :func:`calibrate_patterns`) into the manifest (``calibration.patterns``), each from up to
+  :data:`~models.anomaly.MAX_PATTERN_RECORDS` calibration records. A server starts warm for them.
+* **Built on first use** (cold): any other pattern, from at most :data:`COLD_PATTERN_RECORDS`
+  calibration records (evenly spaced over those that know the pattern's features), kept in a
+  bounded LRU cache. Building one costs ``n × K`` flow rows; the cap makes a cold pattern about
+  five times cheaper than the stored ones, at a p-value resolution of ``1/(n + 1)`` (1/201).
 
 Everything here is synchronous numpy: the caller runs the flow (the service through its batcher,
 benchmarks and tests through :func:`models.anomaly.model_scorer`).
@@ -21,10 +30,44 @@ from collections.abc import Callable
 import numpy as np
 
 from .anomaly import AnomalyScorer, pattern_calibration, pattern_records
-from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, plan
+from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, pattern_of, plan
 
 Score = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 CACHE_PATTERNS = 1024
+STORED_PATTERNS = 48  # most frequent missingness patterns calibrated into the artifact
+COLD_PATTERN_RECORDS = 200  # calibration records behind a pattern built on first use (resolution 1/201)
+MIN_PATTERN_RECORDS = 20  # fewer usable calibration records: the pattern cannot be calibrated
+
+
+def frequent_patterns(measured: np.ndarray, top: int = STORED_PATTERNS) -> list[Pattern]:
+    """The ``top`` most frequent patterns of ``measured (N, D)`` (which cells each record measured),
+    most frequent first, leaving out the complete pattern (scored exactly) and the empty one."""
+    from collections import Counter
+
+    measured = np.asarray(measured, dtype=bool)
+    counts = Counter(pattern_of(row) for row in measured)
+    counts.pop(tuple(range(measured.shape[1])), None)
+    counts.pop((), None)
+    return [p for p, _ in counts.most_common(top)]
+
+
+def calibrate_patterns(calibration: dict, discrete: list[int] | None, patterns: list[Pattern], score: Score,
+                       samples: int = DEFAULT_SAMPLES) -> list[dict]:
+    """Pattern calibrations (:func:`~models.anomaly.pattern_calibration` dicts, ``samples`` = K recorded) for
+    ``patterns``, from every usable calibration record; patterns with too few usable records are left out."""
+    pcal = PatternCalibrations(calibration, discrete, samples=samples, cold_records=None)
+    out = []
+    for pattern in patterns:
+        try:
+            plan_, records = pcal.calibration_plan(pattern)
+        except NoPatternCalibration:
+            continue
+        cal = pattern_calibration(calibration, pattern, -plan_.combine(score(plan_.rows, plan_.noise)), records)
+        for key in ("scores", "conditional_scores"):  # µnat resolution keeps the manifest small
+            if key in cal:
+                cal[key] = np.round(cal[key], 6).tolist()
+        out.append({**cal, "samples": samples})
+    return out
 
 
 class NoPatternCalibration(ValueError):
@@ -35,7 +78,8 @@ class PatternCalibrations:
     """Per-pattern scorers for one model's calibration (the manifest's ``calibration`` dict)."""
 
     def __init__(self, calibration: dict, discrete: list[int] | None, samples: int = DEFAULT_SAMPLES,
-                 cache: int = CACHE_PATTERNS, min_records: int = 20) -> None:
+                 cache: int = CACHE_PATTERNS, min_records: int = MIN_PATTERN_RECORDS,
+                 cold_records: int | None = COLD_PATTERN_RECORDS) -> None:
         if "proposal" not in calibration or "records" not in calibration:
             raise ValueError("this model's calibration has no proposal and records for absent features "
                              "(calibrated before they existed); recalibrate it with `flowserve calibrate`")
@@ -43,8 +87,11 @@ class PatternCalibrations:
         self.discrete = discrete
         self.samples = samples
         self.min_records = min_records
+        self.cold_records = cold_records
         self.proposal = Proposal.from_dict(calibration["proposal"])
         self.records = np.asarray(calibration["records"], dtype=np.float32)
+        self.stored: dict[Pattern, AnomalyScorer] = {  # built with the same K: the same estimator as the requests'
+            tuple(int(j) for j in c["pattern"]): AnomalyScorer(c) for c in calibration.get("patterns", []) if c.get("samples") == samples}
         self._cache: OrderedDict[Pattern, AnomalyScorer] = OrderedDict()
         self._size = cache
         self._lock = threading.Lock()
@@ -54,6 +101,9 @@ class PatternCalibrations:
         return plan(x, pattern, self.proposal, self.discrete, self.samples)
 
     def cached(self, pattern: Pattern) -> AnomalyScorer | None:
+        """The pattern's scorer if it is stored in the artifact or was built already, else ``None``."""
+        if pattern in self.stored:
+            return self.stored[pattern]
         with self._lock:
             scorer = self._cache.get(pattern)
             if scorer is not None:
@@ -66,13 +116,19 @@ class PatternCalibrations:
         if len(idx) < self.min_records:
             raise NoPatternCalibration(f"only {len(idx)} calibration records measured all of this record's features "
                                        f"(need {self.min_records})")
+        if self.cold_records is not None and len(idx) > self.cold_records:  # evenly spaced over the usable records
+            idx = idx[np.linspace(0, len(idx) - 1, self.cold_records).round().astype(int)]
         records = self.records[idx]
         return self.plan(records, pattern), records
 
     def build(self, pattern: Pattern, plan_: MarginalPlan, records: np.ndarray, log_p_rows: np.ndarray) -> AnomalyScorer:
         """The pattern's scorer from the flow's log-densities of ``plan_.rows``; cached (LRU)."""
         nll = -plan_.combine(log_p_rows)
-        scorer = AnomalyScorer(pattern_calibration(self.calibration, pattern, nll, records))
+        return self.adopt(pattern, pattern_calibration(self.calibration, pattern, nll, records))
+
+    def adopt(self, pattern: Pattern, calibration: dict) -> AnomalyScorer:
+        """Cache (LRU) and return the scorer of a pattern calibration built here or elsewhere (the service's executor)."""
+        scorer = AnomalyScorer(calibration)
         with self._lock:
             self._cache[pattern] = scorer
             self._cache.move_to_end(pattern)

@@ -76,7 +76,7 @@ def default_cpu_threads(devices: list[str]) -> int:
 def _build(settings: Settings, metrics: Metrics, repository, start, stop) -> FastAPI:  # noqa: ANN001
     """The app around a repository (in-process or remote): routes, errors, middleware, metrics.
     ``start()`` (async) runs in the lifespan before serving, ``stop()`` (async) after."""
-    service = ServiceState(settings, metrics, repository, InferenceCore(settings, repository))
+    service = ServiceState(settings, metrics, repository, InferenceCore(settings, repository, metrics))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202

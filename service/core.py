@@ -34,6 +34,7 @@ from models.spec import DataSpec
 from . import tasks
 from .entry import Gone, ModelEntry
 from .errors import BadRequest, NotFound
+from .metrics import Metrics
 from .settings import Settings
 
 Bound = Literal["exact", "variational", "iw"]
@@ -101,9 +102,10 @@ def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: st
 class InferenceCore:
     """What every protocol calls: one instance per service, over its model repository."""
 
-    def __init__(self, settings: Settings, repository) -> None:  # noqa: ANN001 - in-process or remote (service.api.deps)
+    def __init__(self, settings: Settings, repository, metrics: Metrics | None = None) -> None:  # noqa: ANN001 - in-process or remote
         self.settings = settings
         self.repository = repository
+        self.metrics = metrics
         self.noise = tasks.NoiseCache()
 
     def entry(self, name: str, version: str | None = None) -> ModelEntry:
@@ -196,7 +198,8 @@ class InferenceCore:
         if "pattern_calibrations" not in entry.extras:
             entry.extras["pattern_calibrations"] = PatternCalibrations(cal, entry.manifest.data_spec.discrete_features,
                                                                        samples=self.settings.anomaly_samples,
-                                                                       cache=self.settings.anomaly_pattern_cache)
+                                                                       cache=self.settings.anomaly_pattern_cache,
+                                                                       cold_records=self.settings.anomaly_pattern_records)
         return entry.extras["pattern_calibrations"]
 
     async def _log_p(self, entry: ModelEntry, rows: np.ndarray, noise: np.ndarray | None, gone: Gone | None) -> np.ndarray:
@@ -212,20 +215,26 @@ class InferenceCore:
         return np.concatenate(out) if out else np.zeros(0)
 
     async def pattern_scorer(self, entry: ModelEntry, pcal: PatternCalibrations, pattern: Pattern) -> AnomalyScorer:
-        """The pattern's calibrated scorer; built once (concurrent requests for a new pattern share one build)."""
+        """The pattern's calibrated scorer: stored in the artifact, cached, or built once for the whole server.
+
+        A front-end process asks the executor serving the model (``repository.pattern_calibration``),
+        which builds each (model version, pattern) once for every front-end; a single-process
+        server and the executor itself build it here (:meth:`build_pattern`). Concurrent requests
+        for a new pattern share one build.
+        """
         cached = pcal.cached(pattern)
         if cached is not None:
             return cached
         builds: dict = entry.extras.setdefault("pattern_builds", {})
         task = builds.get(pattern)
         if task is None:
-            slots: asyncio.Semaphore = entry.extras.setdefault("pattern_build_slots", asyncio.Semaphore(BUILD_SLOTS))
+            remote = getattr(self.repository, "pattern_calibration", None)  # only the front-ends' RemoteRepository has one
 
             async def build() -> AnomalyScorer:
                 try:
-                    async with slots:  # a few at a time, so that builds never fill the batcher's queue
-                        plan, records = pcal.calibration_plan(pattern)
-                        return pcal.build(pattern, plan, records, await self._log_p(entry, plan.rows, plan.noise, None))
+                    if remote is not None:
+                        return pcal.adopt(pattern, await remote(entry, pattern))
+                    return await self.build_pattern(entry, pcal, pattern)
                 finally:
                     builds.pop(pattern, None)
 
@@ -234,6 +243,17 @@ class InferenceCore:
             return await asyncio.shield(task)
         except NoPatternCalibration as e:
             raise BadRequest(f"records: {e}; send more of its features or use missing='median'") from None
+
+    async def build_pattern(self, entry: ModelEntry, pcal: PatternCalibrations, pattern: Pattern) -> AnomalyScorer:
+        """Build a pattern's calibration here: its calibration records' rows through the entry's score batcher,
+        a few patterns at a time so that builds never fill the queue; counted in ``pattern_calibrations_built``."""
+        slots: asyncio.Semaphore = entry.extras.setdefault("pattern_build_slots", asyncio.Semaphore(BUILD_SLOTS))
+        async with slots:
+            plan, records = pcal.calibration_plan(pattern)
+            scorer = pcal.build(pattern, plan, records, await self._log_p(entry, plan.rows, plan.noise, None))
+        if self.metrics is not None:
+            self.metrics.pattern_builds.labels(entry.name).inc()
+        return scorer
 
     async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
                       explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",

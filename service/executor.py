@@ -27,7 +27,7 @@ import signal
 import time
 from pathlib import Path
 
-from .errors import ServiceError
+from .errors import BadRequest, ServiceError
 from .memory import apply_heap_settings, trim_malloc_every
 from .metrics import Metrics
 from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
@@ -51,6 +51,7 @@ class Executor:
     def __init__(self, spec: ChildSpec) -> None:
         import torch
 
+        from .core import InferenceCore
         from .repository import ModelRepository
         from .workers import DeviceWorker
 
@@ -64,6 +65,7 @@ class Executor:
             self.metrics.executor_restarts.labels(self.device).inc()
         self.worker = DeviceWorker(self.device, inline=True)
         self.repository = ModelRepository(s, [self.worker], self.metrics)
+        self.core = InferenceCore(s, self.repository, self.metrics)  # builds pattern calibrations for every front-end
         self.epoch = f"{os.getpid()}.{spec.incarnation}"
         self.arenas: dict[str, tuple[Arena, Channel]] = {}  # path → the arena and the front-end it belongs to
         self.peers: set[Channel] = set()
@@ -140,6 +142,30 @@ class Executor:
         if not peer.closed:
             peer.post(reply)
 
+    async def _pattern(self, peer: Channel, h: dict) -> None:
+        """A front-end asks for a missingness pattern's calibration: built here once per (model version, pattern),
+        concurrent askers sharing the build, and sent back as its dict."""
+        rid = h["id"]
+        try:
+            entry = self.repository.get_version(h["model"], h["version"])
+            pcal = self.core.pattern_calibrations(entry)
+            if pcal is None:
+                raise BadRequest(f"model {h['model']!r} has no calibration for records with absent features")
+            scorer = await self.core.pattern_scorer(entry, pcal, tuple(int(j) for j in h["pattern"]))
+            reply = {"op": "pattern", "id": rid, "calibration": scorer.calibration}
+        except asyncio.CancelledError:
+            reply = {"op": "cancelled", "id": rid}
+        except ServiceError as e:
+            reply = {"op": "error", "id": rid, "status": e.status, "reason": e.reason, "message": e.message, "headers": e.headers}
+        except Exception as e:  # noqa: BLE001 - reported to the front-end, which answers 500 with a request id
+            log.exception("pattern calibration for %s/%s failed", h.get("model"), h.get("version"))
+            reply = {"op": "error", "id": rid, "status": 500, "reason": "internal", "message": f"{type(e).__name__}: {e}".splitlines()[0],
+                     "headers": {}}
+        finally:
+            self.running.pop((peer, rid), None)
+        if not peer.closed:
+            peer.post(reply)
+
     async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:
             reply = {"op": "reloaded", "id": rid, "changes": await self.reload()}
@@ -167,6 +193,8 @@ class Executor:
                     waiting[1].set()
         elif op == "reload":
             asyncio.create_task(self._reload_for(peer, h["id"]))
+        elif op == "pattern":
+            self.running[(peer, h["id"])] = asyncio.create_task(self._pattern(peer, h))
         else:
             log.warning("unknown message %r from %r", op, peer)
 

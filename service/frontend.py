@@ -151,7 +151,7 @@ class ExecutorLink:
     # --- requests ----------------------------------------------------------------------------
 
     async def request(self, msg: dict, timeout_s: float) -> dict:
-        """A control request (``reload``) and its answer."""
+        """A control request (``reload``, ``pattern``) and its answer."""
         rid = next(self._ids)
         p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), None)
         try:
@@ -295,6 +295,20 @@ class RemoteRepository:
         if not any(link.live for link in self.links):
             return "every model executor is restarting"
         return None
+
+    async def pattern_calibration(self, entry: ModelEntry, pattern: tuple[int, ...]) -> dict:
+        """A missingness pattern's calibration (:func:`models.anomaly.pattern_calibration`'s dict), built by an executor
+        serving ``entry`` (chosen by the pattern, so a server with several executors builds each pattern once) and
+        shared by every front-end that asks."""
+        links = [link for link in self.serving(entry.name, entry.version) if link.live]
+        if not links:
+            raise Unavailable(f"no executor serves model {entry.name!r} now; it is restarting", _RESTARTING, 2)
+        link = links[hash(pattern) % len(links)]
+        h = await link.request({"op": "pattern", "model": entry.name, "version": entry.version, "pattern": list(pattern)},
+                               self.settings.request_timeout_s)
+        if h["op"] != "pattern":
+            raise Unavailable(f"the pattern calibration for model {entry.name!r} was cancelled", "cancelled", 1)
+        return h["calibration"]
 
     async def reload(self) -> dict[str, str]:
         """Reload every executor; answers once every front-end routes to what they now serve."""

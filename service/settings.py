@@ -10,6 +10,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from models.marginal import DEFAULT_SAMPLES
+from models.missing import COLD_PATTERN_RECORDS, MIN_PATTERN_RECORDS
+
 
 def _csv(value: object) -> list[str]:
     if isinstance(value, str):
@@ -72,9 +75,12 @@ class Settings(BaseSettings):
     max_rows: int = Field(4096, ge=1, description="rows per score/anomaly request")
     max_samples: int = Field(1024, ge=1, description="samples per sample request")
     max_iw_samples: int = Field(256, ge=1)
-    anomaly_samples: int = Field(32, ge=1, le=4096, description="importance samples K for records with absent features "
-                                 "(models.marginal); each such record costs K flow rows")
+    anomaly_samples: int = Field(DEFAULT_SAMPLES, ge=1, le=4096, description="importance samples K for records with absent "
+                                 "features (models.marginal); each such record costs K flow rows; patterns stored in an "
+                                 "artifact are used only when they were built with the same K")
     anomaly_pattern_cache: int = Field(1024, ge=1, description="missingness patterns whose calibration is kept (LRU)")
+    anomaly_pattern_records: int = Field(COLD_PATTERN_RECORDS, ge=MIN_PATTERN_RECORDS, description="calibration records "
+                                         "behind a missingness pattern built on first use (p-value resolution 1/(n + 1))")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")
     drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")

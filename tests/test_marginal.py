@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 from models.anomaly import AnomalyScorer, pattern_calibration
 from models.flows import data_init
 from models.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
-from models.missing import NoPatternCalibration, PatternCalibrations
+from models.missing import (COLD_PATTERN_RECORDS, STORED_PATTERNS, NoPatternCalibration, PatternCalibrations, calibrate_patterns,
+                            frequent_patterns)
 
 
 def banana_flow() -> tuple[object, np.ndarray]:
@@ -166,16 +169,19 @@ def gaussian_world(d: int = 4):  # noqa: ANN201
     return score, draw
 
 
-def test_pattern_calibration_holds_the_false_positive_rate_per_pattern() -> None:
+@pytest.mark.parametrize("cold_records", [None, COLD_PATTERN_RECORDS])
+def test_pattern_calibration_holds_the_false_positive_rate_per_pattern(cold_records: int | None) -> None:
+    """With every usable calibration record (1,000, as stored patterns are built) and with the cap on patterns built
+    on first use (200), the realised rate holds per pattern."""
     score, draw = gaussian_world()
     train, normal = draw(4000, 1), draw(1000, 2)
     cal = {"statistic": "nll", "proposal": Proposal(GaussianFit.fit(train)).to_dict(), "records": normal.tolist(),
            "known": np.ones(normal.shape, dtype=int).tolist()}
-    pcal = PatternCalibrations(cal, None, samples=32)
+    pcal = PatternCalibrations(cal, None, samples=32, cold_records=cold_records)
     fresh = draw(4000, 3)
     for pattern in [(0,), (1, 3), (0, 1, 2)]:
         scorer = pcal.scorer(pattern, score)
-        assert scorer.n == 1000 and pcal.cached(pattern) is scorer
+        assert scorer.n == (cold_records or 1000) and pcal.cached(pattern) is scorer
         nll = -pcal.log_marginal(fresh, pattern, score)
         realised = np.mean(scorer.p_values(nll) <= 0.05)
         assert abs(realised - 0.05) < 0.02, (pattern, realised)
@@ -213,3 +219,44 @@ def test_patterns_of_masks() -> None:
     assert pattern_of(np.array([True, False, True])) == (0, 2)
     with pytest.raises(ValueError, match="recalibrate"):
         PatternCalibrations({"scores": [1.0]}, None)
+
+
+def test_frequent_patterns_leave_out_complete_and_empty_records() -> None:
+    measured = np.array([[1, 1, 0]] * 5 + [[1, 0, 1]] * 3 + [[1, 1, 1]] * 9 + [[0, 0, 0]] * 9 + [[0, 1, 0]] * 1, dtype=bool)
+    assert frequent_patterns(measured) == [(0, 1), (0, 2), (1,)]
+    assert frequent_patterns(measured, top=1) == [(0, 1)]
+
+
+def test_stored_patterns_are_used_without_scoring_and_only_at_their_k() -> None:
+    """A pattern calibrated into the artifact answers without a flow call and equals one built on first use from every
+    record; stored with another K it is ignored (its scores would compare a different estimator)."""
+    score, draw = gaussian_world()
+    normal = draw(300, 2)
+    cal = {"statistic": "nll", "proposal": Proposal(GaussianFit.fit(draw(2000, 1))).to_dict(), "records": normal.tolist(),
+           "known": np.ones(normal.shape, dtype=int).tolist()}
+    cal["patterns"] = calibrate_patterns(cal, None, [(0, 2), (1,)], score, samples=16)
+    assert [p["pattern"] for p in cal["patterns"]] == [[0, 2], [1]] and all(p["n"] == 300 and p["samples"] == 16 for p in cal["patterns"])
+
+    def no_flow(rows: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        raise AssertionError("a stored pattern must not be built again")
+
+    warm = PatternCalibrations(cal, None, samples=16)
+    fresh = draw(50, 3)
+    built = PatternCalibrations(cal, None, samples=16, cold_records=None)
+    built.stored.clear()
+    nll = -warm.log_marginal(fresh, (0, 2), score)
+    np.testing.assert_allclose(warm.scorer((0, 2), no_flow).p_values(nll), built.scorer((0, 2), score).p_values(nll), atol=1e-6)
+    assert warm.scorer((1,), no_flow).n == 300
+    other_k = PatternCalibrations(cal, None, samples=32)
+    assert other_k.stored == {} and other_k.scorer((0, 2), score).n == COLD_PATTERN_RECORDS
+
+
+def test_the_bundled_vitals_model_starts_warm_at_the_services_k() -> None:
+    """The bundled mimic-vitals artifact stores its training data's most frequent patterns at the K the service uses."""
+    from models import artifact
+    from service.settings import Settings
+
+    cal = artifact.read_manifest(Path(__file__).resolve().parent.parent / "model_repository" / "mimic-vitals" / "1").calibration
+    k = Settings().anomaly_samples
+    assert len(cal["patterns"]) == STORED_PATTERNS and all(p["samples"] == k for p in cal["patterns"])
+    assert len(PatternCalibrations(cal, [], samples=k).stored) == STORED_PATTERNS

@@ -32,6 +32,8 @@ from service.process import reuse_port_socket
 from service.transport import Arena, ArenaFull
 from tests.server import Server, children, executor_pids, metric_value, running_server, wait_for_metric
 
+BUNDLED = Path(__file__).resolve().parent.parent / "model_repository"
+
 TEST = load_dataset("digits").split("test")
 BODIES = [json.dumps({"instances": TEST[i : i + 2].tolist(), "seed": i}).encode() for i in range(64)]
 JSON = {"content-type": "application/json"}
@@ -225,6 +227,7 @@ def test_sigterm_under_load_loses_no_request(repository: Path, tmp_path: Path) -
 def two_frontends(repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     repo = tmp_path_factory.mktemp("repo2")
     shutil.copytree(repository / "digits", repo / "digits")
+    shutil.copytree(BUNDLED / "mimic-vitals", repo / "mimic-vitals")
     with running_server(repo, tmp_path_factory.mktemp("srv2"), FLOWSERVE_HTTP_WORKERS="2", FLOWSERVE_MAX_QUEUE_DELAY_MS="20") as s:
         yield s, repo
 
@@ -247,6 +250,36 @@ def test_two_frontends_accept_on_one_port_and_batch_together(two_frontends: tupl
     rows = metric_value(s, "flowserve_batch_size_rows_sum", model="digits", task="score") - rows0
     batches = metric_value(s, "flowserve_batch_size_rows_count", model="digits", task="score") - batches0
     assert rows == 96 and batches < 48, (rows, batches)
+
+
+def test_a_new_missingness_pattern_is_built_once_for_every_frontend(two_frontends: tuple[Server, Path]) -> None:
+    """Records of a pattern no front-end has seen, sent at once over fresh connections (both front-ends get some): the
+    executor builds its calibration once and every answer uses it; a pattern stored in the artifact is never built."""
+    from models.artifact import read_manifest
+    from models.data.mimic_schema import VITAL_NAMES
+
+    s, repo = two_frontends
+    cal = read_manifest(repo / "mimic-vitals" / "1").calibration
+    stored = {tuple(p["pattern"]) for p in cal["patterns"]}
+    new = next(p for p in (tuple(j for j in range(17) if j != k) for k in range(17)) if p not in stored)
+
+    def body(pattern: tuple[int, ...]) -> bytes:
+        return json.dumps({"records": [{VITAL_NAMES[j]: cal["fill"][j] for j in pattern}], "explain": "none"}).encode()
+
+    async def burst(content: bytes, n: int) -> list[httpx.Response]:
+        async def one() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                return await c.post("/v1/models/mimic-vitals/anomaly", content=content, headers=JSON)
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    built = metric_value(s, "flowserve_pattern_calibrations_built_total", model="mimic-vitals")
+    answers = asyncio.run(burst(body(new), 16))
+    assert [r.status_code for r in answers] == [200] * 16, answers[0].text
+    assert len({(r.json()["results"][0]["p_value"], r.json()["results"][0]["calibration_n"]) for r in answers}) == 1
+    assert metric_value(s, "flowserve_pattern_calibrations_built_total", model="mimic-vitals") == built + 1
+    more = asyncio.run(burst(body(new), 8)) + asyncio.run(burst(body(next(iter(stored))), 8))
+    assert [r.status_code for r in more] == [200] * 16
+    assert metric_value(s, "flowserve_pattern_calibrations_built_total", model="mimic-vitals") == built + 1
 
 
 def test_metrics_aggregate_every_process(two_frontends: tuple[Server, Path]) -> None:

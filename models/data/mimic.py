@@ -351,7 +351,8 @@ def _vitals(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset
     splits = split_by_group(filled.values, episode)
     unseen = split_by_group(filled.unseen, episode)
     splits["train"] = hot_deck(splits["train"], unseen["train"], np.random.default_rng(0))
-    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()}, grouped=True)
+    measured = split_by_group(np.isfinite(values), episode)
+    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()}, grouped=True, measured=measured)
 
 
 # The generated waveform cohort spreads its 8,000 windows over many patients (2 each): the validation
