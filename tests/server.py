@@ -47,14 +47,14 @@ def running_server(repository: Path, tmp: Path, **env: str) -> Iterator[Server]:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
             try:  # every HTTP front-end answers on the port; 8 fresh connections in a row ready ≈ all of them
                 ready = ready + 1 if httpx.get(f"{server.url}/v2/health/ready", timeout=1).status_code == 200 else 0
-                if ready >= 8:
-                    break
-                continue
             except httpx.HTTPError:
                 ready = 0
-            if time.monotonic() > deadline:
+            if ready >= 8:
+                break
+            if time.monotonic() > deadline:  # checked on every pass, a 503 answer too
                 raise RuntimeError(f"server not ready in 60 s:\n{log.read_text()}")
-            time.sleep(0.1)
+            if ready == 0:
+                time.sleep(0.1)
         yield server
     finally:
         if proc.poll() is None:
