@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.anomaly import STATISTICS  # noqa: E402
+from models.marginal import DEFAULT_SAMPLES  # noqa: E402
+from models.missing import COLD_PATTERN_RECORDS  # noqa: E402
 
 
 def trained(config: str, artifact_dir: str | None, minutes: float, tmp: Path) -> Path:
@@ -202,8 +204,11 @@ def measured_only_cases(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     return x, measured, anom, anom_obs, kinds, feats
 
 
-def missing_data(art: Path, rng: np.random.Generator, samples: int) -> None:
-    """Records as monitors send them: only this hour's measurements (the generator's missingness)."""
+def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_records: int | None) -> None:
+    """Records as monitors send them: only this hour's measurements (the generator's missingness).
+
+    Patterns stored in the artifact use theirs; any other is calibrated from at most ``pattern_records``
+    calibration records (``None``: every usable one), as the service builds a pattern on first use."""
     from collections import Counter
 
     from models import artifact
@@ -216,7 +221,7 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int) -> None:
     cal = record_calibration_of(model, model.manifest.calibration)
     scorer = AnomalyScorer(cal)
     score = model_scorer(model)
-    pcal = PatternCalibrations(cal, model.spec.discrete_features, samples=samples, cache=100_000)
+    pcal = PatternCalibrations(cal, model.spec.discrete_features, samples=samples, cache=100_000, cold_records=pattern_records)
     x, measured, anom, anom_obs, kinds, feats = measured_only_cases(rng)
     n_anom = len(anom)
     full = np.concatenate([x, anom]).astype(np.float32)
@@ -257,7 +262,8 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int) -> None:
     for k, (pat, m) in enumerate(zip(common, in_pat)):
         print(f"- pattern {k + 1} ({int(m.sum())} records): " + ", ".join(names[j] for j in pat))
     print(f"\nmarginal scoring cost: {len(full)} test records in {t_marginal:.1f} s, {len(fresh)} fresh in {t_fresh:.1f} s, "
-          f"K = {samples}, {len(pcal._cache)} pattern calibrations built (≤ {pcal.records.shape[0]} records each)")
+          f"K = {samples}, {len(pcal.stored)} stored pattern calibrations, {len(pcal._cache)} built on first use "
+          f"(≤ {pattern_records or pcal.records.shape[0]} records each)")
 
     # Attribution of the flagged anomalies, as the route computes it: observed parts only, marginal variants.
     from models.attribution import describe_parts, part_attribution, part_variants, record_parts
@@ -491,9 +497,12 @@ def small_csv(reps: int, tmp: Path) -> None:
           f"{100 * fc.mean():.2f}% of {len(fc)} |")
 
 
-def route_cost(seconds: float, tmp: Path) -> None:
+def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
     """The anomaly route's rows/s on the bundled mimic-vitals, 64 records per request, 4 clients: complete
-    records vs measured-only records (K flow rows each; pattern calibrations built in a first pass, reported)."""
+    records vs measured-only records (K flow rows each; pattern calibrations built in a first pass, reported).
+
+    The first pass opens a connection per request, so with ``frontends`` HTTP front-end processes the kernel
+    spreads its requests over all of them, as it spreads a real feed's."""
     import asyncio
 
     import httpx
@@ -528,20 +537,44 @@ def route_cost(seconds: float, tmp: Path) -> None:
             await asyncio.gather(*(worker(k) for k in range(4)))
             return done / (time.monotonic() - t0), done
 
-    with running_server(ROOT / "model_repository", tmp) as s:
-        t0 = time.monotonic()  # a first pass builds the patterns' calibrations
+    import json
+
+    stored = [tuple(p["pattern"]) for p in json.loads((ROOT / "model_repository/mimic-vitals/1/manifest.json").read_text())
+              ["calibration"].get("patterns", [])]
+    seen = {tuple(np.flatnonzero(m)) for m in measured[: len(partial) * 64]}
+    train_first = stored[0] if stored else (1, 8, 10, 11, 12, 13)  # the training data's most frequent pattern
+    all_but_one = [tuple(j for j in range(17) if j != k) for k in range(17)]
+    never = next(p for p in all_but_one if p not in stored and p not in seen)
+
+    def one_record(client: httpx.Client, pattern: tuple[int, ...]) -> float:
+        """Seconds to the answer for one record of ``pattern``, the first of its pattern on this server."""
+        body = {"records": [{VITAL_NAMES[j]: float(full[0, j]) for j in pattern}], "explain": "none"}
+        t = time.monotonic()
+        client.post("/v1/models/mimic-vitals/anomaly", json=body).raise_for_status()
+        return time.monotonic() - t
+
+    env = {"FLOWSERVE_HTTP_WORKERS": str(frontends)} if frontends else {}
+    with running_server(ROOT / "model_repository", tmp, **env) as s:
         with httpx.Client(base_url=s.url, timeout=600) as client:
-            for body in partial:
+            one_record(client, tuple(range(17)))  # a complete record first: what any first request pays, no pattern
+            first_seen, first_never = one_record(client, train_first), one_record(client, never)
+        t0 = time.monotonic()  # a first pass builds the patterns' calibrations
+        for body in partial:
+            with httpx.Client(base_url=s.url, timeout=600) as client:
                 client.post("/v1/models/mimic-vitals/anomaly", json={"records": body, "explain": "none"}).raise_for_status()
         cold = time.monotonic() - t0
         n_patterns = len({tuple(m) for m in measured[: len(partial) * 64].tolist()})
         rate_c, _ = asyncio.run(drive(s.url, complete, seconds))
         rate_p, _ = asyncio.run(drive(s.url, partial, seconds))
-    print(f"\n### Anomaly route cost (bundled mimic-vitals, 64 records per request, 4 clients, {seconds:.0f} s each)\n")
+    print(f"\n### Anomaly route cost (bundled mimic-vitals, 64 records per request, 4 clients, {seconds:.0f} s each; "
+          f"HTTP front-ends: {frontends or 'default'})\n")
     print("| records | rows/s |\n|---|---|")
     print(f"| complete | {rate_c:.0f} |\n| measured only (marginal, K = 32) | {rate_p:.0f} |")
     print(f"\nratio measured-only / complete: {rate_p / rate_c:.3f}; first pass over {len(partial) * 64} measured-only records "
           f"({n_patterns} patterns, each calibration built once): {cold:.1f} s")
+    print(f"first request of a pattern, one record: the training data's most frequent pattern {1000 * first_seen:.0f} ms "
+          f"({'stored in the artifact' if train_first in stored else 'not stored'}), a pattern never seen {1000 * first_never:.0f} ms; "
+          f"{len(stored)} patterns stored, {len(seen & set(stored))} of the first pass's {n_patterns} among them")
 
 
 def waveforms(art: Path, rng: np.random.Generator) -> None:
@@ -582,8 +615,11 @@ def main() -> None:
     ap.add_argument("--waveform-artifact")
     ap.add_argument("--only", choices=["vitals", "missing", "ceiling", "csv", "cost", "waveforms"])
     ap.add_argument("--cost-seconds", type=float, default=15.0)
+    ap.add_argument("--cost-frontends", type=int, help="HTTP front-end processes of the server --only cost starts (default: the service's)")
     ap.add_argument("--csv-reps", type=int, default=10, help="random splits of the small-CSV experiment")
-    ap.add_argument("--samples", type=int, default=32, help="importance samples K for absent features")
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="importance samples K for absent features")
+    ap.add_argument("--pattern-records", type=int, default=COLD_PATTERN_RECORDS,
+                    help="calibration records behind a pattern not stored in the artifact (0: every usable one)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -592,11 +628,11 @@ def main() -> None:
             if args.only in (None, "vitals"):
                 vitals(art, rng)
             if args.only in (None, "vitals", "missing"):
-                missing_data(art, np.random.default_rng(1), args.samples)
+                missing_data(art, np.random.default_rng(1), args.samples, args.pattern_records or None)
             if args.only in (None, "ceiling"):
                 hypotension_ceiling(art)
         if args.only in (None, "cost"):
-            route_cost(args.cost_seconds, Path(tmp))
+            route_cost(args.cost_seconds, Path(tmp), args.cost_frontends)
         if args.only in (None, "csv"):
             small_csv(args.csv_reps, Path(tmp))
         if args.only in (None, "waveforms"):
