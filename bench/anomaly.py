@@ -152,7 +152,7 @@ def record_calibration_of(model, scorer_cal: dict) -> dict:  # noqa: ANN001
     """The artifact's calibration, with the absent-feature parts computed here when it predates them."""
     if "proposal" in scorer_cal:
         return scorer_cal
-    from models.anomaly import record_calibration
+    from models.calibration import record_calibration
     from models.data import load_dataset
 
     data = load_dataset(model.manifest.metrics.get("data", "mimic-vitals"))
@@ -443,7 +443,8 @@ def small_csv(reps: int, tmp: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
     from models import artifact
-    from models.anomaly import AnomalyScorer, model_scorer, recalibrate
+    from models.anomaly import AnomalyScorer, model_scorer
+    from models.calibration import recalibrate
     from models.train import CalibrationConfig, load_config, train
 
     data = load_breast_cancer()

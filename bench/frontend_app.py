@@ -1,7 +1,7 @@
 """The HTTP front-end's app alone: CPU per request through the ASGI app, in-process, side by side.
 
 What a front-end process spends on a request between uvicorn and the executor: the real app
-(:func:`service.app._build`: middleware, routes, codecs, the inference core) over the bundled digits
+(:func:`service.app.build_app`: middleware, routes, codecs, the inference core) over the bundled digits
 manifest, with a repository whose batcher answers at once instead of an executor, so the model, the
 transport and the socket are left out. Two builds of the same app, interleaved:
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.manifest import read_manifest  # noqa: E402
 from service.api.routing import CodecRoute  # noqa: E402
-from service.app import _build  # noqa: E402
+from service.app import build_app  # noqa: E402
 from service.entry import ModelEntry  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -69,7 +69,7 @@ def app(codec_routes: bool) -> FastAPI:
     async def stop() -> None:
         pass
 
-    built = _build(Settings(), Metrics(), OneModelRepository(), start, stop)
+    built = build_app(Settings(), Metrics(), OneModelRepository(), start, stop)
     if not codec_routes:  # the same endpoints through FastAPI's standard path
         routes = [r for r in built.router.routes if isinstance(r, CodecRoute)]
         router = APIRouter()

@@ -107,8 +107,10 @@ def baseline_tree(ref: str | None, path: Path) -> Iterator[Path | None]:
 PEER = "LitServe"
 
 
-def flowserve_cmd(port: int) -> list[str]:
-    return [sys.executable, "-m", "models.cli", "serve", "--port", str(port)]
+def flowserve_cmd(port: int, tree: Path | None = None) -> list[str]:
+    """The server's command in checkout ``tree`` (default: this one); older checkouts serve from ``models.cli``."""
+    entry = "service.cli" if ((tree or ROOT) / "service" / "cli.py").is_file() else "models.cli"
+    return [sys.executable, "-m", entry, "serve", "--port", str(port)]
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,8 @@ def main() -> None:
                 print(f"{server.title or server.label}, {args.rows} row(s) per request, {args.protocol}"
                       + (f", round {r + 1}/{args.rounds}" if args.rounds > 1 else "") + ":", flush=True)
                 port = free_port()
-                with running(server.cmd(port), server.ready, port, server.env, server.cwd, logs / f"{r}.{i}.log") as (url, pid):
+                cmd = server.cmd(port, server.cwd) if server.cmd is flowserve_cmd else server.cmd(port)
+                with running(cmd, server.ready, port, server.env, server.cwd, logs / f"{r}.{i}.log") as (url, pid):
                     swept = sweep(url, pid, server.score_path or path, levels, args.seconds, args.rows, data, args.protocol)
                 per_round.setdefault(server.label, []).append(swept)
     results = {label: median_over_rounds(rounds) for label, rounds in per_round.items()}

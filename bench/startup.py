@@ -39,7 +39,8 @@ def model_loads(cache: Path | None) -> dict[str, float]:
     """Seconds to open, warm and check each bundled model in this process."""
     from service import tasks
     from service.repository import versions
-    from service.runners import check_batch_invariance, open_runner
+    from service.runners import open_runner
+    from service.tasks import check_batch_invariance
     from service.settings import Settings
 
     settings = Settings(ort_cache_dir=cache)

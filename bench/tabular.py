@@ -137,7 +137,8 @@ def run_dataset(name: str, splits: int, tmp: Path, small: int | None) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from models import artifact, presets
-    from models.anomaly import AnomalyScorer, recalibrate
+    from models.anomaly import AnomalyScorer
+    from models.calibration import recalibrate
     from models.train import load_config, train
 
     normal, anomalous, names = DATASETS[name]()

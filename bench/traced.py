@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from butterfly import timed  # noqa: E402  (bench/butterfly.py: seconds per call, best within a budget)
 from models.flows import linear  # noqa: E402
-from service.runners import TorchRunner, check_batch_invariance  # noqa: E402
+from service.runners import TorchRunner
+from service.tasks import check_batch_invariance  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.tasks import dequantization_noise  # noqa: E402
 

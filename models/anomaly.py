@@ -44,6 +44,9 @@ pattern and scored by the same estimator (:func:`pattern_calibration`).
 
 Resolution: with ``n`` calibration records the smallest p-value is ``1/(n + 1)``; below
 :data:`FEW_CALIBRATION` records training warns, and the manifest and the route report it.
+
+This module holds what scoring needs (numpy only: the service's front-ends import it);
+:mod:`models.calibration` builds the calibrations from a model and records.
 """
 
 from __future__ import annotations
@@ -55,9 +58,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # torch stays out of the service's HTTP front-ends, which score through executors
-    import torch
-
     from .density import DensityModel
+    from .spec import DataSpec
 
 MAX_CALIBRATION = 5000
 MAX_PATTERN_RECORDS = 1000  # calibration records re-scored per missingness pattern
@@ -67,13 +69,12 @@ STATISTICS = ("nll", "typicality", "conditional")
 ATOM_SHARE = 0.05
 
 
-def scoring_noise(model: DensityModel, n: int) -> torch.Tensor | None:
-    """Dequantization noise for anomaly scoring: bin midpoints ``(n, *shape)``, or ``None`` for continuous data."""
-    import torch
-
-    if not model.spec.dequantized:
+def scoring_noise(spec: DataSpec, n: int) -> np.ndarray | None:
+    """Dequantization noise for anomaly scoring: bin midpoints ``(n, *shape)`` float32, or ``None`` for continuous
+    data. The library (:func:`model_scorer`) and the service's anomaly route both score with it."""
+    if not spec.dequantized:
         return None
-    return torch.full((n, *model.spec.shape), BIN_MIDPOINT)
+    return np.full((n, *spec.shape), BIN_MIDPOINT, dtype=np.float32)
 
 
 def find_atoms(normal: np.ndarray, share: float = ATOM_SHARE) -> list[tuple[int, float]]:
@@ -94,19 +95,12 @@ def atom_design(x: np.ndarray, atoms: list[tuple[int, float]] | list[list[float]
     return np.stack(cols, 1)
 
 
-def _sorted_sample(s: np.ndarray) -> np.ndarray:
+def sorted_sample(s: np.ndarray) -> np.ndarray:
+    """``s`` sorted; beyond :data:`MAX_CALIBRATION` values, that many evenly spaced order statistics of it."""
     s = np.sort(s)
     if len(s) > MAX_CALIBRATION:  # keep evenly spaced order statistics
         s = s[np.linspace(0, len(s) - 1, MAX_CALIBRATION).round().astype(int)]
     return s
-
-
-def group_references(spec, normal: np.ndarray) -> dict[str, list[list[float]]]:  # noqa: ANN001 - DataSpec
-    """Joint reference tuples ``(M, g)`` per feature group of the schema (:func:`models.attribution.group_reference`)."""
-    from .attribution import group_reference
-
-    names = spec.feature_names or []
-    return {g: group_reference(normal, [names.index(f) for f in feats]).tolist() for g, feats in (spec.feature_groups or {}).items()}
 
 
 def model_scorer(model: DensityModel, batch_size: int = 4096):  # noqa: ANN201 - Callable[[rows, noise], log p]
@@ -118,35 +112,12 @@ def model_scorer(model: DensityModel, batch_size: int = 4096):  # noqa: ANN201 -
         with torch.no_grad():
             for i in range(0, len(rows), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(rows[i : i + batch_size], dtype=np.float32))
-                nz = None if noise is None else torch.from_numpy(np.ascontiguousarray(noise[i : i + batch_size], dtype=np.float32))
-                if nz is None and model.spec.dequantized:
-                    nz = scoring_noise(model, len(x))
+                nz = scoring_noise(model.spec, len(x)) if noise is None else noise[i : i + batch_size]
+                nz = None if nz is None else torch.from_numpy(np.ascontiguousarray(nz, dtype=np.float32))
                 out.append(model.log_prob(x, nz).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     return score
-
-
-def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarray, known: np.ndarray | None = None,
-                       seed: int = 0) -> dict:
-    """What scoring records with absent features needs: the proposal and a sample of calibration records.
-
-    ``normal (N, D)`` held-out normal records, ``train (M, D)`` training records (the proposal's
-    fit), ``known (N, D)`` which cells of ``normal`` were measured (or carried forward from a
-    measurement), all true when omitted.
-    """
-    from .marginal import GaussianFit, Proposal, find_spikes
-
-    discrete = model.spec.discrete_features
-    model.eval()
-    spikes = find_spikes(model_scorer(model), train, discrete, find_atoms(train))
-    proposal = Proposal(GaussianFit.fit(train, discrete), tuple(spikes))
-    known = np.ones(normal.shape, dtype=bool) if known is None else np.asarray(known, dtype=bool)
-    idx = np.arange(len(normal))
-    if len(idx) > MAX_PATTERN_RECORDS:
-        idx = np.sort(np.random.default_rng(seed).choice(len(normal), MAX_PATTERN_RECORDS, replace=False))
-    return {"proposal": proposal.to_dict(), "records": np.asarray(normal[idx], dtype=np.float32).tolist(),
-            "known": known[idx].astype(int).tolist()}
 
 
 def pattern_calibration(calibration: dict, pattern: tuple[int, ...], nll: np.ndarray, records: np.ndarray) -> dict:
@@ -161,13 +132,13 @@ def pattern_calibration(calibration: dict, pattern: tuple[int, ...], nll: np.nda
         raise ValueError("pattern calibration scores contain non-finite values")
     observed = set(pattern)
     cal = {"method": "conformal", "score": "marginal_nll_nats", "statistic": calibration.get("statistic", "nll"),
-           "split": calibration.get("split", "val"), "n": int(len(nll)), "mean": float(nll.mean()), "scores": _sorted_sample(nll).tolist(),
+           "split": calibration.get("split", "val"), "n": int(len(nll)), "mean": float(nll.mean()), "scores": sorted_sample(nll).tolist(),
            "pattern": list(pattern)}
     if calibration.get("atoms") is not None:
         atoms = [(int(j), float(v)) for j, v in calibration["atoms"] if int(j) in observed]
         design = atom_design(records, atoms)
         beta = np.linalg.lstsq(design, nll, rcond=None)[0]
-        cal.update(atoms=[[j, v] for j, v in atoms], atom_effects=beta.tolist(), conditional_scores=_sorted_sample(nll - design @ beta).tolist())
+        cal.update(atoms=[[j, v] for j, v in atoms], atom_effects=beta.tolist(), conditional_scores=sorted_sample(nll - design @ beta).tolist())
     return cal
 
 
@@ -175,50 +146,6 @@ def pattern_records(calibration: dict, pattern: tuple[int, ...]) -> np.ndarray:
     """Indices of the calibration records usable for ``pattern``: those whose cells in it are all known."""
     known = np.asarray(calibration["known"], dtype=bool)
     return np.flatnonzero(known[:, list(pattern)].all(1)) if len(pattern) else np.arange(len(known))
-
-
-def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
-              train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None) -> dict:
-    """Score held-out normal records (or windows); returns the calibration stored in the manifest.
-
-    ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
-    For records, ``train`` (the training records) adds what absent features need
-    (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``), and
-    ``measured (M, D)``, which cells the training records measured, the calibrations of their most
-    frequent missingness patterns (``patterns``: :func:`models.missing.calibrate_patterns`).
-    """
-    if statistic not in STATISTICS:
-        raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")
-    if statistic == "conditional" and model.spec.kind != "record":
-        raise ValueError("the conditional statistic is for record models (point masses of features)")
-    model.eval()
-    nll = -model_scorer(model, batch_size)(np.asarray(normal, dtype=np.float32), None)
-    if not np.isfinite(nll).all():
-        raise ValueError("calibration scores contain non-finite values")
-    s = _sorted_sample(nll)
-    cal = {"method": "conformal", "score": "nll_nats", "statistic": statistic, "split": "val", "n": int(len(s)),
-           "mean": float(nll.mean()), "scores": s.tolist()}
-    if model.spec.kind == "record":
-        from .attribution import reference_values
-
-        cal["fill"] = np.median(normal, axis=0).astype(float).tolist()
-        cal["reference"] = reference_values(normal, discrete=model.spec.discrete_features).tolist()
-        cal["group_reference"] = group_references(model.spec, normal)
-        atoms = find_atoms(normal)
-        design = atom_design(normal, atoms)
-        beta = np.linalg.lstsq(design, nll, rcond=None)[0]
-        cal["atoms"] = [[j, v] for j, v in atoms]
-        cal["atom_effects"] = beta.tolist()
-        cal["conditional_scores"] = _sorted_sample(nll - design @ beta).tolist()
-        if train is not None:
-            cal.update(record_calibration(model, normal, train, known))
-            if measured is not None:
-                from .missing import calibrate_patterns, frequent_patterns
-
-                cal["patterns"] = calibrate_patterns(cal, model.spec.discrete_features, frequent_patterns(measured),
-                                                     model_scorer(model, batch_size=8192))
-    cal["p_value_resolution"] = 1.0 / (len(s) + 1)
-    return cal
 
 
 class AnomalyScorer:
@@ -290,62 +217,3 @@ class AnomalyScorer:
         ]
 
 
-def recalibrate(directory, data: str | None = None, statistic: str | None = None, split: str | None = None) -> dict:  # noqa: ANN001
-    """Recalibrate an artifact's anomaly scores in place (weights untouched); returns the new calibration's summary.
-
-    ``data`` (a data spec; default: the training data) supplies the calibration records: its
-    validation split when it is the training data, otherwise every record of every split (a
-    separate calibration CSV, or a user's own normal population). The proposal for absent
-    features is fitted on the training data's training split when it can be loaded, else on the
-    calibration records. The schema's groups and derived features are refreshed from the loader
-    when it describes the same features.
-    """
-    import logging
-    from pathlib import Path
-
-    from . import artifact
-    from .data import load_dataset
-    from .errors import DataError
-
-    log = logging.getLogger(__name__)
-    directory = Path(directory)
-    model = artifact.load(directory)
-    manifest = model.manifest
-    spec = manifest.data_spec
-    if spec.kind not in ("record", "waveform"):
-        raise DataError(f"{directory}: anomaly calibration is for record and waveform models, not {spec.kind}")
-    trained_on = manifest.metrics.get("data") or spec.source
-    same = data is None or data == trained_on
-    ds = load_dataset(trained_on if same else data)
-    held = manifest.metrics.get("calibration_records")
-    if same and held and not ds.grouped and held != len(ds.split("val")):  # the records training held out
-        ds = ds.with_held_out(int(held), int(manifest.metrics.get("eval_seed", 0)))
-    if ds.spec.shape != spec.shape or (ds.spec.feature_names and spec.feature_names and ds.spec.feature_names != spec.feature_names):
-        raise DataError(f"data {data!r} has features {ds.spec.feature_names or ds.spec.shape}; the model expects "
-                        f"{spec.feature_names or spec.shape}")
-    if same or split:
-        names = [split or "val"]
-    else:
-        names = list(ds.splits)
-    normal = np.concatenate([ds.split(n) for n in names])
-    known = np.concatenate([ds.known[n] for n in names]) if ds.known else None
-    train = measured = None
-    if spec.kind == "record":
-        try:
-            source = ds if same else load_dataset(trained_on)
-            train = source.split("train")
-            measured = source.measured["train"] if source.measured else None
-        except DataError as e:  # the training data may be gone; the proposal then uses the calibration records
-            log.warning("training data %r not loadable (%s); fitting the absent-feature proposal on the calibration records", trained_on, e)
-            train = normal
-    if ds.spec.feature_names == spec.feature_names and ds.spec.shape == spec.shape:
-        spec = spec.model_copy(update={"feature_groups": ds.spec.feature_groups, "derived": ds.spec.derived})
-        model.spec = spec
-    old = manifest.calibration or {}
-    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known, measured=measured)
-    cal["split"] = ",".join(names) if same else f"{data} ({','.join(names)})"
-    if cal["n"] < FEW_CALIBRATION:
-        log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal["n"], cal["n"] + 1)
-    artifact.write_manifest(directory, manifest.model_copy(update={"calibration": cal, "data_spec": spec}))
-    return {"n": cal["n"], "statistic": cal["statistic"], "split": cal["split"], "p_value_resolution": cal["p_value_resolution"],
-            "patterns_supported": "proposal" in cal, "patterns_stored": len(cal.get("patterns", []))}

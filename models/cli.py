@@ -1,4 +1,7 @@
-"""The ``flowserve`` command line: train, evaluate, calibrate, sample, export, serve, generate-cohort.
+"""The model library's commands: train, evaluate, calibrate, sample, export, generate-cohort.
+
+``flowserve`` (:mod:`service.cli`) is these plus ``serve``; ``python -m models.cli`` runs them
+without the service installed.
 
 User errors (bad files, bad configs) print one line to stderr and exit with status 2;
 no traceback.
@@ -136,7 +139,7 @@ def calibrate(
     split: Optional[str] = typer.Option(None, "--split", help="use only this split of DATA"),
 ) -> None:
     """Recalibrate a record or waveform model's anomaly scores in place, without retraining."""
-    from .anomaly import recalibrate
+    from .calibration import recalibrate
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -199,22 +202,6 @@ def export(
     typer.echo(f"exported score.onnx and sample.onnx to {artifact_dir} (parity vs PyTorch: {graphs['parity']})")
     if triton is not None:
         typer.echo(f"Triton model repository: {export_triton(artifact_dir, triton, name)}")
-
-
-@app.command()
-@user_errors
-def serve(
-    repository: Optional[Path] = typer.Option(None, "--repository", help="model repository root (FLOWSERVE_REPOSITORY)"),
-    host: Optional[str] = typer.Option(None, "--host", help="bind address (FLOWSERVE_HOST, default 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, "--port", help="port (FLOWSERVE_PORT, default 8000)"),
-) -> None:
-    """Serve the models in a repository (<root>/<name>/<version>/) over HTTP."""
-    from service.server import serve as run
-    from service.settings import Settings
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in {"repository": repository, "host": host, "port": port}.items() if v is not None}
-    run(Settings(**overrides))
 
 
 def main() -> None:  # pragma: no cover

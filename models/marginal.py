@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .anomaly import BIN_MIDPOINT
+from .logspace import log_mean_exp
 
 DEFAULT_SAMPLES = 32  # importance samples K per record; the service's default too (FLOWSERVE_ANOMALY_SAMPLES)
 STUDENT_DF = 5.0
@@ -277,12 +278,7 @@ class MarginalPlan:
     def combine(self, log_p_rows: np.ndarray) -> np.ndarray:
         """Log-densities of :attr:`rows` ``(N·K,)`` → ``log p̂(x_o) (N,)`` in nats (float64 log-sum-exp)."""
         lw = np.asarray(log_p_rows, dtype=np.float64).reshape(self.log_q.shape) - self.log_q
-        lw = np.where(np.isnan(lw), -np.inf, lw)
-        top = lw.max(1, keepdims=True)
-        safe = np.where(np.isfinite(top), top, 0.0)
-        with np.errstate(divide="ignore"):
-            out = safe[:, 0] + np.log(np.exp(lw - safe).mean(1))
-        return np.where(np.isfinite(top[:, 0]), out, top[:, 0])
+        return log_mean_exp(np.where(np.isnan(lw), -np.inf, lw), axis=1)  # a draw the flow cannot score has no weight
 
 
 def plan(x: np.ndarray, pattern: Pattern, proposal: Proposal, discrete: list[int] | None, samples: int = DEFAULT_SAMPLES,

@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         metrics["calibration_records"] = len(data.split("val"))
     calibration = None
     if data.spec.kind in ("record", "waveform"):
-        from .anomaly import calibrate
+        from .calibration import calibrate
 
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
                                 train=train_x if data.spec.kind == "record" else None,

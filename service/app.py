@@ -23,7 +23,6 @@ from .errors import ServiceError, json_error
 from .memory import freeze_heap, trim_malloc_every
 from .metrics import Metrics
 from .middleware import REQUEST_ID, GuardMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .process import ChildSpec
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def default_cpu_threads(devices: list[str]) -> int:
     return max(1, cores - 1) if "cpu" in devices else max(1, min(4, cores))
 
 
-def _build(settings: Settings, metrics: Metrics, repository, start, stop) -> FastAPI:  # noqa: ANN001
+def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> FastAPI:  # noqa: ANN001
     """The app around a repository (in-process or remote): routes, errors, middleware, metrics.
     ``start()`` (async) runs in the lifespan before serving, ``stop()`` (async) after."""
     service = ServiceState(settings, metrics, repository, InferenceCore(settings, repository, metrics))
@@ -136,30 +135,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.sleep(2.0)
 
     async def start(service: ServiceState) -> list[asyncio.Task]:
-        load = asyncio.create_task(repository.reload())
-        service.extras["initial_load"] = load
-        return [load, asyncio.create_task(publish_memory())]
+        return [asyncio.create_task(repository.reload()), asyncio.create_task(publish_memory())]
 
     async def stop() -> None:
         await repository.close()
         for w in workers:
             w.shutdown()
 
-    return _build(settings, metrics, repository, start, stop)
-
-
-def create_frontend_app(spec: ChildSpec) -> FastAPI:
-    """An HTTP front-end's app: no model here; tensors go to the executor processes (:mod:`service.frontend`)."""
-    from .frontend import RemoteRepository
-
-    settings = spec.settings
-    repository = RemoteRepository(settings, spec)
-
-    async def start(service: ServiceState) -> list[asyncio.Task]:
-        repository.start()
-        # Serve only once this front-end knows what every executor serves, as the others do: its socket
-        # is bound but not listening until then, so the kernel sends connections to the front-ends that know.
-        await repository.first_tables(settings.frontend_start_wait_s)
-        return []
-
-    return _build(settings, Metrics(), repository, start, repository.close)
+    return build_app(settings, metrics, repository, start, stop)

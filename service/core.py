@@ -26,13 +26,14 @@ import numpy as np
 
 from models import attribution as attr
 from models import sampling
-from models.anomaly import BIN_MIDPOINT, AnomalyScorer
+from models.anomaly import AnomalyScorer, scoring_noise
+from models.logspace import log_mean_exp
 from models.marginal import Pattern, pattern_of
 from models.missing import NoPatternCalibration, PatternCalibrations
 from models.spec import DataSpec
 
 from . import tasks
-from .entry import Gone, ModelEntry
+from .entry import Gone, ModelEntry, Repository
 from .errors import BadRequest, NotFound
 from .metrics import Metrics
 from .settings import Settings
@@ -102,7 +103,7 @@ def check_support(spec: DataSpec, x: np.ndarray, log_prob: np.ndarray, field: st
 class InferenceCore:
     """What every protocol calls: one instance per service, over its model repository."""
 
-    def __init__(self, settings: Settings, repository, metrics: Metrics | None = None) -> None:  # noqa: ANN001 - in-process or remote
+    def __init__(self, settings: Settings, repository: Repository, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
@@ -149,10 +150,7 @@ class InferenceCore:
             payload["noise"] = noise
         lp = await entry.batcher("score").submit(payload, self.settings.request_timeout_s, gone)
         if iw_samples > 1:
-            lp = lp.reshape(-1, iw_samples)
-            m = lp.max(1, keepdims=True)
-            with np.errstate(invalid="ignore"):
-                lp = (m + np.log(np.exp(lp - m).mean(1, keepdims=True)))[:, 0]
+            lp = log_mean_exp(lp.reshape(-1, iw_samples), axis=1)
         check_support(spec, x, lp, field)
         bound: Bound = ("iw" if iw_samples > 1 else "variational") if spec.dequantized else "exact"
         return Scores(entry, np.asarray(lp, dtype=np.float64), bound, iw_samples)
@@ -303,7 +301,7 @@ class InferenceCore:
             if marginal(pattern):
                 p = pcal.plan(rows, pattern)  # type: ignore[union-attr]
                 return p.rows, p.noise, lambda lp: -p.combine(lp)
-            noise = np.full(rows.shape, BIN_MIDPOINT, dtype=np.float32) if spec.dequantized else None
+            noise = scoring_noise(spec, len(rows))
             return rows, noise, lambda lp: -np.asarray(lp, dtype=np.float64)
 
         nll_by = await self._nll_many(entry, [plan(p, x[idx]) for p, idx in groups.items()], gone)

@@ -77,7 +77,6 @@ class ModelEntry:
     devices: list[str] = field(default_factory=list)
     backend: str | None = None
     execution: dict[str, str] = field(default_factory=dict)  # per task: how it runs (service.runners)
-    runners: list[Any] = field(default_factory=list)  # in-process only
     load_seconds: float | None = None
     mtime: float = 0.0
     extras: dict = field(default_factory=dict)
@@ -116,3 +115,22 @@ def manifest_mtime(path: Path) -> float:
     """Modification time of the artifact's manifest (0 when absent): a changed artifact reloads."""
     m = path / "manifest.json"
     return m.stat().st_mtime if m.exists() else 0.0
+
+
+class Repository(Protocol):
+    """The served models as the request path reads them: in-process (:class:`service.repository.ModelRepository`,
+    its models computing here) or mirrored from the executors (:class:`service.frontend.RemoteRepository`).
+
+    A repository whose models compute in other processes also has ``pattern_calibration(entry, pattern)``: the
+    executor builds a missingness pattern's calibration once for every front-end (:mod:`service.core`).
+    """
+
+    models: dict[str, ModelEntry]
+
+    def get(self, name: str) -> ModelEntry: ...
+
+    def not_ready_reason(self) -> str | None: ...
+
+    async def reload(self) -> dict[str, str]: ...
+
+    async def close(self) -> None: ...

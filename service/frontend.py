@@ -24,10 +24,15 @@ import numpy as np
 
 from models.manifest import Manifest, read_manifest
 
+from fastapi import FastAPI
+
 from . import tasks
+from .api.deps import ServiceState
+from .app import build_app
 from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
 from .errors import BadRequest, NotFound, ServiceError, Unavailable
 from .memory import freeze_heap
+from .metrics import Metrics
 from .process import ChildSpec, reuse_port_socket
 from .settings import Settings
 from .transport import Arena, Channel, Layout
@@ -388,11 +393,25 @@ class RemoteRepository:
         return old
 
 
+def create_frontend_app(spec: ChildSpec) -> FastAPI:
+    """An HTTP front-end's app: no model here; tensors go to the executor processes (:mod:`service.frontend`)."""
+    settings = spec.settings
+    repository = RemoteRepository(settings, spec)
+
+    async def start(service: ServiceState) -> list[asyncio.Task]:
+        repository.start()
+        # Serve only once this front-end knows what every executor serves, as the others do: its socket
+        # is bound but not listening until then, so the kernel sends connections to the front-ends that know.
+        await repository.first_tables(settings.frontend_start_wait_s)
+        return []
+
+    return build_app(settings, Metrics(), repository, start, repository.close)
+
+
 def main() -> None:
-    from .app import create_frontend_app
+    from .http import run_uvicorn
     from .memory import apply_heap_settings
     from .process import child_logging, die_with_parent, read_child_spec
-    from .server import run_uvicorn
 
     spec = read_child_spec()
     die_with_parent(spec.parent)

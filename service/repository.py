@@ -20,7 +20,8 @@ from .entry import ModelEntry, manifest_mtime
 from .errors import NotFound, Unavailable
 from .memory import freeze_heap
 from .metrics import Metrics
-from .runners import check_batch_invariance, open_runner
+from .runners import open_runner
+from .tasks import check_batch_invariance
 from .settings import Settings
 from .workers import DeviceWorker
 
@@ -96,7 +97,6 @@ class ModelRepository:
             for w, r in zip(self.workers, runners):
                 await w.run(tasks.warm, r)
                 await w.run(check_batch_invariance, r, self.settings)
-            entry.runners = list(runners)
             entry.devices, entry.backend = [r.device for r in runners], runners[0].backend
             entry.execution = dict(runners[0].execution)
             replicas = [Replica(w, r) for w, r in zip(self.workers, runners)]

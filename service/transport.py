@@ -11,7 +11,7 @@ executor never writes into memory that another request has been given.
 
 The control channel (:class:`Channel`) is one Unix-domain stream socket per front-end and
 executor, driven by the event loop itself (asyncio streams; uvloop in executors, asyncio's loop in
-front-ends, see :func:`service.server.run_uvicorn`): each frame is a 4-byte
+front-ends, see :func:`service.http.run_uvicorn`): each frame is a 4-byte
 length and an orjson list of messages, and whatever a process posts in one turn of its event loop
 leaves as one frame. A dead peer is an end of stream, seen at once. ZeroMQ (pyzmq, as vLLM and
 LitServe use) was the first choice and was measured against this on the 2-core machine: a
@@ -142,10 +142,6 @@ class Arena:
         return cls(Path(path), size, mm, owner=False)
 
     # --- allocation (owner) ------------------------------------------------------------------
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._used.values())
 
     def alloc(self, nbytes: int) -> int:
         """Offset of a free region of at least ``nbytes``; :class:`ArenaFull` when none is free."""

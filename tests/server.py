@@ -37,7 +37,7 @@ def running_server(repository: Path, tmp: Path, **env: str) -> Iterator[Server]:
     log = tmp / f"server-{port}.log"
     full_env = {**os.environ, "FLOWSERVE_REPOSITORY": str(repository), "FLOWSERVE_DEVICES": "cpu", **env}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "models.cli", "serve", "--port", str(port)], env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=full_env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, port, log)
     try:
         deadline = time.monotonic() + 60

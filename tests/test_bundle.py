@@ -52,7 +52,8 @@ def _default_statistic(name: str, x: np.ndarray) -> tuple[np.ndarray, AnomalySco
     model = load(str(ROOT / name / "1")).eval()
     scorer = AnomalyScorer(model.manifest.calibration)
     with torch.no_grad():
-        nll = -model.log_prob(torch.from_numpy(x), scoring_noise(model, len(x))).double().numpy()
+        noise = scoring_noise(model.spec, len(x))
+        nll = -model.log_prob(torch.from_numpy(x), None if noise is None else torch.from_numpy(noise)).double().numpy()
     return nll, scorer
 
 

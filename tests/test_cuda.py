@@ -67,9 +67,9 @@ def _probe_equal_in_batches(runner, x: np.ndarray, noise: np.ndarray | None) -> 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_runner_batched_equals_solo_with_graphs_on_and_off(graphs: bool) -> None:
-    from service.runners import TorchRunner, check_batch_invariance
+    from service.runners import TorchRunner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
+    from service.tasks import check_batch_invariance, dequantization_noise
 
     settings = Settings(cuda_graphs=graphs, devices=["cuda:0"])
     runner = TorchRunner(Path("model_repository/digits/1"), "cuda:0", settings)

@@ -85,7 +85,7 @@ def test_arena_allocates_frees_coalesces_and_waits(tmp_path: Path) -> None:
     assert not (tmp_path / "arena").exists()
 
 
-@pytest.mark.parametrize("module", ["service.frontend", "service.server", "models.cli"])
+@pytest.mark.parametrize("module", ["service.frontend", "service.server", "service.cli", "models.cli"])
 def test_frontends_and_the_supervisor_start_without_torch(module: str) -> None:
     """Only executors hold torch: a front-end that imported it would take ~170 MB more and start seconds later."""
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from models.artifact import load
 from models.flows.base import Bijector, Sequential
-from service.runners import TorchRunner, check_batch_invariance
+from service.runners import TorchRunner
+from service.tasks import check_batch_invariance
 from service.settings import Settings
 from service.tasks import dequantization_noise
 from service.traced import TraceMismatch, trace_score

@@ -39,6 +39,7 @@ __all__ = [
     "SwapHalves",
     "YeoJohnson",
     "checkerboard",
+    "data_init",
     "max_levels",
     "mixture_inverse_cdf",
     "mixture_log_cdf",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from ..core import InferenceCore
+from ..entry import Repository
 from ..metrics import Metrics
 from ..settings import Settings
 
@@ -17,11 +18,10 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics
-    repository: object  # ModelRepository (in-process) or frontend.RemoteRepository: models, get, reload, not_ready_reason
+    repository: Repository
     core: InferenceCore
     draining: bool = False
     inflight: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 def state(request: Request) -> ServiceState:
