@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,15 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_NUMBER = r"-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|Infinity|NaN)"
+_FLAT_NUMBERS = re.compile(rf"\[\s*{_NUMBER}(?:\s*,\s*{_NUMBER})*\s*\]")  # a list of numbers, no nesting
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    """``manifest.json``, indented, with each flat list of numbers (shapes, calibration scores) on one line."""
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2)
+    text = _FLAT_NUMBERS.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(0)[1:-1].split(",")) + "]", text)
+    (directory / MANIFEST).write_text(text + "\n")
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -104,3 +104,21 @@ def test_evaluation_accepts_read_only_arrays_without_warnings(fresh_bits_per_dim
                          capture_output=True, text=True, cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) == fresh_bits_per_dim["digits"]
+
+
+def test_manifest_is_written_compactly_and_reads_back_unchanged(tmp_path: Path) -> None:
+    """Flat lists of numbers (shapes, calibration scores, including negative, exponent and integer values) go on one
+    line; nested lists and strings keep their layout; parsing gives back exactly what was written."""
+    import json
+    import shutil
+
+    from models.manifest import read_manifest, write_manifest
+
+    shutil.copy(ROOT / "mimic-vitals" / "1" / "manifest.json", tmp_path / "manifest.json")
+    manifest = read_manifest(tmp_path)
+    cal = {**manifest.calibration, "scores": [-1.5, 2e-07, 3, 1.25e+30], "nested": [[1, 2], [3.5, -4]]}
+    manifest = manifest.model_copy(update={"calibration": cal})
+    write_manifest(tmp_path, manifest)
+    text = (tmp_path / "manifest.json").read_text()
+    assert '"scores": [-1.5, 2e-07, 3, 1.25e+30]' in text and '"shape": [17]' in text
+    assert json.loads(text) == manifest.model_dump(mode="json") and read_manifest(tmp_path) == manifest
