@@ -19,12 +19,15 @@ from models.spec import DataSpec
 from tests.server import running_server
 
 RECORD_SPEC = DataSpec(kind="record", shape=(6,), feature_names=[f"f{i}" for i in range(6)], ranges=[(-3.0, 3.0)] * 6)
+TABLE_SPEC = DataSpec(kind="record", shape=(5,), feature_names=[f"c{i}" for i in range(5)], ranges=[(-3.0, 3.0)] * 5,
+                      discrete_features=[0])  # one integer-valued column: noise is an input of the graph
 WAVE_SPEC = DataSpec(kind="waveform", shape=(2, 32), feature_names=["PLETH", "ABP"], ranges=[(-1.0, 1.0)] * 2)
 ARCHS = {
     "glow": ({"name": "glow", "levels": 2, "steps": 2, "hidden": 16}, None),
     "glow_plain_conv": ({"name": "glow", "levels": 1, "steps": 2, "hidden": 16, "lu": False}, None),
     "realnvp": ({"name": "realnvp", "levels": 2, "hidden": 16}, None),
     "vector": ({"name": "vector", "steps": 3, "hidden": 16}, RECORD_SPEC),
+    "tabular": ({"name": "tabular", "steps": 2, "hidden": 8}, TABLE_SPEC),
     "butterflyflow": ({"name": "butterflyflow", "levels": 2, "steps": 2, "hidden": 16, "init": "rotation", "layout": "channel_last"}, None),
     "waveform_butterfly": ({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8, "butterfly_levels": [5, 4]}, WAVE_SPEC),
     "waveform_glow": ({"name": "waveform", "levels": 2, "steps": 2, "hidden": 8}, WAVE_SPEC),

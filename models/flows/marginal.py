@@ -17,6 +17,14 @@ LAMBDA_RANGE = (-2.0, 4.0)  # Yeo-Johnson exponents are clipped here: beyond it 
 _NEAR = 1e-6  # |λ| (or |λ − 2|) below this: the logarithmic branch
 
 
+def _expm1(x: Tensor) -> Tensor:
+    """``eˣ − 1`` as Kahan's ``(u − 1)·x / log u`` with ``u = eˣ``: accurate near 0 like ``torch.expm1``, and made of
+    operators ONNX has (it has no ``expm1``)."""
+    u = torch.exp(x)
+    safe = torch.where((u == 1) | torch.isinf(u), torch.full_like(u, 2.0), u)
+    return torch.where(u == 1, x, torch.where(torch.isinf(u), u, (safe - 1) * x / torch.log(safe)))
+
+
 def yeo_johnson(u: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """The Yeo-Johnson map ``ψ_λ(u)`` and ``log ψ'_λ(u)``, elementwise, with ``lam`` broadcast against ``u``.
 
@@ -28,7 +36,7 @@ def yeo_johnson(u: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     a = torch.where(pos, torch.log1p(u.clamp(min=0)), torch.log1p((-u).clamp(min=0)))  # log(1 + |u|), d/du ≠ 0 at 0
     p = torch.where(pos, lam, 2 - lam)  # the exponent of the branch
     safe = torch.where(p.abs() < _NEAR, torch.ones_like(p), p)
-    mag = torch.where(p.abs() < _NEAR, a, torch.expm1(p * a) / safe)  # ((1 + |u|)^p − 1)/p
+    mag = torch.where(p.abs() < _NEAR, a, _expm1(p * a) / safe)  # ((1 + |u|)^p − 1)/p
     y = torch.where(pos, mag, -mag)
     return y, (lam - 1) * torch.where(pos, a, -a)
 
@@ -39,7 +47,7 @@ def yeo_johnson_inverse(y: Tensor, lam: Tensor) -> Tensor:
     p = torch.where(pos, lam, 2 - lam)
     safe = torch.where(p.abs() < _NEAR, torch.ones_like(p), p)
     a = torch.where(p.abs() < _NEAR, y.abs(), torch.log1p((p * y.abs()).clamp(min=-1 + 1e-12)) / safe)
-    mag = torch.expm1(a)
+    mag = _expm1(a)
     return torch.where(pos, mag, -mag)
 
 

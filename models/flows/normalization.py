@@ -164,7 +164,15 @@ class GaussianWhitening(Bijector):
         logdet = torch.log(torch.diagonal(self.weight)).sum()
         return z.reshape(x.shape), logdet.expand(x.shape[0])
 
+    def freeze(self) -> None:
+        """Keep ``W⁻¹`` as a matrix (export: ONNX has no triangular solve); the inverse then multiplies by it."""
+        self._inverse = torch.linalg.inv(self.weight)
+
     def inverse(self, z: Tensor) -> Tensor:
         flat = z.reshape(z.shape[0], -1)
-        x = torch.linalg.solve_triangular(self.weight, flat.T, upper=False).T + self.mean
+        frozen = getattr(self, "_inverse", None)
+        if frozen is not None:
+            x = flat @ frozen.T + self.mean
+        else:
+            x = torch.linalg.solve_triangular(self.weight, flat.T, upper=False).T + self.mean
         return x.reshape(z.shape)
