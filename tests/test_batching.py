@@ -115,8 +115,12 @@ def test_delay_under_load_only_never_holds_a_lone_request_and_fills_batches_unde
         assert [o.tolist() for o in both] == [[4.0], [6.0]]
         assert runner.batches == [1, 2]
         third = asyncio.ensure_future(one(4.0))
-        await asyncio.sleep(0.3)  # the batcher holds the third request: the last batch had two rows
-        assert not third.done() and runner.batches == [1, 2]
+        depth = lambda: metrics.registry.get_sample_value("flowserve_queue_depth_rows", {"model": "m", "task": "score"})  # noqa: E731
+        while depth() != 1:  # queued
+            await asyncio.sleep(0)
+        while depth() != 0:  # taken into a batch, which waits to fill: the last batch had two rows
+            await asyncio.sleep(0)
+        assert not third.done() and runner.batches == [1, 2]  # and the end proves it shared the fourth's batch
         fourth = await asyncio.wait_for(one(5.0), 10)  # fills the batch of two, which then runs at once
         assert fourth.tolist() == [10.0] and (await third).tolist() == [8.0]
         assert runner.batches == [1, 2, 2]

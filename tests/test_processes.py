@@ -172,7 +172,8 @@ def test_restarted_frontend_joins_the_port_only_when_it_can_serve(repository: Pa
             if len(now) == 2 and frontends[0] not in now:
                 break
             time.sleep(0.02)
-        time.sleep(4)  # its start-up and first seconds, under load
+        served = metric_value(s, "flowserve_requests_total", status="200")  # its start-up and first requests, under load
+        wait_for_metric(s, "flowserve_requests_total", lambda v: v >= served + 150, timeout_s=60, status="200")
         stop.set()
         for w in workers:
             w.join(60)

@@ -13,12 +13,12 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from models.data import load_dataset
@@ -175,14 +175,17 @@ def test_corrupted_artifact_during_reload_loses_no_request(repository: Path, tmp
 
 def test_clients_that_disconnect_mid_request(repository: Path, tmp_path: Path) -> None:
     with running_server(repository, tmp_path, FLOWSERVE_MAX_BATCH_SIZE="1", FLOWSERVE_MAX_QUEUE_ROWS="8192") as s:
-        big = {"instances": TEST[:256].tolist(), "iw_samples": 16}  # 4,096 rows in 4,096 batches: seconds of work
+        big = json.dumps({"instances": TEST[:256].tolist(), "iw_samples": 16}).encode()  # 4,096 rows in 4,096 batches
+        request = (f"POST /v1/models/digits/score HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                   f"content-length: {len(big)}\r\n\r\n").encode() + big
         dropped = 0
         for _ in range(6):  # two of these would fill the queue (8,192 rows) if their work stayed queued
-            try:
-                httpx.post(f"{s.url}/v1/models/digits/score", json=big, timeout=0.5)
-            except httpx.TimeoutException:
-                dropped += 1
-        assert dropped == 6  # none was refused as queue-full: each one's rows left the queue with its client
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
+                conn.sendall(request)
+                wait_for_metric(s, "flowserve_queue_depth_rows", lambda v: v > 0, model="digits", task="score")
+            dropped += 1  # the client left while its rows were queued: they leave the queue with it
+            wait_for_metric(s, "flowserve_queue_depth_rows", lambda v: v == 0, timeout_s=30, model="digits", task="score")
+        assert dropped == 6
         with s.client() as c:
             ok = c.post("/v1/models/digits/score", content=BODIES[0], headers={"content-type": "application/json"})
         assert ok.status_code == 200 and s.proc.poll() is None

@@ -35,7 +35,7 @@ class TabularFlowConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["tabular"] = "tabular"
-    steps: int | None = Field(None, ge=0, description="couplings (default: 2 below 500 records, 4 below 5,000, else 6)")
+    steps: int | None = Field(None, ge=1, description="couplings (default: 2 below 500 records, 4 below 5,000, else 6)")
     hidden: int | None = Field(None, ge=1, description="conditioner width (default: about 0.25 parameters per training "
                                "cell, 4 to 128)")
     depth: int = Field(1, ge=1, description="hidden layers per conditioner")
