@@ -35,7 +35,7 @@ serve: $(STAMP)
 	$(BIN)/flowserve serve --repository model_repository --host 127.0.0.1 --port 8000
 
 bundle: $(STAMP)
-	$(BIN)/python -m models.bundle model_repository
+	$(BIN)/python -m models.artifacts.bundle model_repository
 
 clean:
 	rm -rf $(VENV) .pytest_cache

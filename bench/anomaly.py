@@ -35,15 +35,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.anomaly import STATISTICS  # noqa: E402
-from models.marginal import DEFAULT_SAMPLES  # noqa: E402
-from models.missing import COLD_PATTERN_RECORDS  # noqa: E402
+from models.anomaly.scoring import STATISTICS  # noqa: E402
+from models.anomaly.marginal import DEFAULT_SAMPLES  # noqa: E402
+from models.anomaly.missing import COLD_PATTERN_RECORDS  # noqa: E402
 
 
 def trained(config: str, artifact_dir: str | None, minutes: float, tmp: Path) -> Path:
     if artifact_dir:
         return Path(artifact_dir)
-    from models.train import load_config, train
+    from models.training.loop import load_config, train
 
     cfg = load_config(ROOT / "configs" / config)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_minutes": minutes})})
@@ -55,7 +55,7 @@ def trained(config: str, artifact_dir: str | None, minutes: float, tmp: Path) ->
 
 def nll(model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """NLL (nats) as the anomaly route computes it (discrete features at their bin midpoints)."""
-    from models.anomaly import model_scorer
+    from models.anomaly.scoring import model_scorer
 
     return -model_scorer(model)(x, None)
 
@@ -98,8 +98,8 @@ def realised_fpr(model, scorer, fresh: np.ndarray, patients: int) -> str:  # noq
 
 
 def vitals(art: Path, rng: np.random.Generator) -> None:
-    from models import artifact
-    from models.anomaly import AnomalyScorer
+    from models.artifacts import store as artifact
+    from models.anomaly.scoring import AnomalyScorer
     from models.data import load_dataset
     from models.data.cohort import generate_vitals, plant_vital_anomaly
     from models.data.mimic import impute
@@ -126,8 +126,8 @@ def vitals(art: Path, rng: np.random.Generator) -> None:
     fresh = impute(f.values, f.patient).values
     print("\n" + realised_fpr(model, scorer, fresh.astype(np.float32), 120))
 
-    # attribution as the route computes it (features and the schema's groups, models.attribution)
-    from models.attribution import describe_parts, part_attribution, part_variants, record_parts
+    # attribution as the route computes it (features and the schema's groups, models.anomaly.attribution)
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
 
     cal = record_calibration_of(model, model.manifest.calibration)
     parts, plabels, members = record_parts(model.spec, cal, None, anom.astype(np.float32))
@@ -152,7 +152,7 @@ def record_calibration_of(model, scorer_cal: dict) -> dict:  # noqa: ANN001
     """The artifact's calibration, with the absent-feature parts computed here when it predates them."""
     if "proposal" in scorer_cal:
         return scorer_cal
-    from models.calibration import record_calibration
+    from models.anomaly.calibration import record_calibration
     from models.data import load_dataset
 
     data = load_dataset(model.manifest.metrics.get("data", "mimic-vitals"))
@@ -162,7 +162,7 @@ def record_calibration_of(model, scorer_cal: dict) -> dict:  # noqa: ANN001
 
 def pattern_p_values(pcal, score, x: np.ndarray, observed: np.ndarray, stat: str | None = None):  # noqa: ANN001, ANN201
     """Per record: marginal NLL, p-value against its pattern's calibration, and a ranking score (−log p, ties by z)."""
-    from models.marginal import pattern_of
+    from models.anomaly.marginal import pattern_of
 
     nll = np.empty(len(x))
     p = np.empty(len(x))
@@ -211,11 +211,11 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
     calibration records (``None``: every usable one), as the service builds a pattern on first use."""
     from collections import Counter
 
-    from models import artifact
-    from models.anomaly import AnomalyScorer, model_scorer
+    from models.artifacts import store as artifact
+    from models.anomaly.scoring import AnomalyScorer, model_scorer
     from models.data.cohort import generate_vitals
     from models.data.mimic import impute
-    from models.missing import PatternCalibrations
+    from models.anomaly.missing import PatternCalibrations
 
     model = artifact.load(art).eval()
     cal = record_calibration_of(model, model.manifest.calibration)
@@ -266,8 +266,8 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
           f"(≤ {pattern_records or pcal.records.shape[0]} records each)")
 
     # Attribution of the flagged anomalies, as the route computes it: observed parts only, marginal variants.
-    from models.attribution import describe_parts, part_attribution, part_variants, record_parts
-    from models.marginal import pattern_of
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
+    from models.anomaly.marginal import pattern_of
 
     p_all = np.exp(-np.floor(rank_marginal * 1e6) / 1e6)  # undo the tie-break: the per-pattern p-values
     anomalies = np.flatnonzero(labels != "normal")
@@ -311,9 +311,9 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
     from scipy.special import logsumexp
     from sklearn.mixture import GaussianMixture
 
-    from models import artifact
-    from models.anomaly import AnomalyScorer, model_scorer
-    from models.attribution import describe_parts, part_attribution, part_variants, record_parts
+    from models.artifacts import store as artifact
+    from models.anomaly.scoring import AnomalyScorer, model_scorer
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
     from models.data import load_dataset
     from models.data.cohort import generate_vitals, plant_vital_anomaly
     from models.data.mimic import impute
@@ -402,8 +402,8 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
           f"{100 * np.mean(a[:, g] > a[:, h]):.1f}% | {100 * route:.1f}% (heart rate {100 * heart:.1f}%) |")
 
     # The route on the same 192 cases, complete and measured-only (missing_data's pattern calibrations, K = 32).
-    from models.marginal import pattern_of
-    from models.missing import PatternCalibrations
+    from models.anomaly.marginal import pattern_of
+    from models.anomaly.missing import PatternCalibrations
 
     pcal = PatternCalibrations(cal, model.spec.discrete_features, samples=32, cache=100_000)
     route_192 = {}
@@ -442,10 +442,10 @@ def small_csv(reps: int, tmp: Path) -> None:
     from sklearn.datasets import load_breast_cancer
     from sklearn.metrics import roc_auc_score
 
-    from models import artifact
-    from models.anomaly import AnomalyScorer, model_scorer
-    from models.calibration import recalibrate
-    from models.train import CalibrationConfig, load_config, train
+    from models.artifacts import store as artifact
+    from models.anomaly.scoring import AnomalyScorer, model_scorer
+    from models.anomaly.calibration import recalibrate
+    from models.training.loop import CalibrationConfig, load_config, train
 
     data = load_breast_cancer()
     x, y = data.data.astype(np.float32), data.target  # target 1 = benign
@@ -579,9 +579,9 @@ def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
 
 
 def waveforms(art: Path, rng: np.random.Generator) -> None:
-    from models import artifact
-    from models.anomaly import AnomalyScorer
-    from models.attribution import attribute, segment_bounds
+    from models.artifacts import store as artifact
+    from models.anomaly.scoring import AnomalyScorer
+    from models.anomaly.attribution import attribute, segment_bounds
     from models.data import load_dataset
     from models.data.cohort import generate_waveforms
     from models.data.mimic import scale_windows

@@ -42,7 +42,7 @@ def run(job: tuple[str, dict, str, float]) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(1)
-    from models.train import TrainConfig, train
+    from models.training.loop import TrainConfig, train
 
     name, model, data, minutes = job
     cfg = TrainConfig.model_validate({"data": data, "model": model, "seed": 0, "train": {

@@ -68,8 +68,8 @@ def run(job: tuple[str, dict, str, dict, float, int, int]) -> tuple[str, dict]:
 
     torch.set_num_threads(1)
     from models.data import load_dataset
-    from models.evaluate import evaluate
-    from models.train import TrainConfig, train
+    from models.training.evaluate import evaluate
+    from models.training.loop import TrainConfig, train
 
     name, model, data, optim, minutes, iw, seed = job
     cfg = TrainConfig.model_validate({"data": data, "model": model, "seed": seed,
@@ -77,7 +77,7 @@ def run(job: tuple[str, dict, str, dict, float, int, int]) -> tuple[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train(cfg, tmp, progress=False)
         if iw > 1:
-            from models import artifact
+            from models.artifacts import store as artifact
 
             final = artifact.load(Path(tmp) / "artifact")
             metrics["test_iw_bits_per_dim"] = evaluate(final, load_dataset(data).split("test"), 64, seed=0, iw_samples=iw)["bits_per_dim"]

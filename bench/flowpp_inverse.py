@@ -46,7 +46,7 @@ def set_method(model, method: str) -> list[int]:  # noqa: ANN001
 def main() -> None:
     import torch
 
-    from models import artifact
+    from models.artifacts import store as artifact
     from models.data import load_dataset
 
     ap = argparse.ArgumentParser()

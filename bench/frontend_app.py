@@ -30,7 +30,7 @@ from fastapi import APIRouter, FastAPI
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.manifest import read_manifest  # noqa: E402
+from models.artifacts.manifest import read_manifest  # noqa: E402
 from service.api.routing import CodecRoute  # noqa: E402
 from service.app import build_app  # noqa: E402
 from service.entry import ModelEntry  # noqa: E402

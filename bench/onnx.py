@@ -22,8 +22,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import artifact  # noqa: E402
-from models.export import export_artifact, parity, random_inputs  # noqa: E402
+from models.artifacts import store as artifact  # noqa: E402
+from models.artifacts.export import export_artifact, parity, random_inputs  # noqa: E402
 
 
 def rows_per_s(fn, batch: int, seconds: float) -> float:  # noqa: ANN001

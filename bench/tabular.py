@@ -5,7 +5,7 @@ normal records are shuffled: 50% train, 25% calibrate, 25% are the test's normal
 anomaly is in the test. Each detector fits the same training records:
 
 * the flow: ``flowserve train --preset tabular --data csv:train.csv`` as a user would run it (the
-  preset holds a quarter of the file out for early stopping), through :func:`models.train.train`;
+  preset holds a quarter of the file out for early stopping), through :func:`models.training.loop.train`;
 * "its Gaussian": the flow's own initial model (Yeo-Johnson marginals + cross-validated shrinkage
   Gaussian), cut from the trained artifact, the model the flow falls back to;
 * PyOD's KNN, IsolationForest and ECOD on standardised records (scaler fitted on the training
@@ -97,7 +97,7 @@ def initial_gaussian(model):  # noqa: ANN001, ANN201 - DensityModel -> DensityMo
 
 def nll(model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
     """NLL (nats per record) as the anomaly route computes it (integer columns at their bin midpoints)."""
-    from models.anomaly import model_scorer
+    from models.anomaly.scoring import model_scorer
 
     return -model_scorer(model)(x.astype(np.float32), None)
 
@@ -136,10 +136,12 @@ def classical(train: np.ndarray, test: np.ndarray, held_out: np.ndarray) -> dict
 def run_dataset(name: str, splits: int, tmp: Path, small: int | None) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from models import artifact, presets
-    from models.anomaly import AnomalyScorer
-    from models.calibration import recalibrate
-    from models.train import load_config, train
+    from models.artifacts import store as artifact
+
+    from models import presets
+    from models.anomaly.scoring import AnomalyScorer
+    from models.anomaly.calibration import recalibrate
+    from models.training.loop import load_config, train
 
     normal, anomalous, names = DATASETS[name]()
     base = load_config(presets.path("tabular"))
@@ -206,8 +208,8 @@ def small_records(name: str, normal: np.ndarray, anomalous: np.ndarray, names: l
     """The flow and its Gaussian with only ``n`` training records (the preset holds some out for early stopping)."""
     from sklearn.metrics import roc_auc_score
 
-    from models import artifact
-    from models.train import train
+    from models.artifacts import store as artifact
+    from models.training.loop import train
 
     au_flow, au_gauss, nll_flow, nll_gauss, kept = [], [], [], [], 0
     for rep in range(splits):

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 def load(path: str, device: str = "cpu") -> "DensityModel":
     """Load an artifact directory as a ``DensityModel`` (checksums verified)."""
-    from .artifact import load as _load
+    from .artifacts.store import load as _load
 
     return _load(path, device)
 

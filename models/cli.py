@@ -58,7 +58,7 @@ def train(
     """Train a flow; writes OUT/artifact, OUT/metrics.jsonl and OUT/samples.png (images)."""
     from . import presets
     from .errors import ConfigError
-    from .train import load_config, train as run
+    from .training.loop import load_config, train as run
 
     _logging(verbose)
     if (config is None) == (preset is None):
@@ -104,10 +104,10 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Bits/dim and NLL (nats per example) of an artifact on a dataset split."""
-    from .artifact import load
+    from .artifacts.store import load
     from .data import load_dataset
     from .errors import DataError
-    from .evaluate import evaluate as run
+    from .training.evaluate import evaluate as run
 
     model = load(artifact_dir)
     metrics = model.manifest.metrics
@@ -139,7 +139,7 @@ def calibrate(
     split: Optional[str] = typer.Option(None, "--split", help="use only this split of DATA"),
 ) -> None:
     """Recalibrate a record or waveform model's anomaly scores in place, without retraining."""
-    from .calibration import recalibrate
+    from .anomaly.calibration import recalibrate
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -165,7 +165,7 @@ def sample(
     import numpy as np
     import torch
 
-    from .artifact import load
+    from .artifacts.store import load
     from .errors import FlowserveError as Err
 
     model = load(artifact_dir)
@@ -195,7 +195,7 @@ def export(
     prefer: bool = typer.Option(False, "--prefer-onnx", help="mark ONNX Runtime as this model's preferred backend"),
 ) -> None:
     """Add ONNX scoring and sampling graphs to an artifact (and optionally a Triton repository)."""
-    from .export import export_artifact, export_triton
+    from .artifacts.export import export_artifact, export_triton
 
     _logging(False)
     graphs = export_artifact(artifact_dir, opset=opset, prefer=prefer)

@@ -32,7 +32,7 @@ class DensityModel(nn.Module):
         elif dequantizer is None and spec.discrete_features:
             dequantizer = UniformDequantizer(spec.discrete_features, spec.dims)
         self.dequantizer = dequantizer
-        self.manifest = None  # set by ``models.artifact.load``
+        self.manifest = None  # set by ``models.artifacts.store.load``
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.manifest import flowserve_version
+from models.artifacts.manifest import flowserve_version
 from models.errors import FlowserveError
 
 from .api import v1, v2

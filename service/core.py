@@ -24,12 +24,12 @@ from typing import Literal
 
 import numpy as np
 
-from models import attribution as attr
+from models.anomaly import attribution as attr
 from models import sampling
-from models.anomaly import AnomalyScorer, scoring_noise
+from models.anomaly.scoring import AnomalyScorer, scoring_noise
 from models.logspace import log_mean_exp
-from models.marginal import Pattern, pattern_of
-from models.missing import NoPatternCalibration, PatternCalibrations
+from models.anomaly.marginal import Pattern, pattern_of
+from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
 from models.spec import DataSpec
 
 from . import tasks
@@ -258,7 +258,7 @@ class InferenceCore:
                       gone: Gone | None = None, observed: np.ndarray | None = None, missing: Missing = "marginal") -> AnomalyReport:
         """Calibrated anomaly scores of validated rows ``x``, with counterfactual attributions.
 
-        Per row (see :meth:`models.anomaly.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
+        Per row (see :meth:`models.anomaly.scoring.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
         (nats; per observed feature for records with absent ones), ``percentile``, conformal
         ``p_value``, ``is_anomaly`` at ``target_fpr``, ``threshold``; and ``attribution`` (top
         ``top`` features, feature groups or time segments: nats of the statistic that disappear
@@ -267,7 +267,7 @@ class InferenceCore:
         Records: ``observed (N, D)`` marks the features the client sent (absent ones hold the
         calibration medians). ``missing="marginal"`` scores them by the marginal likelihood of the
         observed features against calibration records masked to the same pattern
-        (:mod:`models.missing`); ``"median"`` scores the median-filled record against the complete
+        (:mod:`models.anomaly.missing`); ``"median"`` scores the median-filled record against the complete
         records' calibration. Only observed features are attributed. All rows of a request, of
         every pattern, go to the batcher as one stream of rows.
         """

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.manifest import Manifest
+from models.artifacts.manifest import Manifest
 
 from .errors import ClientClosed, Unavailable
 

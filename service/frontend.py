@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.manifest import Manifest, read_manifest
+from models.artifacts.manifest import Manifest, read_manifest
 
 from fastapi import FastAPI
 
@@ -302,7 +302,7 @@ class RemoteRepository:
         return None
 
     async def pattern_calibration(self, entry: ModelEntry, pattern: tuple[int, ...]) -> dict:
-        """A missingness pattern's calibration (:func:`models.anomaly.pattern_calibration`'s dict), built by an executor
+        """A missingness pattern's calibration (:func:`models.anomaly.scoring.pattern_calibration`'s dict), built by an executor
         serving ``entry`` (chosen by the pattern, so a server with several executors builds each pattern once) and
         shared by every front-end that asks."""
         links = [link for link in self.serving(entry.name, entry.version) if link.live]

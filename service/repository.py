@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from models.manifest import read_manifest
+from models.artifacts.manifest import read_manifest
 
 from . import tasks
 from .batching import AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe

@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.artifact import Manifest, load, read_manifest, verify
+from models.artifacts.store import Manifest, load, read_manifest, verify
 from models.density import DensityModel
 from models.errors import ArtifactError
 

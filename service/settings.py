@@ -10,8 +10,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
-from models.marginal import DEFAULT_SAMPLES
-from models.missing import COLD_PATTERN_RECORDS, MIN_PATTERN_RECORDS
+from models.anomaly.marginal import DEFAULT_SAMPLES
+from models.anomaly.missing import COLD_PATTERN_RECORDS, MIN_PATTERN_RECORDS
 
 
 def _csv(value: object) -> list[str]:
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     max_samples: int = Field(1024, ge=1, description="samples per sample request")
     max_iw_samples: int = Field(256, ge=1)
     anomaly_samples: int = Field(DEFAULT_SAMPLES, ge=1, le=4096, description="importance samples K for records with absent "
-                                 "features (models.marginal); each such record costs K flow rows; patterns stored in an "
+                                 "features (models.anomaly.marginal); each such record costs K flow rows; patterns stored in an "
                                  "artifact are used only when they were built with the same K")
     anomaly_pattern_cache: int = Field(1024, ge=1, description="missingness patterns whose calibration is kept (LRU)")
     anomaly_pattern_records: int = Field(COLD_PATTERN_RECORDS, ge=MIN_PATTERN_RECORDS, description="calibration records "

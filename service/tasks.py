@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models import seeding
-from models.manifest import Manifest
+from models.artifacts.manifest import Manifest
 
 from .entry import Payload
 

@@ -12,7 +12,7 @@ still go to MKL's GEMM, whose rounding depends on the number of rows: such model
 (:func:`service.tasks.check_batch_invariance` finds out at load) and still gain the dispatch.
 
 ``torch.jit.trace`` is deprecated in favour of ``torch.compile`` and ``torch.export`` (and already
-underlies the ONNX export, :mod:`models.export`). Inductor, tried on the same model with a dynamic
+underlies the ONNX export, :mod:`models.artifacts.export`). Inductor, tried on the same model with a dynamic
 batch, compiled for 134 s and recompiled for 180 s more on 2 cores, and its result was neither
 faster at one row nor batch-invariant. A trace records one path through the model's Python, so
 the graph is compared with eager on fresh rows at several batch sizes before it is used; a

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.train import TrainConfig, train
+from models.training.loop import TrainConfig, train
 
 TINY_GLOW = {
     "data": "digits",

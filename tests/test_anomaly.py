@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models import load
-from models.anomaly import AnomalyScorer, atom_design, find_atoms
-from models.train import TrainConfig, train
+from models.anomaly.scoring import AnomalyScorer, atom_design, find_atoms
+from models.training.loop import TrainConfig, train
 from tests.server import running_server
 
 FEATURES = ["heart_rate", "systolic_bp", "diastolic_bp", "spo2"]
@@ -162,7 +162,7 @@ def test_anomaly_route_refuses_image_models(server) -> None:  # noqa: ANN001
 
 def test_conditional_statistic_is_refused_for_non_record_data_before_training(tmp_path: Path) -> None:
     from models.errors import ConfigError
-    from models.train import TrainConfig, train
+    from models.training.loop import TrainConfig, train
 
     cfg = TrainConfig.model_validate({"data": "digits", "model": {"name": "glow"}, "anomaly_statistic": "conditional"})
     with pytest.raises(ConfigError, match="record data"):
@@ -185,7 +185,7 @@ def test_small_csv_holds_out_a_minimum_and_calibrate_cli_recalibrates(tmp_path: 
     m = train(TrainConfig.model_validate(cfg), tmp_path / "run", progress=False)
     assert m["calibration_records"] == 100  # csv's 5% (15) raised to min_records
     assert load(str(tmp_path / "run" / "artifact")).manifest.calibration["n"] == 100
-    with caplog.at_level(logging.WARNING, logger="models.train"):
+    with caplog.at_level(logging.WARNING, logger="models.training.loop"):
         m = train(TrainConfig.model_validate({**cfg, "calibration": {"min_records": 40}}), tmp_path / "run40", progress=False)
     assert m["calibration_records"] == 40 and "resolution of 1/41" in caplog.text
     cal40 = load(str(tmp_path / "run40" / "artifact")).manifest.calibration

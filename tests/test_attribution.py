@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.attribution import (
+from models.anomaly.attribution import (
     attribute,
     beat_period,
     feature_variants,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from models import load
-from models.anomaly import AnomalyScorer
-from models.bundle import BUNDLE
+from models.anomaly.scoring import AnomalyScorer
+from models.artifacts.bundle import BUNDLE
 from models.data import load_dataset
 from models.data.cohort import generate_vitals, generate_waveforms
-from models.evaluate import evaluate
+from models.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = {"digits": 2.15, "digits-flowpp": 2.00}  # issues 2 and 6: Glow and Flow++ on digits, test bits/dim
@@ -47,7 +47,7 @@ def test_bundled_flowpp_beats_bundled_glow(fresh_bits_per_dim: dict[str, float])
 def _default_statistic(name: str, x: np.ndarray) -> tuple[np.ndarray, AnomalyScorer]:
     import torch
 
-    from models.anomaly import scoring_noise
+    from models.anomaly.scoring import scoring_noise
 
     model = load(str(ROOT / name / "1")).eval()
     scorer = AnomalyScorer(model.manifest.calibration)
@@ -95,7 +95,7 @@ def test_evaluation_accepts_read_only_arrays_without_warnings(fresh_bits_per_dim
 
     code = (
         "import json, sys, numpy as np\n"
-        "from models import load\nfrom models.data import load_dataset\nfrom models.evaluate import evaluate\n"
+        "from models import load\nfrom models.data import load_dataset\nfrom models.training.evaluate import evaluate\n"
         "path = sys.argv[1]\nm = json.load(open(path + '/manifest.json'))['metrics']\n"
         "test = np.array(load_dataset(m['data']).split('test'))\ntest.setflags(write=False)\n"
         "print(repr(evaluate(load(path), test, m['eval_batch'], seed=m['eval_seed'])['bits_per_dim']))\n"
@@ -112,7 +112,7 @@ def test_manifest_is_written_compactly_and_reads_back_unchanged(tmp_path: Path) 
     import json
     import shutil
 
-    from models.manifest import read_manifest, write_manifest
+    from models.artifacts.manifest import read_manifest, write_manifest
 
     shutil.copy(ROOT / "mimic-vitals" / "1" / "manifest.json", tmp_path / "manifest.json")
     manifest = read_manifest(tmp_path)

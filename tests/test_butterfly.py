@@ -77,7 +77,7 @@ def test_too_many_levels_names_the_largest_allowed() -> None:
 
 def _params(config: str, spec) -> int:  # noqa: ANN001
     from models.architectures import build
-    from models.train import load_config
+    from models.training.loop import load_config
 
     return sum(p.numel() for p in build(load_config(config).model, spec).parameters())
 

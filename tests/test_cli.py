@@ -102,7 +102,7 @@ def test_configs_are_found() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_validate(config: Path) -> None:
-    from models.train import load_config
+    from models.training.loop import load_config
 
     load_config(config)
 
@@ -125,7 +125,7 @@ def test_resumed_run_continues_the_same_batch_sequence(tmp_path: Path) -> None:
     the checkpoint restores the torch RNG and the numpy batch generator, not only the model and optimiser."""
     from safetensors.numpy import load_file
 
-    from models.train import TrainConfig, train
+    from models.training.loop import TrainConfig, train
 
     cfg = TrainConfig.model_validate({**TINY_GLOW, "train": {**TINY_GLOW["train"], "steps": 20, "eval_every": 10}})
     train(cfg, tmp_path / "straight", progress=False)

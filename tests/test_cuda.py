@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_training_runs_on_cuda_end_to_end(tmp_path: Path) -> None:
     """A few steps on the GPU, then evaluation and the sample grid on the GPU too; the artifact loads on the CPU."""
     from models import load
-    from models.train import TrainConfig, train
+    from models.training.loop import TrainConfig, train
 
     cfg = TrainConfig.model_validate({**TINY_GLOW, "device": "cuda", "train": {**TINY_GLOW["train"], "steps": 10, "eval_every": 5}})
     m = train(cfg, tmp_path / "run", progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import artifact
+from models.artifacts import store as artifact
 from models.architectures import build, parse_config
 from models.data import load_dataset
 from models.density import DensityModel

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from models import artifact
+from models.artifacts import store as artifact
 from models.architectures import build, parse_config
 from models.cli import app
 from models.data import load_dataset
@@ -250,8 +250,8 @@ def test_trained_artifact_samples_finite_images_at_every_temperature(tmp_path: P
 
 def test_service_scores_and_samples_flowpp_on_both_backends(tmp_path: Path) -> None:
     """Variational dequantization over HTTP: Gaussian noise from the request seed, the same on torch and ONNX Runtime."""
-    from models.export import export_artifact
-    from models.train import TrainConfig, train
+    from models.artifacts.export import export_artifact
+    from models.training.loop import TrainConfig, train
     from tests.server import running_server
 
     model = {**TINY_FLOWPP, "layout": ["columns:2", "squeeze", "channel:1"], "dequant_couplings": 1}

@@ -192,11 +192,11 @@ def test_channel_mixing_exports_as_onnx_conv() -> None:
     """ONNX export keeps the 1×1 ``Conv`` node at any channel count (the multiply-sum is for torch on the CPU only)."""
     onnx = pytest.importorskip("onnx")
     layer = _with_random_params(F.InvConv1x1LU(4)).eval()
-    layer.freeze()  # plain matrices, as models.export exports them
+    layer.freeze()  # plain matrices, as models.artifacts.export exports them
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as models.export: the channel count is a constant
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy TorchScript exporter, as models.export uses
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as models.artifacts.export: the channel count is a constant
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy TorchScript exporter, as models.artifacts.export uses
         torch.onnx.export(_FirstOutput(layer), (torch.randn(2, 4, 3, 3),), buf, dynamo=False)
     ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
     assert "Conv" in ops and not ops & {"Mul", "Add", "ReduceSum"}, ops

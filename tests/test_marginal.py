@@ -1,4 +1,4 @@
-"""The marginal likelihood of observed features (models.marginal) and its per-pattern calibration (models.missing)."""
+"""The marginal likelihood of observed features (models.anomaly.marginal) and its per-pattern calibration (models.anomaly.missing)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.anomaly import AnomalyScorer, pattern_calibration
+from models.anomaly.scoring import AnomalyScorer, pattern_calibration
 from models.flows import data_init
-from models.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
-from models.missing import (COLD_PATTERN_RECORDS, STORED_PATTERNS, NoPatternCalibration, PatternCalibrations, calibrate_patterns,
+from models.anomaly.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
+from models.anomaly.missing import (COLD_PATTERN_RECORDS, STORED_PATTERNS, NoPatternCalibration, PatternCalibrations, calibrate_patterns,
                             frequent_patterns)
 
 
@@ -253,7 +253,7 @@ def test_stored_patterns_are_used_without_scoring_and_only_at_their_k() -> None:
 
 def test_the_bundled_vitals_model_starts_warm_at_the_services_k() -> None:
     """The bundled mimic-vitals artifact stores its training data's most frequent patterns at the K the service uses."""
-    from models import artifact
+    from models.artifacts import store as artifact
     from service.settings import Settings
 
     cal = artifact.read_manifest(Path(__file__).resolve().parent.parent / "model_repository" / "mimic-vitals" / "1").calibration

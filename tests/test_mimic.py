@@ -222,7 +222,7 @@ def test_dataset_specs_load_generated_and_exported_cohorts(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def mimic_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny vitals and waveform flows trained on the generated cohort, as a model repository."""
-    from models.train import TrainConfig, train
+    from models.training.loop import TrainConfig, train
 
     tmp = tmp_path_factory.mktemp("mimic")
     runs = {

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import artifact
+from models.artifacts import store as artifact
 from models.architectures import build, parse_config
 from models.data import load_dataset
-from models.export import export_artifact, export_triton, parity
+from models.artifacts.export import export_artifact, export_triton, parity
 from models.flows import data_init
 from models.spec import DataSpec
 from tests.server import running_server

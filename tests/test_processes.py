@@ -256,7 +256,7 @@ def test_two_frontends_accept_on_one_port_and_batch_together(two_frontends: tupl
 def test_a_new_missingness_pattern_is_built_once_for_every_frontend(two_frontends: tuple[Server, Path]) -> None:
     """Records of a pattern no front-end has seen, sent at once over fresh connections (both front-ends get some): the
     executor builds its calibration once and every answer uses it; a pattern stored in the artifact is never built."""
-    from models.artifact import read_manifest
+    from models.artifacts.store import read_manifest
     from models.data.mimic_schema import VITAL_NAMES
 
     s, repo = two_frontends

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from models import artifact, presets
+from models.artifacts import store as artifact
+
+from models import presets
 from models.architectures import TabularFlowConfig, build, sized_for
 from models.data import load_dataset
 from models.density import DensityModel
 from models.flows import GaussianWhitening, Sequential, data_init
 from models.flows.normalization import cv_shrinkage, gaussian_log_likelihood, shrunk_covariance
 from models.spec import DataSpec
-from models.train import load_config, train
+from models.training.loop import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +94,7 @@ def test_csv_columns_integer_constant_and_scaled(tmp_path: Path) -> None:
     metrics = train(cfg, tmp_path / "run", progress=False)
     model = artifact.load(tmp_path / "run" / "artifact")
     assert model.spec.discrete_features == [0] and math.isfinite(metrics["test_nll_nats"])
-    from models.anomaly import model_scorer
+    from models.anomaly.scoring import model_scorer
 
     score = model_scorer(model)
     ok = score(rows[:5].astype(np.float32), None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torch import Tensor
 
-from models.artifact import load
+from models.artifacts.store import load
 from models.flows.base import Bijector, Sequential
 from service.runners import TorchRunner
 from service.tasks import check_batch_invariance

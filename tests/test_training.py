@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import models.train as training
+import models.training.loop as training
 from models import load
 from models.architectures import build, parse_config
 from models.data import load_dataset
 from models.flows import data_init
 from models.precision import set_precision
-from models.train import TrainConfig, TrainingError, train
+from models.training.loop import TrainConfig, TrainingError, train
 from tests.conftest import TINY_GLOW
 
 
@@ -93,7 +93,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path: Path) -> No
 
 
 def fake_growth(per_row_bytes: int):  # noqa: ANN201
-    """``models.memory.peak_growth`` that reports ``per_row_bytes`` for each row of the probe step."""
+    """``models.training.memory.peak_growth`` that reports ``per_row_bytes`` for each row of the probe step."""
     import contextlib
 
     @contextlib.contextmanager
@@ -104,25 +104,25 @@ def fake_growth(per_row_bytes: int):  # noqa: ANN201
 
 
 def test_a_step_that_cannot_fit_stops_with_what_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.memory
+    import models.training.memory
 
-    monkeypatch.setattr(models.memory, "peak_growth", fake_growth(models.memory.GB))
+    monkeypatch.setattr(models.training.memory, "peak_growth", fake_growth(models.training.memory.GB))
     cfg = TrainConfig.model_validate({**TINY_GLOW, "train": {**TINY_GLOW["train"], "memory_gb": 0.5}})
     with pytest.raises(TrainingError, match=r"needs about 1.00 GB per example and only [\d.]+ GB are allowed \(train.memory_gb\)"):
         train(cfg, tmp_path / "run", progress=False)
 
 
 def test_memory_budget_picks_micro_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.memory
+    import models.training.memory
 
-    monkeypatch.setattr(models.memory, "peak_growth", fake_growth(10 << 20))  # 10 MiB per row
-    held = models.memory.in_use_bytes(torch.device("cpu")) / models.memory.GB
+    monkeypatch.setattr(models.training.memory, "peak_growth", fake_growth(10 << 20))  # 10 MiB per row
+    held = models.training.memory.in_use_bytes(torch.device("cpu")) / models.training.memory.GB
     cfg = TrainConfig.model_validate({**TINY_GLOW, "train": {**TINY_GLOW["train"], "steps": 2, "memory_gb": held + 0.2}})
     assert 2 <= train(cfg, tmp_path / "run", progress=False)["micro_batch"] < 32  # about 0.2 GB over what it holds
 
 
 def test_the_memory_probe_measures_a_step() -> None:
-    from models.memory import peak_growth
+    from models.training.memory import peak_growth
 
     with peak_growth(torch.device("cpu")) as grown:
         block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched

@@ -46,7 +46,7 @@ VITALS: tuple[Variable, ...] = (
 VITAL_NAMES: tuple[str, ...] = tuple(v.name for v in VITALS)
 INDEX: dict[str, int] = {n: i for i, n in enumerate(VITAL_NAMES)}
 
-# Coupled variables, attributed together (models.attribution): the pressures move together in
+# Coupled variables, attributed together (models.anomaly.attribution): the pressures move together in
 # hypotension, and the Glasgow total is the sum of its components.
 VITAL_GROUPS: dict[str, tuple[str, ...]] = {
     "blood pressure": ("Systolic blood pressure", "Diastolic blood pressure", "Mean blood pressure"),

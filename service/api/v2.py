@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.manifest import flowserve_version
+from models.artifacts.manifest import flowserve_version
 
 from ..errors import BadRequest
 from .deps import core, state

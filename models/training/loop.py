@@ -16,16 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from . import artifact
-from .architectures import ArchitectureConfig, build, sized_for
-from .anomaly import FEW_CALIBRATION
-from .data import Dataset, load_dataset
-from .density import DensityModel
+from ..artifacts import store as artifact
+from ..architectures import ArchitectureConfig, build, sized_for
+from ..anomaly.scoring import FEW_CALIBRATION
+from ..data import Dataset, load_dataset
+from ..density import DensityModel
 from .ema import EMA
-from .errors import ConfigError, FlowserveError
+from ..errors import ConfigError, FlowserveError
 from .evaluate import evaluate
-from .flows import data_init
-from .precision import Precision, enable_tf32, set_precision
+from ..flows import data_init
+from ..precision import Precision, enable_tf32, set_precision
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the training loss (one graph per batch shape); see README for "
                           "where it pays")
     anomaly_statistic: Literal["nll", "typicality", "conditional"] = Field(
-        "nll", description="record and waveform models: the anomaly statistic a request gets by default (models.anomaly)")
+        "nll", description="record and waveform models: the anomaly statistic a request gets by default (models.anomaly.scoring)")
     calibration: CalibrationConfig = CalibrationConfig()
 
 
@@ -229,7 +229,7 @@ def plan_micro_batch(loss_fn, model: DensityModel, probe: torch.Tensor, oc: Opti
 
 def sample_grid(model: DensityModel, path: Path, n: int = 64, temperature: float = 1.0, seed: int = 0) -> None:
     """Write an ``n``-sample grid PNG (images only)."""
-    from .imageio import save_grid
+    from ..imageio import save_grid
 
     x = model.sample(n, temperature, torch.Generator().manual_seed(seed)).cpu().numpy()
     save_grid(x, model.spec.levels or 256, path)
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         metrics["calibration_records"] = len(data.split("val"))
     calibration = None
     if data.spec.kind in ("record", "waveform"):
-        from .calibration import calibrate
+        from ..anomaly.calibration import calibrate
 
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
                                 train=train_x if data.spec.kind == "record" else None,

@@ -34,8 +34,8 @@ each integer's unit bin (dequantization noise 0.5, the midpoint rule for ``log P
 calibration and in use alike: a random draw would add noise to every score.
 
 The calibration also stores, for records, per-feature medians (``fill``, for the median-fill
-option), reference quantiles (``reference``, for :mod:`models.attribution`), and what scoring
-records with absent features needs (:mod:`models.marginal`): the importance-sampling proposal
+option), reference quantiles (``reference``, for :mod:`models.anomaly.attribution`), and what scoring
+records with absent features needs (:mod:`models.anomaly.marginal`): the importance-sampling proposal
 fitted on the training records (``proposal``), and the calibration records themselves
 (``records``, at most :data:`MAX_PATTERN_RECORDS`, with ``known``: which of their cells are
 measurements or carried-forward measurements rather than a never-measured default). A record that
@@ -46,7 +46,7 @@ Resolution: with ``n`` calibration records the smallest p-value is ``1/(n + 1)``
 :data:`FEW_CALIBRATION` records training warns, and the manifest and the route report it.
 
 This module holds what scoring needs (numpy only: the service's front-ends import it);
-:mod:`models.calibration` builds the calibrations from a model and records.
+:mod:`models.anomaly.calibration` builds the calibrations from a model and records.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # torch stays out of the service's HTTP front-ends, which score through executors
-    from .density import DensityModel
-    from .spec import DataSpec
+    from ..density import DensityModel
+    from ..spec import DataSpec
 
 MAX_CALIBRATION = 5000
 MAX_PATTERN_RECORDS = 1000  # calibration records re-scored per missingness pattern

@@ -1,4 +1,4 @@
-"""Rebuild the bundled default models that ``make serve`` serves: ``python -m models.bundle ROOT``.
+"""Rebuild the bundled default models that ``make serve`` serves: ``python -m models.artifacts.bundle ROOT``.
 
 Each entry trains one shipped config with its seed, writes ``ROOT/<name>/1/``, adds the ONNX
 graphs and marks ONNX Runtime as the preferred backend (faster than eager PyTorch on CPU;
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .export import export_artifact
-from .train import load_config, train
+from ..training.loop import load_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

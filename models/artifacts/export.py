@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import artifact
-from .density import DensityModel
-from .seeding import noise_distribution
-from .errors import ArtifactError
+from . import store as artifact
+from ..density import DensityModel
+from ..seeding import noise_distribution
+from ..errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

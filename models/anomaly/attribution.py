@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .data.mimic_schema import SAMPLE_RATE_HZ
+from ..data.mimic_schema import SAMPLE_RATE_HZ
 
 ReferenceValues = np.ndarray  # (D, M)
 GROUP_GAIN = 1.5
@@ -70,7 +70,7 @@ def part_variants(x: np.ndarray, parts: list[tuple[list[int], np.ndarray]]) -> n
 def conditional_reference(mean: np.ndarray, cov: np.ndarray, x: np.ndarray, features: list[int], given: list[int],
                           discrete: list[int] | None = None) -> np.ndarray:
     """``(B, g)``: the Gaussian conditional expectation ``E[x_G | x_R]`` of a part's features given the record's other
-    observed features ``given`` (mean and covariance of the dequantized training records, :mod:`models.marginal`);
+    observed features ``given`` (mean and covariance of the dequantized training records, :mod:`models.anomaly.marginal`);
     discrete features are rounded back to their levels. The value the part would typically take in *this* record."""
     x = np.asarray(x, dtype=np.float64)
     g, r = list(features), [j for j in given if j not in set(features)]

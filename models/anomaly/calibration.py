@@ -1,13 +1,13 @@
-"""Building anomaly calibrations from a trained model and normal records (what :mod:`models.anomaly` scores with).
+"""Building anomaly calibrations from a trained model and normal records (what :mod:`models.anomaly.scoring` scores with).
 
 :func:`calibrate` scores held-out normal records and returns the manifest's ``calibration``:
 sorted scores, the atom fit of the conditional statistic, per-feature medians and reference
 values for attribution, and, for records, what absent features need (:func:`record_calibration`:
 the importance-sampling proposal and a sample of calibration records) with the most frequent
-missingness patterns calibrated in advance (:mod:`models.missing`). :func:`recalibrate` does it
+missingness patterns calibrated in advance (:mod:`models.anomaly.missing`). :func:`recalibrate` does it
 again for an artifact on disk (``flowserve calibrate``).
 
-Above :mod:`models.anomaly`, :mod:`models.marginal` and :mod:`models.missing`, which import
+Above :mod:`models.anomaly.scoring`, :mod:`models.anomaly.marginal` and :mod:`models.anomaly.missing`, which import
 nothing from here.
 """
 
@@ -19,23 +19,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import artifact
-from .anomaly import (FEW_CALIBRATION, MAX_PATTERN_RECORDS, STATISTICS, atom_design, find_atoms, model_scorer,
+from ..artifacts import store as artifact
+from .scoring import (FEW_CALIBRATION, MAX_PATTERN_RECORDS, STATISTICS, atom_design, find_atoms, model_scorer,
                       sorted_sample)
 from .attribution import group_reference, reference_values
-from .data import load_dataset
-from .errors import DataError
+from ..data import load_dataset
+from ..errors import DataError
 from .marginal import GaussianFit, Proposal, find_spikes
 from .missing import calibrate_patterns, frequent_patterns
 
 if TYPE_CHECKING:
-    from .density import DensityModel
+    from ..density import DensityModel
 
 log = logging.getLogger(__name__)
 
 
 def group_references(spec, normal: np.ndarray) -> dict[str, list[list[float]]]:  # noqa: ANN001 - DataSpec
-    """Joint reference tuples ``(M, g)`` per feature group of the schema (:func:`models.attribution.group_reference`)."""
+    """Joint reference tuples ``(M, g)`` per feature group of the schema (:func:`models.anomaly.attribution.group_reference`)."""
     names = spec.feature_names or []
     return {g: group_reference(normal, [names.index(f) for f in feats]).tolist() for g, feats in (spec.feature_groups or {}).items()}
 
@@ -68,7 +68,7 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     For records, ``train`` (the training records) adds what absent features need
     (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``), and
     ``measured (M, D)``, which cells the training records measured, the calibrations of their most
-    frequent missingness patterns (``patterns``: :func:`models.missing.calibrate_patterns`).
+    frequent missingness patterns (``patterns``: :func:`models.anomaly.missing.calibrate_patterns`).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")

@@ -1,7 +1,7 @@
 """The manifest of a model artifact (``manifest.json``): reading, writing and checksum verification.
 
 No torch here: the service's HTTP front-ends read manifests (data spec, calibration) without
-loading any weights. :mod:`models.artifact` adds saving and loading the weights.
+loading any weights. :mod:`models.artifacts.store` adds saving and loading the weights.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ArtifactError
-from .spec import DataSpec
+from ..errors import ArtifactError
+from ..spec import DataSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

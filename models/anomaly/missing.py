@@ -1,9 +1,9 @@
 """Anomaly scores for records with absent features: the marginal NLL, calibrated per missingness pattern.
 
 A record with features ``o`` observed (its *pattern*) is scored by ``−log p̂(x_o)``
-(:mod:`models.marginal`), and its p-value compares that score with the calibration records masked
+(:mod:`models.anomaly.marginal`), and its p-value compares that score with the calibration records masked
 to the same pattern and scored by the same estimator with the same draws
-(:func:`models.anomaly.pattern_calibration`). The realised false-positive rate then holds for
+(:func:`models.anomaly.scoring.pattern_calibration`). The realised false-positive rate then holds for
 each pattern, not only on average.
 
 Where calibrations come from:
@@ -11,14 +11,14 @@ Where calibrations come from:
 * **Stored** (warm): training and ``flowserve calibrate`` build the :data:`STORED_PATTERNS` most
   frequent patterns of what the training records measured (:func:`frequent_patterns`,
   :func:`calibrate_patterns`) into the manifest (``calibration.patterns``), each from up to
-  :data:`~models.anomaly.MAX_PATTERN_RECORDS` calibration records. A server starts warm for them.
+  :data:`~models.anomaly.scoring.MAX_PATTERN_RECORDS` calibration records. A server starts warm for them.
 * **Built on first use** (cold): any other pattern, from at most :data:`COLD_PATTERN_RECORDS`
   calibration records (evenly spaced over those that know the pattern's features), kept in a
   bounded LRU cache. Building one costs ``n × K`` flow rows; the cap makes a cold pattern about
   five times cheaper than the stored ones, at a p-value resolution of ``1/(n + 1)`` (1/201).
 
 Everything here is synchronous numpy: the caller runs the flow (the service through its batcher,
-benchmarks and tests through :func:`models.anomaly.model_scorer`).
+benchmarks and tests through :func:`models.anomaly.scoring.model_scorer`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .anomaly import AnomalyScorer, pattern_calibration, pattern_records
+from .scoring import AnomalyScorer, pattern_calibration, pattern_records
 from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, pattern_of, plan
 
 Score = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
@@ -53,7 +53,7 @@ def frequent_patterns(measured: np.ndarray, top: int = STORED_PATTERNS) -> list[
 
 def calibrate_patterns(calibration: dict, discrete: list[int] | None, patterns: list[Pattern], score: Score,
                        samples: int = DEFAULT_SAMPLES) -> list[dict]:
-    """Pattern calibrations (:func:`~models.anomaly.pattern_calibration` dicts, ``samples`` = K recorded) for
+    """Pattern calibrations (:func:`~models.anomaly.scoring.pattern_calibration` dicts, ``samples`` = K recorded) for
     ``patterns``, from every usable calibration record; patterns with too few usable records are left out."""
     pcal = PatternCalibrations(calibration, discrete, samples=samples, cold_records=None)
     out = []

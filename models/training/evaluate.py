@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .density import DensityModel
+from ..density import DensityModel
 
 
 def _batch_log_prob(model: DensityModel, batch: np.ndarray, g: torch.Generator, iw_samples: int) -> float:

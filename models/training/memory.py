@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .libc import libc
+from ..libc import libc
 
 GB = 1 << 30
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .anomaly import BIN_MIDPOINT
-from .logspace import log_mean_exp
+from .scoring import BIN_MIDPOINT
+from ..logspace import log_mean_exp
 
 DEFAULT_SAMPLES = 32  # importance samples K per record; the service's default too (FLOWSERVE_ANOMALY_SAMPLES)
 STUDENT_DF = 5.0

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .density import DensityModel
-from .errors import ArtifactError
+from ..density import DensityModel
+from ..errors import ArtifactError
 from .manifest import FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, flowserve_version, read_manifest, sha256, verify, write_manifest
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Manifest", "flowserve_version", "load", "read_manifest", "save", "sha256",
@@ -56,7 +56,7 @@ def save(
 
 def load(directory: str | Path, device: str = "cpu") -> DensityModel:
     """Load an artifact as a ``DensityModel`` in eval mode, after verifying its checksums."""
-    from .architectures import build, parse_config
+    from ..architectures import build, parse_config
 
     directory = Path(directory)
     manifest = read_manifest(directory)

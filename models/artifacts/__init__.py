@@ -1,0 +1,2 @@
+"""The artifact directory: manifest, save and load with checksums, ONNX export, the bundled models.
+"""
