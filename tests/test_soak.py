@@ -182,9 +182,9 @@ def test_clients_that_disconnect_mid_request(repository: Path, tmp_path: Path) -
         for _ in range(6):  # two of these would fill the queue (8,192 rows) if their work stayed queued
             with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
                 conn.sendall(request)
-                wait_for_metric(s, "flowserve_queue_depth_rows", lambda v: v > 0, model="digits", task="score")
-            dropped += 1  # the client left while its rows were queued: they leave the queue with it
-            wait_for_metric(s, "flowserve_queue_depth_rows", lambda v: v == 0, timeout_s=30, model="digits", task="score")
+                wait_for_metric(s, "flowserve_inflight_requests", lambda v: v > 0)  # being computed, in chunks
+            dropped += 1  # the client left mid-request: the server stops its work and frees its queue share
+            wait_for_metric(s, "flowserve_inflight_requests", lambda v: v == 0, timeout_s=30)
         assert dropped == 6
         with s.client() as c:
             ok = c.post("/v1/models/digits/score", content=BODIES[0], headers={"content-type": "application/json"})
