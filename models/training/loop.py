@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,13 +236,63 @@ def sample_grid(model: DensityModel, path: Path, n: int = 64, temperature: float
     save_grid(x, model.spec.levels or 256, path)
 
 
+@dataclass
+class _Run:
+    """One training run's state, passed from :func:`_prepare` to :func:`_fit` to :func:`_finish`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    data: Dataset
+    model: DensityModel
+    steps: int  # the last step (``train.steps``, or fewer with ``max_steps``)
+    rng: np.random.Generator  # batch indices (and the data-dependent init's sample)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA
+    loss_fn: Any  # Callable[[Tensor], Tensor]: mean bits/dim of a batch
+    batches: Any  # Callable[[np.ndarray], Tensor]: a batch of training rows by index
+    micro: int  # rows per forward/backward pass
+    best: dict[str, Any] = field(default_factory=lambda: {"val_bits_per_dim": math.inf, "step": 0})
+    best_state: dict[str, torch.Tensor] | None = None
+    start_step: int = 0
+    last_step: int = 0
+    skipped_steps: Any = None  # (,) long tensor on the device
+    t0: float = 0.0
+
+    @property
+    def initial_model(self) -> str | None:
+        """A closed-form model the flow starts as, evaluated as a candidate (the tabular flow: its Gaussian)."""
+        return getattr(self.cfg.model, "initial_model", None)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
 def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train, select the best EMA weights by validation bits/dim, write the artifact to ``out/artifact``.
 
-    Returns the final metrics (validation and test bits/dim of the selected weights).
+    Three steps: :func:`_prepare` (data, model sized and data-initialised, optimiser, resumed state),
+    :func:`_fit` (the steps, with validation, checkpoints and early stopping) and :func:`_finish`
+    (the selected weights evaluated, calibrated and saved). Returns the final metrics (validation
+    and test bits/dim of the selected weights).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    run = _prepare(cfg, out, max_steps, resume)
+    _fit(run, progress)
+    return _finish(run)
+
+
+def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -> _Run:
+    """Load and split the data, build the model at the sizes the data asks for, run its data-dependent
+    initialisation, make the optimiser, schedule and EMA, restore a checkpoint when resuming, and plan
+    the micro-batches."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -253,9 +304,7 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     train_x = data.split("train")
     cfg = cfg.model_copy(update={"model": sized_for(cfg.model, len(train_x), data.spec.dims)})
     model = build(cfg.model, data.spec).to(device)
-    initial_model = getattr(cfg.model, "initial_model", None)  # a closed-form model the flow starts as (tabular: its Gaussian)
     oc = cfg.train
-    steps = min(oc.steps, max_steps) if max_steps else oc.steps
 
     rng = np.random.default_rng(cfg.seed)
     init_idx = rng.choice(len(train_x), size=min(oc.init_batch, len(train_x)), replace=False)
@@ -269,108 +318,124 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     opt = torch.optim.Adam(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(oc.warmup))
     ema = EMA(model, oc.ema)
-    best: dict[str, Any] = {"val_bits_per_dim": math.inf, "step": 0}
-    best_state: dict[str, torch.Tensor] | None = None
-    start_step = 0
-    ckpt_path = out / "checkpoint.pt"
-    metrics_path = out / "metrics.jsonl"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)  # restricted unpickler
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        best = ck["best"]
-        _restore_rng(ck["rng"], rng)
-        start_step = ck["step"]
-        if (out / "best.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            best_state = load_file(str(out / "best.safetensors"))
-        log.info("resumed from step %d", start_step)
-    elif not resume:
-        metrics_path.unlink(missing_ok=True)
-
     batches = batch_source(train_x, device)
-    dims = data.spec.dims
-    loss_fn = _loss_fn(model, cfg.compile)
-    micro, tight = (oc.micro_batch, False) if oc.micro_batch else \
-        plan_micro_batch(loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
+    run = _Run(cfg, out, device, data, model, min(oc.steps, max_steps) if max_steps else oc.steps, rng, opt, sched, ema,
+               _loss_fn(model, cfg.compile), batches, oc.micro_batch or 0)
+    if resume and run.checkpoint_path.is_file():
+        _resume(run)
+    elif not resume:
+        run.metrics_path.unlink(missing_ok=True)
+
+    tight = False
+    if not oc.micro_batch:
+        run.micro, tight = plan_micro_batch(run.loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
     if device.type == "cpu" and tight:  # memory is a limit: keep the resident memory to what the step holds
         from .memory import return_large_blocks_to_the_os
 
         return_large_blocks_to_the_os()
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite steps, on the device
-    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
-    t0 = time.monotonic()
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress, dynamic_ncols=True)
-    step = start_step
+    run.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+    return run
 
-    def validate(step: int) -> None:
-        nonlocal best_state
-        ema_model: DensityModel = ema.module  # type: ignore[assignment]
-        val = evaluate(ema_model, data.split("val"), oc.eval_batch, seed=cfg.seed)
-        record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - t0,
-                  "skipped_steps": int(skipped_steps)}
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if val["bits_per_dim"] < best["val_bits_per_dim"]:
-            best.update(val_bits_per_dim=val["bits_per_dim"], step=step)
-            best_state = {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
-            from safetensors.torch import save_file
 
-            save_file(best_state, str(out / "best.safetensors"))
-        bar.set_postfix_str(f"val {val['bits_per_dim']:.3f} best {best['val_bits_per_dim']:.3f}", refresh=False)
+def _resume(run: _Run) -> None:
+    """Restore model, EMA, optimiser, schedule, best so far, random states and step from the checkpoint."""
+    ck = torch.load(run.checkpoint_path, map_location=run.device, weights_only=True)  # restricted unpickler
+    run.model.load_state_dict(ck["model"])
+    run.ema.load_state_dict(ck["ema"])
+    run.opt.load_state_dict(ck["opt"])
+    run.sched.load_state_dict(ck["sched"])
+    run.best = ck["best"]
+    _restore_rng(ck["rng"], run.rng)
+    run.start_step = ck["step"]
+    if (run.out / "best.safetensors").is_file():
+        from safetensors.torch import load_file
 
-    def stalled(step: int) -> bool:
-        """Whether ``oc.patience`` evaluations have passed since the best one."""
-        return oc.patience is not None and step - best["step"] >= oc.patience * oc.eval_every
+        run.best_state = load_file(str(run.out / "best.safetensors"))
+    log.info("resumed from step %d", run.start_step)
 
-    if initial_model is not None and start_step == 0:  # the initial model is a candidate like any evaluated step
-        validate(0)
-        best["initial_val_bits_per_dim"] = best["val_bits_per_dim"]
+
+def _validate(run: _Run, step: int, bar: tqdm) -> None:
+    """Validation bits/dim of the EMA weights, logged to ``metrics.jsonl``; the best weights so far are kept."""
+    ema_model: DensityModel = run.ema.module  # type: ignore[assignment]
+    val = evaluate(ema_model, run.data.split("val"), run.cfg.train.eval_batch, seed=run.cfg.seed)
+    record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - run.t0,
+              "skipped_steps": int(run.skipped_steps)}
+    with run.metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if val["bits_per_dim"] < run.best["val_bits_per_dim"]:
+        run.best.update(val_bits_per_dim=val["bits_per_dim"], step=step)
+        run.best_state = {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
+        from safetensors.torch import save_file
+
+        save_file(run.best_state, str(run.out / "best.safetensors"))
+    bar.set_postfix_str(f"val {val['bits_per_dim']:.3f} best {run.best['val_bits_per_dim']:.3f}", refresh=False)
+
+
+def _step(run: _Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the batch ``x`` (in micro-batches when planned); returns the batch's mean
+    bits/dim and whether the step was skipped (a non-finite loss or gradient), both on the device."""
+    run.opt.zero_grad(set_to_none=True)
+    if run.micro >= len(x):
+        bpd = run.loss_fn(x)
+        bpd.backward()
+    else:  # gradients of the whole batch's mean, accumulated over micro-batches
+        bpd = torch.zeros((), device=run.device)
+        for i in range(0, len(x), run.micro):
+            part = run.loss_fn(x[i : i + run.micro]) * (len(x[i : i + run.micro]) / len(x))
+            part.backward()
+            bpd = bpd + part.detach()
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip, foreach=True)
+    bad = ~(torch.isfinite(bpd) & torch.isfinite(norm))  # a non-finite loss or gradient: the step is skipped
+    run.opt.found_inf = bad.float()
+    run.opt.step()
+    run.sched.step()
+    run.ema.update(run.model)
+    return bpd, bad
+
+
+def _fit(run: _Run, progress: bool) -> None:
+    """Train from ``run.start_step``: validate every ``eval_every`` steps (and the initial model first, when the
+    architecture has one), checkpoint, and stop at the last step, the time budget or ``patience``."""
+    oc, dims = run.cfg.train, run.data.spec.dims
+    train_x = run.data.split("train")
+    nonfinite = torch.zeros((), dtype=torch.long, device=run.device)  # consecutive non-finite steps, on the device
+    run.t0 = time.monotonic()
+    bar = tqdm(range(run.start_step, run.steps), initial=run.start_step, total=run.steps, disable=not progress, dynamic_ncols=True)
+    run.last_step = run.start_step
+    if run.initial_model is not None and run.start_step == 0:  # the initial model is a candidate like any evaluated step
+        _validate(run, 0, bar)
+        run.best["initial_val_bits_per_dim"] = run.best["val_bits_per_dim"]
     for step in bar:
-        model.train()
-        idx = rng.integers(0, len(train_x), oc.batch_size)
-        x = batches(idx)
-        opt.zero_grad(set_to_none=True)
-        if micro >= len(x):
-            bpd = loss_fn(x)
-            bpd.backward()
-        else:  # gradients of the whole batch's mean, accumulated over micro-batches
-            bpd = torch.zeros((), device=device)
-            for i in range(0, len(x), micro):
-                part = loss_fn(x[i : i + micro]) * (len(x[i : i + micro]) / len(x))
-                part.backward()
-                bpd = bpd + part.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip, foreach=True)
-        bad = ~(torch.isfinite(bpd) & torch.isfinite(norm))  # a non-finite loss or gradient: the step is skipped
-        opt.found_inf = bad.float()
-        opt.step()
-        sched.step()
-        ema.update(model)
+        run.last_step = step
+        run.model.train()
+        bpd, bad = _step(run, run.batches(run.rng.integers(0, len(train_x), oc.batch_size)))
         nonfinite = (nonfinite + 1) * bad
-        skipped_steps += bad
+        run.skipped_steps += bad
         if step % 10 == 0:  # the one host read of the loop, every 10 steps
-            loss, run = bpd.item(), int(nonfinite)
-            if run >= oc.max_nonfinite:
-                raise TrainingError(f"loss was non-finite for {run} steps in a row at step {step}; lower the learning rate")
+            loss, bad_run = bpd.item(), int(nonfinite)
+            if bad_run >= oc.max_nonfinite:
+                raise TrainingError(f"loss was non-finite for {bad_run} steps in a row at step {step}; lower the learning rate")
             bar.set_description(f"loss {loss * dims * math.log(2):.2f} nats, {loss:.3f} bpd")
-        out_of_time = oc.max_minutes is not None and time.monotonic() - t0 > 60 * oc.max_minutes
-        if (step + 1) % oc.eval_every == 0 or step + 1 == steps or out_of_time:
-            validate(step + 1)
-            _save_checkpoint(ckpt_path, step + 1, model, ema, opt, sched, best, rng)
+        out_of_time = oc.max_minutes is not None and time.monotonic() - run.t0 > 60 * oc.max_minutes
+        if (step + 1) % oc.eval_every == 0 or step + 1 == run.steps or out_of_time:
+            _validate(run, step + 1, bar)
+            _save_checkpoint(run.checkpoint_path, step + 1, run.model, run.ema, run.opt, run.sched, run.best, run.rng)
         if out_of_time:
             log.info("wall-clock budget of %.1f min reached at step %d", oc.max_minutes, step + 1)
             break
-        if (step + 1) % oc.eval_every == 0 and stalled(step + 1):
+        if (step + 1) % oc.eval_every == 0 and oc.patience is not None and step + 1 - run.best["step"] >= oc.patience * oc.eval_every:
             log.info("validation likelihood not better for %d evaluations: stopped at step %d", oc.patience, step + 1)
             break
     bar.close()
 
-    final: DensityModel = copy.deepcopy(ema.module)  # type: ignore[arg-type]
-    if best_state is not None:
-        final.load_state_dict(best_state)
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """The best EMA weights: test and validation bits/dim, the anomaly calibration (records and waveforms),
+    the artifact, and (images) a sample grid. Returns the final metrics."""
+    cfg, oc, data = run.cfg, run.cfg.train, run.data
+    final: DensityModel = copy.deepcopy(run.ema.module)  # type: ignore[arg-type]
+    if run.best_state is not None:
+        final.load_state_dict(run.best_state)
     final = final.eval()  # evaluation, calibration and the sample grid run on the training device
     test = evaluate(final, data.split("test"), oc.eval_batch, seed=cfg.seed)
     val = evaluate(final, data.split("val"), oc.eval_batch, seed=cfg.seed)
@@ -381,30 +446,29 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
         "bound": test["bound"],
         "eval_seed": cfg.seed,
         "eval_batch": oc.eval_batch,
-        "best_step": best["step"],
-        "steps": step + 1,
-        "skipped_steps": int(skipped_steps),
-        "micro_batch": min(micro, oc.batch_size),
-        "train_seconds": round(time.monotonic() - t0, 1),
+        "best_step": run.best["step"],
+        "steps": run.last_step + 1,
+        "skipped_steps": int(run.skipped_steps),
+        "micro_batch": min(run.micro, oc.batch_size),
+        "train_seconds": round(time.monotonic() - run.t0, 1),
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,
     }
-    if initial_model is not None:  # which of the two the artifact holds, and the initial model's validation bits/dim
-        metrics["selected"] = initial_model if best["step"] == 0 else "flow"
-        metrics["initial_val_bits_per_dim"] = best.get("initial_val_bits_per_dim")
-    if data.spec.kind in ("record", "waveform"):
-        metrics["calibration_records"] = len(data.split("val"))
+    if run.initial_model is not None:  # which of the two the artifact holds, and the initial model's validation bits/dim
+        metrics["selected"] = run.initial_model if run.best["step"] == 0 else "flow"
+        metrics["initial_val_bits_per_dim"] = run.best.get("initial_val_bits_per_dim")
     calibration = None
     if data.spec.kind in ("record", "waveform"):
         from ..anomaly.calibration import calibrate
 
+        metrics["calibration_records"] = len(data.split("val"))
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
-                                train=train_x if data.spec.kind == "record" else None,
+                                train=data.split("train") if data.spec.kind == "record" else None,
                                 known=data.known["val"] if data.known else None,
                                 measured=data.measured["train"] if data.measured else None)
-    artifact.save(final, cfg.model.model_dump(), out / "artifact", metrics=metrics, calibration=calibration)
+    artifact.save(final, cfg.model.model_dump(), run.out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
-        sample_grid(final, out / "samples.png")
-    with metrics_path.open("a") as f:
+        sample_grid(final, run.out / "samples.png")
+    with run.metrics_path.open("a") as f:
         f.write(json.dumps({"final": metrics}) + "\n")
     return metrics
