@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .errors import BadRequest, ServiceError
@@ -115,23 +116,20 @@ class Executor:
             known = self.arenas[path] = (Arena.attach(path), peer)
         return known[0]
 
-    async def _run(self, peer: Channel, h: dict) -> None:
+    async def _answer(self, peer: Channel, h: dict, work: Callable[[], Awaitable[dict]], what: str) -> None:
+        """Run one request's ``work`` (which returns its reply) and post the reply: ``cancelled``, or ``error`` with
+        the status a :class:`ServiceError` carries, 500 for anything else, 503 for a device fault, after which
+        the process exits for the supervisor to restart it."""
         rid = h["id"]
         try:
-            arena = self._arena(h["shm"], peer)
-            base = h["at"]
-            payload = {k: arena.view(ref, base).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
-            entry = self.repository.get_version(h["model"], h["version"])
-            out = await entry.batcher(h["task"]).submit(payload, h["timeout_s"])
-            arena.view(h["output"], base)[...] = out
-            reply = {"op": "done", "id": rid}
+            reply = {**await work(), "id": rid}
         except asyncio.CancelledError:
             reply = {"op": "cancelled", "id": rid}
         except ServiceError as e:
             reply = {"op": "error", "id": rid, "status": e.status, "reason": e.reason, "message": e.message, "headers": e.headers}
         except Exception as e:  # noqa: BLE001 - reported to the front-end, which answers 500 with a request id
             fault = is_device_fault(e)
-            log.exception("task %s on %s/%s failed%s", h.get("task"), h.get("model"), h.get("version"),
+            log.exception("%s on %s/%s failed%s", what, h.get("model"), h.get("version"),
                           "; the device is unusable, exiting for a restart" if fault else "")
             reply = {"op": "error", "id": rid, "status": 503 if fault else 500, "reason": "device_fault" if fault else "internal",
                      "message": f"{type(e).__name__}: {e}".splitlines()[0], "headers": {"Retry-After": "5"} if fault else {}}
@@ -142,29 +140,24 @@ class Executor:
         if not peer.closed:
             peer.post(reply)
 
-    async def _pattern(self, peer: Channel, h: dict) -> None:
-        """A front-end asks for a missingness pattern's calibration: built here once per (model version, pattern),
-        concurrent askers sharing the build, and sent back as its dict."""
-        rid = h["id"]
-        try:
-            entry = self.repository.get_version(h["model"], h["version"])
-            pcal = self.core.pattern_calibrations(entry)
-            if pcal is None:
-                raise BadRequest(f"model {h['model']!r} has no calibration for records with absent features")
-            scorer = await self.core.pattern_scorer(entry, pcal, tuple(int(j) for j in h["pattern"]))
-            reply = {"op": "pattern", "id": rid, "calibration": scorer.calibration}
-        except asyncio.CancelledError:
-            reply = {"op": "cancelled", "id": rid}
-        except ServiceError as e:
-            reply = {"op": "error", "id": rid, "status": e.status, "reason": e.reason, "message": e.message, "headers": e.headers}
-        except Exception as e:  # noqa: BLE001 - reported to the front-end, which answers 500 with a request id
-            log.exception("pattern calibration for %s/%s failed", h.get("model"), h.get("version"))
-            reply = {"op": "error", "id": rid, "status": 500, "reason": "internal", "message": f"{type(e).__name__}: {e}".splitlines()[0],
-                     "headers": {}}
-        finally:
-            self.running.pop((peer, rid), None)
-        if not peer.closed:
-            peer.post(reply)
+    async def _run(self, peer: Channel, h: dict) -> dict:
+        """A task on tensors in the front-end's arena; the result goes back into the arena."""
+        arena = self._arena(h["shm"], peer)
+        base = h["at"]
+        payload = {k: arena.view(ref, base).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
+        entry = self.repository.get_version(h["model"], h["version"])
+        arena.view(h["output"], base)[...] = await entry.batcher(h["task"]).submit(payload, h["timeout_s"])
+        return {"op": "done"}
+
+    async def _pattern(self, h: dict) -> dict:
+        """A missingness pattern's calibration, built here once per (model version, pattern) for every front-end
+        (concurrent askers share the build), sent back as its dict."""
+        entry = self.repository.get_version(h["model"], h["version"])
+        pcal = self.core.pattern_calibrations(entry)
+        if pcal is None:
+            raise BadRequest(f"model {h['model']!r} has no calibration for records with absent features")
+        scorer = await self.core.pattern_scorer(entry, pcal, tuple(int(j) for j in h["pattern"]))
+        return {"op": "pattern", "calibration": scorer.calibration}
 
     async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:
@@ -178,7 +171,8 @@ class Executor:
     def _dispatch(self, peer: Channel, h: dict) -> None:
         op = h["op"]
         if op == "run":
-            self.running[(peer, h["id"])] = asyncio.create_task(self._run(peer, h))
+            work = self._answer(peer, h, lambda: self._run(peer, h), f"task {h.get('task')}")
+            self.running[(peer, h["id"])] = asyncio.create_task(work)
         elif op == "cancel":
             task = self.running.get((peer, h["id"]))
             if task is not None:
@@ -194,7 +188,7 @@ class Executor:
         elif op == "reload":
             asyncio.create_task(self._reload_for(peer, h["id"]))
         elif op == "pattern":
-            self.running[(peer, h["id"])] = asyncio.create_task(self._pattern(peer, h))
+            self.running[(peer, h["id"])] = asyncio.create_task(self._answer(peer, h, lambda: self._pattern(h), "pattern calibration"))
         else:
             log.warning("unknown message %r from %r", op, peer)
 

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI
 
 from models.artifacts.manifest import Manifest, read_manifest
-
-from fastapi import FastAPI
 
 from . import tasks
 from .api.deps import ServiceState

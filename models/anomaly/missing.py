@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .scoring import AnomalyScorer, pattern_calibration, pattern_records
 from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, pattern_of, plan
+from .scoring import AnomalyScorer, pattern_calibration, pattern_records
 
 Score = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 CACHE_PATTERNS = 1024
@@ -55,14 +55,13 @@ def calibrate_patterns(calibration: dict, discrete: list[int] | None, patterns: 
                        samples: int = DEFAULT_SAMPLES) -> list[dict]:
     """Pattern calibrations (:func:`~models.anomaly.scoring.pattern_calibration` dicts, ``samples`` = K recorded) for
     ``patterns``, from every usable calibration record; patterns with too few usable records are left out."""
-    pcal = PatternCalibrations(calibration, discrete, samples=samples, cold_records=None)
+    pcal = PatternCalibrations(calibration, discrete, samples=samples, cache=len(patterns), cold_records=None)
     out = []
     for pattern in patterns:
         try:
-            plan_, records = pcal.calibration_plan(pattern)
+            cal = dict(pcal.scorer(pattern, score).calibration)
         except NoPatternCalibration:
             continue
-        cal = pattern_calibration(calibration, pattern, -plan_.combine(score(plan_.rows, plan_.noise)), records)
         for key in ("scores", "conditional_scores"):  # µnat resolution keeps the manifest small
             if key in cal:
                 cal[key] = np.round(cal[key], 6).tolist()

@@ -19,7 +19,7 @@ with the fewest parameters (``docs/benchmarks.md``, "Tabular records", gives the
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +40,7 @@ class TabularFlowConfig(BaseModel):
                                "cell, 4 to 128)")
     depth: int = Field(1, ge=1, description="hidden layers per conditioner")
     soft_clamp: float = Field(2.0, gt=0, description="|log scale| of a coupling stays below this")
-    initial_model: Literal["gaussian"] = "gaussian"
+    initial_model: ClassVar[str] = "gaussian"  # the closed-form model it starts as; training evaluates it as a candidate
 
     def sized_for(self, records: int, features: int) -> TabularFlowConfig:
         """This config with ``steps`` and ``hidden`` set for ``records`` training records of ``features`` columns.
