@@ -21,6 +21,7 @@ from .api.deps import ServiceState
 from .core import InferenceCore
 from .errors import ServiceError, json_error
 from .memory import freeze_heap, trim_malloc_every
+from .drift import exposition as drift_exposition
 from .metrics import Metrics
 from .middleware import REQUEST_ID, GuardMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .settings import Settings
@@ -107,6 +108,10 @@ def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()
+        if settings.drift:  # the live streams' drift gauges, from wherever the monitors live (service.drift)
+            remote = getattr(repository, "drift_rows", None)  # the front-ends' RemoteRepository asks the executors
+            rows = await remote() if remote is not None else service.core.drift_rows()
+            body += drift_exposition(rows)  # the families are there before any stream, as every labelled metric's
         return Response(body, media_type=ctype)
 
     return app

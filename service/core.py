@@ -17,6 +17,7 @@ outside its range. No score is ever returned as ``null``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
 from models.spec import DataSpec
 
 from . import tasks
+from .drift import DEFAULT_STREAM, DriftMonitor, reading_dict
 from .entry import Gone, ModelEntry, Repository
 from .errors import BadRequest, NotFound
 from .metrics import Metrics
@@ -41,6 +43,8 @@ from .settings import Settings
 Bound = Literal["exact", "variational", "iw"]
 Explain = Literal["anomalies", "all", "none"]
 Missing = Literal["marginal", "median"]
+log = logging.getLogger("flowserve.core")
+DriftAction = Literal["update", "readings", "reset"]
 BUILD_SLOTS = 2  # pattern calibrations built at once per model (each streams n × K rows through the batcher)
 
 
@@ -70,6 +74,7 @@ class AnomalyReport:
     statistic: str
     results: list[dict]
     missing: Missing | None = None  # how absent features were handled (record models)
+    drift: dict | None = None  # the stream's drift reading after these records (service.drift.reading_dict)
 
 
 def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
@@ -255,7 +260,8 @@ class InferenceCore:
 
     async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
                       explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",
-                      gone: Gone | None = None, observed: np.ndarray | None = None, missing: Missing = "marginal") -> AnomalyReport:
+                      gone: Gone | None = None, observed: np.ndarray | None = None, missing: Missing = "marginal",
+                      stream: str | None = None) -> AnomalyReport:
         """Calibrated anomaly scores of validated rows ``x``, with counterfactual attributions.
 
         Per row (see :meth:`models.anomaly.scoring.AnomalyScorer.assess`): ``nll`` and ``nll_per_dim``
@@ -270,6 +276,9 @@ class InferenceCore:
         (:mod:`models.anomaly.missing`); ``"median"`` scores the median-filled record against the complete
         records' calibration. Only observed features are attributed. All rows of a request, of
         every pattern, go to the batcher as one stream of rows.
+
+        Drift (``FLOWSERVE_DRIFT``): the rows' p-values, in request order, then feed the detector of
+        ``stream`` (``"default"`` when none is named) and the report carries its reading (:meth:`drift`).
         """
         entry = self.ready_entry(name)
         manifest, spec = entry.manifest, entry.manifest.data_spec
@@ -306,10 +315,12 @@ class InferenceCore:
 
         nll_by = await self._nll_many(entry, [plan(p, x[idx]) for p, idx in groups.items()], gone)
         results: list[dict] = [{}] * len(x)
+        cal_n = np.zeros((2, len(x)), dtype=np.int64)  # calibration scores behind each row's p-value, and their units
         explained: list[tuple[Pattern, AnomalyScorer, np.ndarray, np.ndarray]] = []  # pattern, scorer, request rows, base NLL
         for (pattern, idx), nll in zip(groups.items(), nll_by):
             check_support(spec, x[idx], -nll, field, idx)
             sc = scorers.get(pattern, scorer)
+            cal_n[:, idx] = [[sc.n], [sc.units]]
             part = sc.assess(nll, len(pattern) if marginal(pattern) else spec.dims, target_fpr, statistic, x[idx])
             for i, r in zip(idx, part):
                 if spec.kind == "record":
@@ -320,7 +331,57 @@ class InferenceCore:
                 explained.append((pattern, sc, idx[pick], nll[pick]))
         if explained and (spec.kind == "waveform" or "reference" in manifest.calibration):
             await self._explain(entry, explained, x, statistic, segments, top, plan, gone, results)
-        return AnomalyReport(entry, statistic, results, missing if spec.kind == "record" else None)
+        drift = None
+        if self.settings.drift:
+            p = np.array([r["p_value"] for r in results], dtype=np.float64)
+            drift = (await self.drift(entry, "update", stream or DEFAULT_STREAM, p, *cal_n))[0]
+        return AnomalyReport(entry, statistic, results, missing if spec.kind == "record" else None, drift)
+
+    # --- drift ---------------------------------------------------------------------------------
+
+    def drift_entry(self, name: str) -> ModelEntry:
+        """The ready entry of a model with an anomaly calibration, for the drift routes (404 when drift tracking is off)."""
+        if not self.settings.drift:
+            raise NotFound("drift tracking is off on this server (FLOWSERVE_DRIFT=false)")
+        entry = self.ready_entry(name)
+        self.anomaly_scorer(entry)
+        return entry
+
+    async def drift(self, entry: ModelEntry, action: DriftAction, stream: str | None = None, p: np.ndarray | None = None,
+                    n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
+        """A drift action on ``entry``'s monitor, wherever it lives (:mod:`service.drift`): ``update`` feeds
+        p-values ``p (N,)`` against ``n (N,)`` calibration scores from ``units (N,)`` patients to ``stream`` and
+        returns its reading;
+        ``readings`` returns one stream's or every stream's; ``reset`` forgets one stream or all and
+        returns ``{"stream"}`` for each."""
+        remote = getattr(self.repository, "drift", None)  # only the front-ends' RemoteRepository has one
+        if remote is not None:
+            return await remote(entry, action, stream, p, n, units)
+        return self.drift_here(entry, action, stream, p, n, units)
+
+    def drift_here(self, entry: ModelEntry, action: DriftAction, stream: str | None = None, p: np.ndarray | None = None,
+                   n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
+        """:meth:`drift` in the process that holds the model version's monitor."""
+        if "drift" not in entry.extras:
+            entry.extras["drift"] = DriftMonitor(self.settings.drift_config(), self.settings.drift_streams)
+        monitor: DriftMonitor = entry.extras["drift"]
+        if action == "update":
+            assert stream is not None and p is not None and n is not None and units is not None
+            reading, raised = monitor.update(stream, p, n, units)
+            if raised:
+                log.warning("drift alarm on model %s version %s, stream %r, at record %d (%s)", entry.name, entry.version,
+                            stream, reading.alarm_at, reading.direction)
+                if self.metrics is not None:
+                    self.metrics.drift_alarms.labels(entry.name).inc()
+            return [reading_dict(stream, reading)]
+        if action == "readings":
+            return [reading_dict(s, r) for s, r in monitor.readings(stream).items()]
+        return [{"stream": s} for s in monitor.reset(stream)]
+
+    def drift_rows(self) -> list[tuple[str, str, dict]]:
+        """``(model, version, reading)`` of every tracked stream of the models computing in this process."""
+        return [(e.name, e.version, r) for e in list(self.repository.models.values()) if "drift" in e.extras
+                for r in self.drift_here(e, "readings")]
 
     async def _nll_many(self, entry: ModelEntry, plans: list[tuple[np.ndarray, np.ndarray | None, Callable]], gone: Gone | None) -> list[np.ndarray]:
         """Score the rows of several plans as one stream through the batcher; each plan's NLLs."""

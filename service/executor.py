@@ -28,6 +28,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import numpy as np
+
 from .errors import BadRequest, ServiceError
 from .memory import apply_heap_settings, trim_malloc_every
 from .metrics import Metrics
@@ -159,6 +161,17 @@ class Executor:
         scorer = await self.core.pattern_scorer(entry, pcal, tuple(int(j) for j in h["pattern"]))
         return {"op": "pattern", "calibration": scorer.calibration}
 
+    async def _drift(self, h: dict) -> dict:
+        """A drift action (``update``, ``readings``, ``reset``) on a model version's monitor, which lives here for every
+        front-end (:mod:`service.drift`); ``table``: every tracked stream of every model here, for ``/metrics``."""
+        if h["action"] == "table":
+            return {"op": "drift", "rows": self.core.drift_rows()}
+        entry = self.repository.get_version(h["model"], h["version"])
+        p = None if h.get("p") is None else np.asarray(h["p"], dtype=np.float64)
+        n = None if h.get("n") is None else np.asarray(h["n"], dtype=np.int64)
+        units = None if h.get("units") is None else np.asarray(h["units"], dtype=np.int64)
+        return {"op": "drift", "readings": self.core.drift_here(entry, h["action"], h.get("stream"), p, n, units)}
+
     async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:
             reply = {"op": "reloaded", "id": rid, "changes": await self.reload()}
@@ -189,6 +202,8 @@ class Executor:
             asyncio.create_task(self._reload_for(peer, h["id"]))
         elif op == "pattern":
             self.running[(peer, h["id"])] = asyncio.create_task(self._answer(peer, h, lambda: self._pattern(h), "pattern calibration"))
+        elif op == "drift":
+            self.running[(peer, h["id"])] = asyncio.create_task(self._answer(peer, h, lambda: self._drift(h), "drift"))
         else:
             log.warning("unknown message %r from %r", op, peer)
 

@@ -314,6 +314,34 @@ class RemoteRepository:
             raise Unavailable(f"the pattern calibration for model {entry.name!r} was cancelled", "cancelled", 1)
         return h["calibration"]
 
+    async def drift(self, entry: ModelEntry, action: str, stream: str | None = None, p: np.ndarray | None = None,
+                    n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
+        """A drift action (:meth:`service.core.InferenceCore.drift`) on the executor that holds ``entry``'s drift state:
+        the lowest-numbered live executor serving it, the same one from every front-end (:mod:`service.drift`)."""
+        links = [link for link in self.serving(entry.name, entry.version) if link.live]
+        if not links:
+            raise Unavailable(f"no executor serves model {entry.name!r} now; it is restarting", _RESTARTING, 2)
+        link = min(links, key=lambda k: k.index)
+        msg = {"op": "drift", "action": action, "model": entry.name, "version": entry.version, "stream": stream,
+               "p": None if p is None else p.tolist(), "n": None if n is None else n.tolist(),
+               "units": None if units is None else units.tolist()}
+        h = await link.request(msg, self.settings.request_timeout_s)
+        if h["op"] != "drift":
+            raise Unavailable(f"the drift update for model {entry.name!r} was cancelled", "cancelled", 1)
+        return h["readings"]
+
+    async def drift_rows(self) -> list[tuple[str, str, dict]]:
+        """Every tracked drift stream of every executor, for ``/metrics`` (an executor that does not answer within
+        a second is left out of this scrape)."""
+        rows: list[tuple[str, str, dict]] = []
+        for link in [link for link in self.links if link.live]:
+            try:
+                h = await link.request({"op": "drift", "action": "table"}, 1.0)
+            except (TimeoutError, ServiceError, ConnectionError):
+                continue
+            rows.extend((m, v, r) for m, v, r in h.get("rows", []))
+        return rows
+
     async def reload(self) -> dict[str, str]:
         """Reload every executor; answers once every front-end routes to what they now serve."""
         live = [link for link in self.links if link.live]

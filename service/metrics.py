@@ -59,6 +59,8 @@ class Metrics:
         self.inflight = Gauge("inflight_requests", "Inference requests being served", namespace=ns, registry=r, multiprocess_mode="livesum")
         self.pattern_builds = Counter("pattern_calibrations_built", "Missingness-pattern calibrations built on first use (once per "
                                       "model version and pattern for the whole server)", ["model"], namespace=ns, registry=r)
+        self.drift_alarms = Counter("drift_alarms", "Drift alarms raised on the anomaly route's streams (service.drift)", ["model"],
+                                    namespace=ns, registry=r)
         self.executor_restarts = Counter("executor_restarts", "Model-executor processes restarted after they died", ["device"],
                                          namespace=ns, registry=r)
 

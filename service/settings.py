@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from models.anomaly.drift import Bet, DriftConfig
 from models.anomaly.marginal import DEFAULT_SAMPLES
 from models.anomaly.missing import COLD_PATTERN_RECORDS, MIN_PATTERN_RECORDS
 
@@ -81,6 +82,19 @@ class Settings(BaseSettings):
     anomaly_pattern_cache: int = Field(1024, ge=1, description="missingness patterns whose calibration is kept (LRU)")
     anomaly_pattern_records: int = Field(COLD_PATTERN_RECORDS, ge=MIN_PATTERN_RECORDS, description="calibration records "
                                          "behind a missingness pattern built on first use (p-value resolution 1/(n + 1))")
+    drift: bool = Field(True, description="drift alarms on the anomaly route: each request's p-values feed its stream's "
+                        "sequential detector (models.anomaly.drift); false = no tracking and no drift in responses")
+    drift_ert: float = Field(10_000.0, ge=2, description="expected records between false alarms on a stream without drift (the "
+                             "Shiryaev-Roberts threshold A)")
+    drift_confidence: float = Field(0.95, ge=0.5, lt=1, description="probability, over the draw of the calibration set, that the "
+                                    "ERT guarantee holds for the calibration set in use")
+    drift_bets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["0.8:1", "0.5:0.3", "0.1:0.05"], description="the "
+                                                       "alternatives the detector bets on, each power:weight (κ in (0, 1): "
+                                                       "smaller bets harder on extreme p-values; w: share of records touched)")
+    drift_sides: Annotated[list[Literal["unusual", "typical"]], NoDecode] = Field(
+        default_factory=lambda: ["unusual", "typical"], description="directions watched: unusual (NLL up) and typical "
+        "(NLL down: a stuck or flat-lined channel)")
+    drift_streams: int = Field(64, ge=1, le=4096, description="streams tracked per model version (least recently fed out)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")
     drain_timeout_s: float = Field(20.0, ge=0, description="how long SIGTERM waits for in-flight work")
@@ -96,7 +110,28 @@ class Settings(BaseSettings):
     def _empty_is_off(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip() == "" else value
 
-    @field_validator("devices", "api_keys", "cors_origins", mode="before")
+    def drift_config(self) -> DriftConfig:
+        """The drift detector's parameters (:class:`models.anomaly.drift.DriftConfig`)."""
+        bets = []
+        for b in self.drift_bets:
+            power, _, weight = b.partition(":")
+            bets.append(Bet(power=float(power), weight=float(weight or 1)))
+        return DriftConfig(ert=self.drift_ert, confidence=self.drift_confidence, bets=bets, sides=self.drift_sides)
+
+    @field_validator("drift_bets")
+    @classmethod
+    def _bets(cls, value: list[str]) -> list[str]:
+        for b in value:
+            power, _, weight = b.partition(":")
+            try:
+                Bet(power=float(power), weight=float(weight or 1))
+            except ValueError as e:
+                raise ValueError(f"drift bet {b!r}: power:weight with power in (0, 1) and weight in (0, 1] ({e})") from None
+        if not value:
+            raise ValueError("at least one drift bet")
+        return value
+
+    @field_validator("devices", "api_keys", "cors_origins", "drift_bets", "drift_sides", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> list[str]:
         """Lists come from the environment as comma-separated strings."""

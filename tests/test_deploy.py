@@ -87,6 +87,9 @@ def _used_metric_names() -> set[str]:
             names |= set(METRIC.findall(t["expr"]))
     hpa = docs(ROOT / "deploy/k8s/hpa.yaml")[0]
     names |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    for group in yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            names |= set(METRIC.findall(rule["expr"]))
     rules = yaml.safe_load(docs(ROOT / "deploy/k8s/prometheus-adapter-rules.yaml")[0]["data"]["config.yaml"])["rules"]
     adapter_exposed = {r["name"]["as"] for r in rules}
     for r in rules:
@@ -130,6 +133,8 @@ def test_compose_file() -> None:
             assert (ROOT / vol.split(":")[0]).exists(), vol
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    mounted = {v.split(":")[1] for v in compose["services"]["prometheus"]["volumes"]}
+    assert set(prom["rule_files"]) <= mounted, "every rule file Prometheus loads is mounted into it"
     assert {t.split(":")[0] for t in targets} <= set(compose["services"])
 
 

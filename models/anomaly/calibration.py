@@ -61,7 +61,8 @@ def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarra
 
 
 def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
-              train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None) -> dict:
+              train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None,
+              units: int | None = None) -> dict:
     """Score held-out normal records (or windows); returns the calibration stored in the manifest.
 
     ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
@@ -69,6 +70,8 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     (:func:`record_calibration`; ``known`` marks the measured cells of ``normal``), and
     ``measured (M, D)``, which cells the training records measured, the calibrations of their most
     frequent missingness patterns (``patterns``: :func:`models.anomaly.missing.calibrate_patterns`).
+    ``units``: the patients (or episodes) the records come from, when several records share one
+    (stored as ``units``; the drift detector's guarantee counts them, :mod:`models.anomaly.drift`).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")
@@ -81,6 +84,8 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     s = sorted_sample(nll)
     cal = {"method": "conformal", "score": "nll_nats", "statistic": statistic, "split": "val", "n": int(len(s)),
            "mean": float(nll.mean()), "scores": s.tolist()}
+    if units is not None:
+        cal["units"] = int(min(units, len(s)))
     if model.spec.kind == "record":
         cal["fill"] = np.median(normal, axis=0).astype(float).tolist()
         cal["reference"] = reference_values(normal, discrete=model.spec.discrete_features).tolist()
@@ -144,7 +149,9 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
         spec = spec.model_copy(update={"feature_groups": ds.spec.feature_groups, "derived": ds.spec.derived})
         model.spec = spec
     old = manifest.calibration or {}
-    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known, measured=measured)
+    units = sum(ds.units[n] for n in names) if ds.units else None
+    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known, measured=measured,
+                    units=units)
     cal["split"] = ",".join(names) if same else f"{data} ({','.join(names)})"
     if cal["n"] < FEW_CALIBRATION:
         log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal["n"], cal["n"] + 1)

@@ -134,6 +134,8 @@ def pattern_calibration(calibration: dict, pattern: tuple[int, ...], nll: np.nda
     cal = {"method": "conformal", "score": "marginal_nll_nats", "statistic": calibration.get("statistic", "nll"),
            "split": calibration.get("split", "val"), "n": int(len(nll)), "mean": float(nll.mean()), "scores": sorted_sample(nll).tolist(),
            "pattern": list(pattern)}
+    if calibration.get("units") is not None:
+        cal["units"] = int(min(calibration["units"], len(nll)))
     if calibration.get("atoms") is not None:
         atoms = [(int(j), float(v)) for j, v in calibration["atoms"] if int(j) in observed]
         design = atom_design(records, atoms)
@@ -160,6 +162,7 @@ class AnomalyScorer:
         self.calibration = calibration  # what it was built from (a pattern's travels from the executor to the front-ends)
         self.scores = np.asarray(calibration["scores"], dtype=np.float64)
         self.n = len(self.scores)
+        self.units = int(min(calibration.get("units", self.n), self.n))  # independent units behind the scores (patients)
         self.mean = float(calibration.get("mean", self.scores.mean()))
         self.typical = np.sort(np.abs(self.scores - self.mean))
         self.default = calibration.get("statistic", "nll")

@@ -23,6 +23,9 @@ class Dataset:
     ``measured`` (the same data sets): per split, which cells were measured in that record itself, the
     pattern of features a monitor sends for it; ``None``: all.
     ``grouped``: the splits are by patient (or episode), so records must not move between them.
+    ``units``: for grouped data, the number of patients (or episodes) in each split: the independent
+    units behind its records (a calibration from 100 patients is worth 100 draws, not 4,800;
+    :mod:`models.anomaly.drift`); ``None``: every record is its own unit.
     """
 
     spec: DataSpec
@@ -30,6 +33,7 @@ class Dataset:
     known: dict[str, np.ndarray] | None = None
     grouped: bool = False
     measured: dict[str, np.ndarray] | None = None
+    units: dict[str, int] | None = None
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:

@@ -63,9 +63,9 @@ class WaveformCohort:
     segment: np.ndarray
 
 
-def _patients(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-patient baselines, each ``(n,)``."""
-    s = rng.beta(2, 5, n)
+def _patients(n: int, rng: np.random.Generator, severity_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-patient baselines, each ``(n,)``; ``severity_scale`` multiplies every patient's severity (in [0, 1])."""
+    s = np.clip(rng.beta(2, 5, n) * severity_scale, 0, 1)
     sbp = 122 - 10 * s + 14 * rng.standard_normal(n)
     dbp = 0.45 * sbp + 8 + 6 * rng.standard_normal(n)
     height = 170 + 9 * rng.standard_normal(n)
@@ -105,10 +105,12 @@ def _gcs(p: dict[str, np.ndarray], hours: int, rng: np.random.Generator) -> tupl
     return eye.astype(float), motor.astype(float), verbal.astype(float)
 
 
-def generate_vitals(patients: int = 400, hours: int = 48, seed: int = 0, anomaly_fraction: float = 0.0) -> VitalsCohort:
-    """Hourly vitals for ``patients`` × ``hours``; a fraction of rows (never a patient's first) gets an anomaly."""
+def generate_vitals(patients: int = 400, hours: int = 48, seed: int = 0, anomaly_fraction: float = 0.0,
+                    severity_scale: float = 1.0) -> VitalsCohort:
+    """Hourly vitals for ``patients`` × ``hours``; a fraction of rows (never a patient's first) gets an anomaly.
+    ``severity_scale`` > 1 admits sicker patients (1.3: a ward 30% sicker; the same seed draws the same patients)."""
     rng = np.random.default_rng(seed)
-    p = _patients(patients, rng)
+    p = _patients(patients, rng, severity_scale)
     n, t = patients, hours
     clock = (np.arange(t)[None, :] + p["phase"][:, None]) * 2 * np.pi / 24
     circ = np.sin(clock)

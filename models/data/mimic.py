@@ -320,6 +320,19 @@ def waveform_spec(source: str, scaling: str) -> DataSpec:
     return DataSpec(kind="waveform", shape=(2, WINDOW), feature_names=list(WAVE_CHANNELS), units=units, ranges=ranges, source=source)
 
 
+def _group_counts(groups: int, val: float, test: float) -> tuple[int, int]:
+    return max(1, int(round(groups * val))), max(1, int(round(groups * test)))
+
+
+def group_units(groups: np.ndarray, val: float = 0.1, test: float = 0.1) -> dict[str, int] | None:
+    """Patients (or episodes) per split of :func:`split_by_group` with the same fractions (``None`` when it splits records)."""
+    n = len(np.unique(groups))
+    if n < 3:
+        return None
+    n_val, n_test = _group_counts(n, val, test)
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
 def split_by_group(data: np.ndarray, groups: np.ndarray, seed: int = 0, val: float = 0.1, test: float = 0.1) -> dict[str, np.ndarray]:
     """Split whole patients (or episodes) into train/val/test, so that held-out records come from unseen patients.
 
@@ -329,7 +342,7 @@ def split_by_group(data: np.ndarray, groups: np.ndarray, seed: int = 0, val: flo
     if len(ids) < 3:
         return split_fixed(data, seed)
     order = np.random.default_rng(seed).permutation(ids)
-    n_val, n_test = max(1, int(round(len(ids) * val))), max(1, int(round(len(ids) * test)))
+    n_val, n_test = _group_counts(len(ids), val, test)
     test_ids, val_ids = order[:n_test], order[n_test : n_test + n_val]
     return {"train": data[~np.isin(groups, np.concatenate([test_ids, val_ids]))], "val": data[np.isin(groups, val_ids)],
             "test": data[np.isin(groups, test_ids)]}
@@ -352,7 +365,8 @@ def _vitals(spec: str, arg: str):  # noqa: ANN202 - returns models.data.Dataset
     unseen = split_by_group(filled.unseen, episode)
     splits["train"] = hot_deck(splits["train"], unseen["train"], np.random.default_rng(0))
     measured = split_by_group(np.isfinite(values), episode)
-    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()}, grouped=True, measured=measured)
+    return Dataset(vitals_spec(spec), splits, known={k: ~v for k, v in unseen.items()}, grouped=True, measured=measured,
+                   units=group_units(episode))
 
 
 # The generated waveform cohort spreads its 8,000 windows over many patients (2 each): the validation
@@ -371,7 +385,8 @@ def _waveform(scaling: str):  # noqa: ANN202
         else:
             cohort = generate_waveforms(DEFAULT_WAVE_PATIENTS, 2, seed=0)
             raw, groups = cohort.windows, cohort.patient
-        return Dataset(waveform_spec(spec, scaling), split_by_group(scale_windows(raw, scaling), groups), grouped=True)
+        return Dataset(waveform_spec(spec, scaling), split_by_group(scale_windows(raw, scaling), groups), grouped=True,
+                       units=group_units(groups))
 
     return load
 

@@ -465,7 +465,8 @@ def _finish(run: _Run) -> dict[str, Any]:
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
                                 train=data.split("train") if data.spec.kind == "record" else None,
                                 known=data.known["val"] if data.known else None,
-                                measured=data.measured["train"] if data.measured else None)
+                                measured=data.measured["train"] if data.measured else None,
+                                units=data.units["val"] if data.units else None)
     artifact.save(final, cfg.model.model_dump(), run.out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, run.out / "samples.png")

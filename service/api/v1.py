@@ -1,4 +1,4 @@
-"""v1 REST API, a thin codec over :mod:`service.core`: list/describe models, score, sample, anomaly, reload.
+"""v1 REST API, a thin codec over :mod:`service.core`: list/describe models, score, sample, anomaly, drift, reload.
 
 Request bodies are parsed by the pydantic models below, which ``/openapi.json`` documents
 (uploads of PNG/JPEG/NPY bodies to ``score`` are documented as alternatives of the JSON body).
@@ -16,6 +16,7 @@ from models.imageio import png_bytes
 from models.plots import MAX_PANELS, waveform_png
 
 from ..core import Bound
+from ..drift import STREAM_PATTERN
 from ..errors import BadRequest
 from .deps import core, state
 from .inputs import decode_upload, impute_records, instances_to_array, media_type, parse_json, read_body
@@ -61,6 +62,15 @@ class AnomalyRequest(Strict):
         "marginal", description="records with absent features: 'marginal' scores the marginal likelihood of the observed "
         "features (importance sampling over the absent ones) against calibration records masked to the same pattern; "
         "'median' fills absent features with calibration medians and uses the complete records' calibration")
+    stream: str | None = Field(None, pattern=STREAM_PATTERN, description="the stream whose drift detector these records feed, "
+                               "in order (a ward, a device, a feed; 1-64 characters of letters, digits, _ . : -); default: "
+                               "'default'")
+
+
+class DriftQuery(Strict):
+    """Query parameters of the drift routes."""
+
+    stream: str | None = Field(None, pattern=STREAM_PATTERN, description="one stream; default: every stream")
 
 
 # --- response bodies ------------------------------------------------------------------------
@@ -156,6 +166,19 @@ class CalibrationUsed(BaseModel):
     samples: int | None = Field(None, description="importance samples K per record with absent features (missing='marginal')")
 
 
+class DriftReading(BaseModel):
+    stream: str
+    records: int = Field(..., description="records the stream's detector has seen since its last reset")
+    statistic: float = Field(..., description="log R, the mixture Shiryaev-Roberts statistic after the stream's latest record "
+                             "(nats; models.anomaly.drift)")
+    threshold: float = Field(..., description="log A = log ERT (nats): the alarm is raised when the statistic reaches it")
+    alarm: bool = Field(..., description="raised at some record since the last reset (it stays raised until a reset)")
+    alarm_at: int | None = Field(None, description="the stream's record (1-based, since the last reset) that raised the alarm")
+    direction: Literal["unusual", "typical"] | None = Field(None, description="which side carries the statistic: unusual "
+                                                          "(NLL up) or typical (NLL down, e.g. a stuck sensor)")
+    peak: float = Field(..., description="the largest statistic since the last reset (nats)")
+
+
 class AnomalyResponse(BaseModel):
     model: str
     version: str
@@ -163,6 +186,22 @@ class AnomalyResponse(BaseModel):
     statistic: str
     calibration: CalibrationUsed
     results: list[AnomalyResult]
+    drift: DriftReading | None = Field(None, description="the stream's drift detector after these records (absent when "
+                                       "drift tracking is off)")
+
+
+class DriftStatus(BaseModel):
+    model: str
+    version: str
+    ert: float = Field(..., description="expected records between false alarms without drift (FLOWSERVE_DRIFT_ERT)")
+    confidence: float = Field(..., description="probability over calibration sets that the ERT holds (FLOWSERVE_DRIFT_CONFIDENCE)")
+    streams: list[DriftReading]
+
+
+class DriftReset(BaseModel):
+    model: str
+    version: str
+    reset: list[str] = Field(..., description="the streams forgotten (they start afresh with their next record)")
 
 
 class ReloadResponse(BaseModel):
@@ -267,7 +306,7 @@ async def anomaly(name: str, request: Request) -> Response | AnomalyResponse:
         observed = np.array([[n not in set(a) for n in names] for a in absent], dtype=bool)
     x = instances_to_array(records, spec, "records")
     report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
-                             gone=request.is_disconnected, observed=observed, missing=opts.missing)
+                             gone=request.is_disconnected, observed=observed, missing=opts.missing, stream=opts.stream)
     if wants_png:
         titles = [f"window {i}: p = {r['p_value']:.3g}, {report.statistic} {'ANOMALY' if r['is_anomaly'] else 'normal'} "
                   f"at {opts.target_fpr:g}" for i, r in enumerate(report.results)]
@@ -285,4 +324,27 @@ async def anomaly(name: str, request: Request) -> Response | AnomalyResponse:
                            calibration=CalibrationUsed(method=manifest.calibration["method"], n=n, p_value_resolution=1 / (n + 1),
                                                        missing=opts.missing if spec.kind == "record" else None,
                                                        samples=pcal.samples if pcal else None),
-                           results=results)
+                           results=results, drift=None if report.drift is None else DriftReading(**report.drift))
+
+
+@router.get("/models/{name}/drift", response_model=DriftStatus, response_model_exclude_none=True,
+            responses=error_responses(400, 404, 500, 503))
+async def drift(name: str, request: Request) -> DriftStatus:
+    """The drift detectors of the model version's streams (``?stream=`` for one): statistic, threshold, alarm."""
+    c = core(request)
+    opts = parse(DriftQuery, dict(request.query_params), "query")
+    entry = c.drift_entry(name)
+    readings = await c.drift(entry, "readings", opts.stream)
+    s = c.settings
+    return DriftStatus(model=name, version=entry.version, ert=s.drift_ert, confidence=s.drift_confidence,
+                       streams=[DriftReading(**r) for r in readings])
+
+
+@router.post("/models/{name}/drift/reset", response_model=DriftReset, responses=error_responses(400, 401, 404, 500, 503))
+async def drift_reset(name: str, request: Request) -> DriftReset:
+    """Forget a stream's drift state (``?stream=``) or every stream's: after an alarm has been dealt with."""
+    c = core(request)
+    opts = parse(DriftQuery, dict(request.query_params), "query")
+    entry = c.drift_entry(name)
+    gone = await c.drift(entry, "reset", opts.stream)
+    return DriftReset(model=name, version=entry.version, reset=[g["stream"] for g in gone])
