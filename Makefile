@@ -12,7 +12,7 @@ EXTRAS ?= dev,$(ORT_EXTRA)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all serve bundle clean
+.PHONY: install test test-all serve bundle alibi-env clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ serve: $(STAMP)
 
 bundle: $(STAMP)
 	$(BIN)/python -m models.artifacts.bundle model_repository
+
+# alibi-detect 0.11.x (Apache-2.0), for bench/drift.py only: it pins numpy < 2, so it gets its own environment.
+alibi-env:
+	$(PYTHON) -m venv .alibi-env
+	.alibi-env/bin/pip install -q "alibi-detect==0.11.4" "numba==0.57.1" "scipy<1.12" "$(TORCH_SPEC)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.artifacts.manifest import flowserve_version
@@ -90,7 +91,9 @@ def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> 
             t.cancel()
         await stop()
 
-    app = FastAPI(title="flowserve", version=flowserve_version(), lifespan=lifespan,
+    # /docs and /redoc with their JavaScript and CSS served from the fastapi-offline package, not a CDN: they work
+    # on a closed network (a hospital's, say).
+    app = FastAPIOffline(title="flowserve", version=flowserve_version(), lifespan=lifespan,
                   description="Exact log-likelihoods, anomaly scores and samples from normalizing flows.",
                   telemetry={"tracing": False, "metrics": False, "logs": False})  # Prometheus (service.metrics) instead
     app.state.service = service

@@ -4,16 +4,19 @@
 * The KServe InferenceService (a CRD) and the adapter rules are checked for the fields we rely on.
 * Every metric name the dashboard, the HPA and the adapter rules use is exported by the running
   service in its multi-process layout (two front-ends and an executor, metrics aggregated).
-* The Dockerfile installs through the Makefile (no second dependency list) and probes the V2 health route.
+* The Dockerfile installs through the Makefile (no second dependency list); its HEALTHCHECK command, run
+  as the container would run it, probes the port ``FLOWSERVE_PORT`` gives the server.
 * ``docker compose config`` accepts the compose file where the compose plugin is installed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -116,11 +119,40 @@ def test_dockerfile_installs_through_the_makefile() -> None:
     run_lines = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), re.M))
     assert "make install" in run_lines
     assert "pip install" not in run_lines, "the Dockerfile must not keep its own dependency list"
-    assert "/v2/health/live" in text and re.search(r"^USER (?!root)", text, re.M)
+    assert re.search(r"^USER (?!root)", text, re.M)
     assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:\d+\.\d+\.\d+-", text, re.M), "pin the CUDA base image"
+    cpu_stage = text[text.index("AS base-cpu") : text.index("AS base\n")]
+    assert "VARIANT_TORCH_INDEX=https://download.pytorch.org/whl/cpu" in cpu_stage, "the CPU image installs torch's CPU build"
+    assert 'TORCH_INDEX="${TORCH_INDEX:-$VARIANT_TORCH_INDEX}"' in run_lines
     make = (ROOT / "Makefile").read_text()
     for var in ("TORCH_SPEC", "TORCH_INDEX", "ORT_EXTRA", "EXTRAS", "VENV", "PYTHON"):
         assert re.search(rf"^{var} \?=", make, re.M), f"Makefile must let the Dockerfile set {var}"
+
+
+def healthcheck_command() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command (exec form), with ``flowserve`` as this checkout runs it."""
+    line = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", (ROOT / "Dockerfile").read_text().replace("\\\n", " "), re.M)
+    assert line, "the Dockerfile has a HEALTHCHECK in exec form"
+    cmd = json.loads(line.group(1))
+    assert cmd[0] == "flowserve"
+    return [sys.executable, "-m", "service.cli", *cmd[1:]]
+
+
+def test_healthcheck_follows_flowserve_port(server) -> None:  # noqa: ANN001
+    """The image's HEALTHCHECK passes against a server on the port FLOWSERVE_PORT names, and fails on any other."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSERVE_")}
+    ok = subprocess.run(healthcheck_command(), env={**env, "FLOWSERVE_PORT": str(server.port)}, capture_output=True, text=True,
+                        cwd=ROOT, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"127.0.0.1:{server.port}/v2/health/live: 200" in ok.stdout
+    from tests.server import free_port
+
+    down = subprocess.run(healthcheck_command(), env={**env, "FLOWSERVE_PORT": str(free_port())}, capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert down.returncode == 1
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert all("healthcheck" not in svc for svc in compose["services"].values() if str(svc.get("image", "")).startswith("flowserve")), \
+        "compose services use the image's HEALTHCHECK, so both mean the same"
 
 
 def test_compose_file() -> None:
