@@ -18,8 +18,9 @@ receives them), scored by the bundled ``mimic-vitals`` flow with its default sta
 One real data set: scikit-learn's optdigits (handwritten digits 1–9 as the normal class, as in
 ``bench/tabular.py``). The tabular flow (``--preset tabular``) trains on half of the normal records
 and is recalibrated (``flowserve calibrate``) on a quarter; the streams draw from the last quarter.
-``digits_none``: as they are; ``digits_38``: a covariate shift in who writes, half of the stream's
-records are 3s and 8s (a new writer population), the rest as before.
+``digits_none``: as they are; ``digits_38``: a shift in what is written, half of the stream's records
+are 3s and 8s, the rest as before; ``digits_faint``: a scanner with 25% less gain, every pixel count
+× 0.75, rounded.
 
 Detectors, each configured for the same ERT:
 
@@ -39,8 +40,8 @@ error (streams that never alarm within ``--length`` records count as ``--length 
 did is shown). Then the cost: the anomaly route's rows/s with drift tracking on and off
 (``FLOWSERVE_DRIFT``), two servers measured in interleaved rounds.
 
-Usage: ``python bench/drift.py [--ert 200] [--runs 200] [--alibi-runs 40] [--alibi-python .alibi-env/bin/python]
-[--skip-real] [--cost-seconds 10 --cost-rounds 3]``.
+Usage: ``python bench/drift.py [--ert 200] [--runs 200] [--alibi-runs 30] [--alibi-python .alibi-env/bin/python]
+[--only vitals,digits,cost] [--cost-seconds 10 --cost-rounds 3]``.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def digits_pools(tmp: Path) -> tuple[Path, dict[str, np.ndarray], dict[str, np.n
     pool = x[te]
     shifted = np.isin(y[te], [3, 8])
     w_shift = np.where(shifted, 0.5 / shifted.sum(), 0.5 / (~shifted).sum())
-    weights = {"digits_none": np.full(len(te), 1 / len(te)), "digits_38": w_shift}
-    return art, {"digits_none": pool, "digits_38": pool}, weights, x[ca], x[tr]
+    faint = np.round(pool * 0.75)  # a scanner with 25% less gain: every pixel count scaled, still integers 0..16
+    weights = {"digits_none": np.full(len(te), 1 / len(te)), "digits_38": w_shift, "digits_faint": np.full(len(te), 1 / len(te))}
+    return art, {"digits_none": pool, "digits_38": pool, "digits_faint": faint}, weights, x[ca], x[tr]
 
 
 def p_values(art: Path, pools: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int]:
@@ -238,12 +240,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ert", type=float, default=200)
     ap.add_argument("--runs", type=int, default=200, help="streams per scenario for the flow's detector and the flags")
-    ap.add_argument("--alibi-runs", type=int, default=40, help="streams per scenario for alibi-detect (a subset of ours)")
+    ap.add_argument("--alibi-runs", type=int, default=30, help="streams per scenario for alibi-detect (a subset of ours)")
     ap.add_argument("--length", type=int, default=0, help="records per stream (default 20 × ERT)")
     ap.add_argument("--window", type=int, default=20, help="alibi-detect's window size")
     ap.add_argument("--alibi-python", default=str(ROOT / ".alibi-env" / "bin" / "python"))
     ap.add_argument("--vitals-artifact", default=str(ROOT / "model_repository" / "mimic-vitals" / "1"))
-    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--only", default="vitals,digits,cost", help="parts to run: vitals, digits (the real data set), cost")
     ap.add_argument("--cost-seconds", type=float, default=10)
     ap.add_argument("--cost-rounds", type=int, default=3)
     args = ap.parse_args()
@@ -252,20 +254,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         t0 = time.monotonic()
-        pools, ref, train = vitals_pools(Path(args.vitals_artifact))
-        p, n, units = p_values(Path(args.vitals_artifact), pools)
-        idx = streams(pools, args.runs, length, seed=1)
-        res = ours(p, idx, n, units, args.ert)
-        version = None
-        if has_alibi:
-            sub = {sc: v[: args.alibi_runs] for sc, v in idx.items()}
-            a, version = alibi(args.alibi_python, ref, train, pools, sub, args.ert, args.window, tmp)
-            res.update(a)
-        print(f"\nERT {args.ert:g} records; streams of up to {length} records; flow calibration n = {n} records of {units} patients; "
-              f"alibi-detect {version or 'not run (no --alibi-python)'}, window {args.window}; {time.monotonic() - t0:.0f} s")
-        table("Generated MIMIC-style vitals: first-alarm record (none: run length to a false alarm; others: detection delay)",
-              res, list(pools), length)
-        if not args.skip_real:
+        parts = set(args.only.split(","))
+        print(f"\nERT {args.ert:g} records; streams of up to {length} records; alibi-detect "
+              f"{'from ' + args.alibi_python if has_alibi else 'not run (no --alibi-python)'}, window {args.window}")
+        if "vitals" in parts:
+            pools, ref, train = vitals_pools(Path(args.vitals_artifact))
+            p, n, units = p_values(Path(args.vitals_artifact), pools)
+            idx = streams(pools, args.runs, length, seed=1)
+            res = ours(p, idx, n, units, args.ert)
+            if has_alibi:
+                sub = {sc: v[: args.alibi_runs] for sc, v in idx.items()}
+                a, version = alibi(args.alibi_python, ref, train, pools, sub, args.ert, args.window, tmp)
+                res.update(a)
+                print(f"alibi-detect {version}")
+            table(f"Generated MIMIC-style vitals (calibration: {n} records of {units} patients): first-alarm record (none: run "
+                  f"length to a false alarm; others: detection delay); {time.monotonic() - t0:.0f} s", res, list(pools), length)
+        if "digits" in parts:
             art, dpools, weights, dref, dtrain = digits_pools(tmp)
             dp, dn, dunits = p_values(art, dpools)
             didx = streams(dpools, args.runs, length, seed=2, weights=weights)
@@ -275,7 +279,7 @@ def main() -> None:
                 a, _ = alibi(args.alibi_python, dref, dtrain, dpools, sub, args.ert, args.window, tmp)
                 dres.update(a)
             table(f"optdigits (real, 64 pixel counts; calibration n = {dn}): first-alarm record", dres, list(dpools), length)
-        if args.cost_seconds > 0:
+        if "cost" in parts and args.cost_seconds > 0:
             cost(args.cost_seconds, args.cost_rounds, tmp)
 
 

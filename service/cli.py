@@ -1,4 +1,4 @@
-"""The ``flowserve`` command line: the model library's commands (:mod:`models.cli`), ``serve`` and ``health``.
+"""The ``flowserve`` command line: the model library's commands (:mod:`models.cli`), ``serve``, ``health`` and ``doctor``.
 
 It sits above both packages, so that ``models`` imports nothing from ``service``.
 """
@@ -59,6 +59,22 @@ def health(
         raise typer.Exit(1) from None
     typer.echo(f"{url}: {status}")
     raise typer.Exit(0 if status == 200 else 1)
+
+
+@app.command()
+@user_errors
+def doctor(
+    repository: Optional[Path] = typer.Option(None, "--repository", help="model repository root (FLOWSERVE_REPOSITORY)"),
+    models: bool = typer.Option(True, "--models/--no-models", help="load the repository's models to report their paths"),
+) -> None:
+    """Print the devices and versions (driver, CUDA, torch, ONNX Runtime, Triton), which fast paths are usable
+    here and why not, and for each model of the repository which path each task runs on and why."""
+    from .doctor import diagnose
+    from .settings import Settings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings(**({"repository": repository} if repository is not None else {}))
+    typer.echo(diagnose(settings, models).text())
 
 
 def main() -> None:  # pragma: no cover

@@ -136,3 +136,19 @@ def test_resumed_run_continues_the_same_batch_sequence(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert set(ck["rng"]) == {"torch", "cuda", "batches"} and ck["rng"]["batches"]["bit_generator"] == "PCG64"
+
+
+def test_doctor_reports_versions_capabilities_and_each_models_path(repository: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "service.cli", "doctor", "--repository", str(repository)], capture_output=True,
+                       text=True, timeout=300)  # the `flowserve` command: doctor loads models as the service does
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.index("versions:") < out.index("capabilities:") < out.index("models:")
+    assert any(ln.split()[:2] == ["torch", torch.__version__] for ln in out.splitlines())
+    for capability in ("TF32 matmul/conv", "bf16", "flash SDPA", "CUDA graphs", "fused Triton butterfly", "ONNX Runtime CUDA provider"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(capability))
+        if not torch.cuda.is_available():
+            assert "no  (no CUDA device)" in line, line  # says what is absent, and why
+    digits = [ln for ln in out.splitlines() if ln.strip().startswith("digits 1 ")]
+    assert {ln.split()[2] for ln in digits} == {"score", "sample"} and all("on cpu" in ln or "on cuda" in ln for ln in digits)
+    assert any(ln.strip().startswith("broken 1") and "failed" in ln for ln in out.splitlines())
