@@ -91,9 +91,9 @@ class Settings(BaseSettings):
     drift_bets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["0.8:1", "0.5:0.3", "0.1:0.05"], description="the "
                                                        "alternatives the detector bets on, each power:weight (κ in (0, 1): "
                                                        "smaller bets harder on extreme p-values; w: share of records touched)")
-    drift_sides: Annotated[list[Literal["unusual", "typical"]], NoDecode] = Field(
-        default_factory=lambda: ["unusual", "typical"], description="directions watched: unusual (NLL up) and typical "
-        "(NLL down: a stuck or flat-lined channel)")
+    drift_sides: Annotated[list[Literal["unusual", "typical", "central"]], NoDecode] = Field(
+        default_factory=lambda: ["unusual", "typical"], description="directions watched: unusual (NLL up), typical "
+        "(NLL down: a stuck or flat-lined channel), central (scores bunched in the middle: less spread than calibration's)")
     drift_streams: int = Field(64, ge=1, le=4096, description="streams tracked per model version (least recently fed out)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="empty = CORS off")

@@ -8,7 +8,9 @@ records are exchangeable with the calibration records; after it they are not. Th
 an alarm when the p-values stop looking like those of normal records, in either direction:
 
 * ``unusual``: small p-values (NLL up: a shifted sensor, a sicker ward, a unit error);
-* ``typical``: large p-values (NLL down: a flat-lined or stuck channel, records too typical).
+* ``typical``: large p-values (NLL down: a flat-lined or stuck channel, records too typical);
+* ``central`` (off by default): p-values bunched in the middle, scores less spread than the
+  calibration's (a bet on ``u = (2|k − (n + 2)/2| + 1)/(n + 2)``).
 
 **The law of the p-values given the calibration set.** Write ``k`` for the grid index,
 ``p = k/(n + 1)``, ``k = 1 … n + 1``. Given the calibration scores, the p-values of pre-change
@@ -73,8 +75,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-Side = Literal["unusual", "typical"]
-SIDES: tuple[Side, ...] = ("unusual", "typical")
+Side = Literal["unusual", "typical", "central"]
+SIDES: tuple[Side, ...] = ("unusual", "typical", "central")
 QUANTILE_DRAWS = 2000  # Dirichlet draws behind q_j(n): the quantile's Monte Carlo error is a fraction of a percent of q − 1
 QUANTILE_SEED = 20261207
 
@@ -93,7 +95,7 @@ class DriftConfig(BaseModel):
     confidence: float = Field(0.95, ge=0.5, lt=1, description="probability over calibration sets that the ERT holds")
     bets: list[Bet] = Field(default_factory=lambda: [Bet(power=0.8, weight=1.0), Bet(power=0.5, weight=0.3), Bet(power=0.1, weight=0.05)],
                             min_length=1, max_length=8, description="alternatives, each used on every side")
-    sides: list[Side] = Field(default_factory=lambda: list(SIDES), min_length=1, description="directions watched")
+    sides: list[Side] = Field(default_factory=lambda: ["unusual", "typical"], min_length=1, description="directions watched")
 
     @field_validator("sides")
     @classmethod
@@ -153,7 +155,10 @@ class DriftFamily:
         k = np.arange(1, n + 2, dtype=np.float64)
         cols = []
         for side, bet in self.components:
-            u = (k if side == "unusual" else n + 2 - k) / (n + 1)
+            if side == "central":  # p-values bunched in the middle: scores less spread than calibration's
+                u = (2 * np.abs(k - (n + 2) / 2) + 1) / (n + 2)
+            else:
+                u = (k if side == "unusual" else n + 2 - k) / (n + 1)
             h = bet.power * u ** (bet.power - 1)
             cols.append((1 - bet.weight) + bet.weight * h / h.mean())
         g = np.stack(cols, 1)
