@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadRequest, ServiceError
+from .selfcheck import Quarantine, is_device_fault
 from .memory import apply_heap_settings, trim_malloc_every
 from .metrics import Metrics
 from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
@@ -39,13 +39,6 @@ from .transport import Arena, Channel
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 2.0
-_FATAL = re.compile(r"CUDA (error|failure)|illegal memory access|device-side assert|unspecified launch failure|ECC error", re.I)
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A CUDA error after which the device context cannot be trusted (out-of-memory is not one)."""
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and bool(_FATAL.search(text)) and "out of memory" not in text.lower()
 
 
 class Executor:
@@ -67,7 +60,9 @@ class Executor:
         if spec.incarnation > 0:
             self.metrics.executor_restarts.labels(self.device).inc()
         self.worker = DeviceWorker(self.device, inline=True)
-        self.repository = ModelRepository(s, [self.worker], self.metrics)
+        quarantine = Quarantine(Path(spec.shm_dir) / f"quarantine-{spec.index}.json")  # survives this process's restarts
+        self.repository = ModelRepository(s, [self.worker], self.metrics, quarantine,
+                                          on_device_fault=lambda: os._exit(EXIT_DEVICE_FAULT))
         self.core = InferenceCore(s, self.repository, self.metrics)  # builds pattern calibrations for every front-end
         self.epoch = f"{os.getpid()}.{spec.incarnation}"
         self.arenas: dict[str, tuple[Arena, Channel]] = {}  # path → the arena and the front-end it belongs to

@@ -17,6 +17,7 @@ Every label takes values from a bounded set, so no client can grow the series co
 | ``task`` | ``service.tasks.TASKS`` |
 | ``reason`` | rejection reasons: ``queue_full``, ``timeout``, ``unauthorized`` |
 | ``device`` | the configured devices |
+| ``reason`` of ``fallbacks`` | ``mismatch``, ``error``, ``device_fault`` (``service.selfcheck.REASONS``) |
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Metrics:
                                       "model version and pattern for the whole server)", ["model"], namespace=ns, registry=r)
         self.drift_alarms = Counter("drift_alarms", "Drift alarms raised on the anomaly route's streams (service.drift)", ["model"],
                                     namespace=ns, registry=r)
+        self.fallbacks = Counter("fallbacks", "Optimised paths switched off at load because they failed their self-check "
+                                 "against the reference path (service.selfcheck)", ["model", "task", "reason"], namespace=ns, registry=r)
         self.executor_restarts = Counter("executor_restarts", "Model-executor processes restarted after they died", ["device"],
                                          namespace=ns, registry=r)
 

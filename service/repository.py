@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from models.artifacts.manifest import read_manifest
@@ -21,6 +22,7 @@ from .errors import NotFound, Unavailable
 from .memory import freeze_heap
 from .metrics import Metrics
 from .runners import open_runner
+from .selfcheck import DeviceFault, Quarantine
 from .tasks import check_batch_invariance
 from .settings import Settings
 from .workers import DeviceWorker
@@ -36,8 +38,13 @@ def versions(model_dir: Path) -> list[Path]:
 class ModelRepository:
     """Loads, serves and reloads the models under ``settings.repository``."""
 
-    def __init__(self, settings: Settings, workers: list[DeviceWorker], metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, workers: list[DeviceWorker], metrics: Metrics, quarantine: Quarantine | None = None,
+                 on_device_fault: Callable[[], None] | None = None) -> None:
+        """``quarantine``: paths that faulted the device, kept across restarts of this process; ``on_device_fault``:
+        what to do when a self-check poisons the device (an executor exits for the supervisor to restart it)."""
         self.settings = settings
+        self.quarantine = quarantine
+        self.on_device_fault = on_device_fault
         self.root = Path(settings.repository)
         self.workers = workers
         self.metrics = metrics
@@ -93,7 +100,10 @@ class ModelRepository:
         t0 = time.perf_counter()
         try:
             entry.manifest = read_manifest(path)
-            runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings) for w in self.workers))
+            runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings, self.quarantine) for w in self.workers))
+            for r in runners:  # paths that failed their self-check (service.selfcheck), counted once per load
+                for f in getattr(r, "fallbacks", []):
+                    self.metrics.fallbacks.labels(name, f.task, f.reason).inc()
             for w, r in zip(self.workers, runners):
                 await w.run(tasks.warm, r)
                 await w.run(check_batch_invariance, r, self.settings)
@@ -113,6 +123,12 @@ class ModelRepository:
                 b.start()
             entry.state = "ready"
         except Exception as e:  # noqa: BLE001 - any failure marks this model failed, not the server
+            if isinstance(e, DeviceFault):
+                self.metrics.fallbacks.labels(name, e.fallback.task, e.fallback.reason).inc()
+                if self.on_device_fault is not None:
+                    log.error("model %s version %s: %s; the device context is unusable, restarting without that path",
+                              name, path.name, e.fallback.describe())
+                    self.on_device_fault()
             log.error("model %s version %s failed to load: %s", name, path.name, e)
             entry.state, entry.reason = "failed", str(e).splitlines()[0] if str(e) else type(e).__name__
         entry.load_seconds = time.perf_counter() - t0

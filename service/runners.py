@@ -39,6 +39,7 @@ from models.density import DensityModel
 from models.errors import ArtifactError
 
 from .ort_sessions import open_session
+from .selfcheck import DeviceFault, Fallback, Quarantine, check, failed
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,51 +131,142 @@ class GraphedTask:
 
 
 class TorchRunner:
-    """A ``DensityModel`` on a torch device, in inference mode."""
+    """A ``DensityModel`` on a torch device, in inference mode.
+
+    Every optimised path is checked against its reference before it serves (:mod:`service.selfcheck`):
+    the fused Triton butterfly kernel, ``torch.compile``, CUDA graphs, the traced CPU graph. One that fails
+    is off for this model and task, and :attr:`fallbacks` says why (``execution`` too).
+    """
 
     backend = "torch"
 
-    def __init__(self, path: Path, device: str, settings: Settings) -> None:
+    def __init__(self, path: Path, device: str, settings: Settings, quarantine: Quarantine | None = None,
+                 fallbacks: list[Fallback] | None = None) -> None:
         self.device = device
         self.model: DensityModel = load(path, device)
         self.manifest = self.model.manifest
         tile = settings.tile_rows if settings.batch_invariant else None
         self.tiles: dict[str, int | None] = {"score": tile, "sample": tile}
-        self._log_prob = torch.compile(self.model.log_prob, dynamic=False) if settings.compile else self.model.log_prob
         self.execution: dict[str, str] = {}
+        self.fallbacks: list[Fallback] = list(fallbacks or [])
+        known = quarantine.of(path) if quarantine is not None else []  # paths that faulted the device before a restart
+        self._off = {f.path for f in known}
+        self.fallbacks += known
+        self._log_prob = self.model.log_prob
+        self.compiled = False
         self._tasks: dict[str, Callable[..., np.ndarray]] = {"score": self._score_eager, "sample": self._sample_eager}
-        if device.startswith("cuda") and settings.cuda_graphs:
-            self._capture(settings)
-        if device == "cpu" and settings.trace_cpu and not settings.compile:
-            self._trace()
+        try:
+            self._check_kernels()
+            if settings.compile and "torch.compile" not in self._off:
+                self._compile()
+            if device.startswith("cuda") and settings.cuda_graphs and "cuda graphs" not in self._off:
+                self._capture(settings)
+            if device == "cpu" and settings.trace_cpu and not settings.compile and "torchscript" not in self._off:
+                self._trace()
+        except DeviceFault as e:
+            if quarantine is not None:
+                quarantine.add(path, e.fallback)
+            raise
         for task in self._tasks:
             t = self.tiles[task]
             self.execution.setdefault(task, "eager" + (f", tiles of {t} rows" if t else ""))
-        if settings.compile:
+        if self.compiled:
             self.execution["score"] += ", compiled"
+        for f in self.fallbacks:
+            self.execution[f.task] += f" ({f.describe()})"
 
-    # eager forwards on numpy, any number of rows
+    def _fall_back(self, fallback: Fallback) -> None:
+        log.warning("%s: %s %s; it serves on its reference path", self.manifest.data_spec.source or "model", fallback.task,
+                    fallback.describe())
+        self.fallbacks.append(fallback)
+
+    # probes and eager forwards on numpy, any number of rows
+    def _probe(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self.model.spec.random_examples(n, seed=n).astype(np.float32)
+        return x, (np.full(x.shape, 0.5, dtype=np.float32) if self.model.dequantizer is not None else None)
+
+    def _latent(self, n: int) -> np.ndarray:
+        return np.random.default_rng(n).standard_normal((n, self.model.spec.dims)).astype(np.float32) * 0.5
+
     def _score_eager(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         with torch.inference_mode():
             xt = torch.from_numpy(x).to(self.device, torch.float32)
             nt = None if noise is None else torch.from_numpy(noise).to(self.device)
             return self._log_prob(xt, nt).double().cpu().numpy()
 
+    def _score_reference(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(self.device, torch.float32)
+            nt = None if noise is None else torch.from_numpy(noise).to(self.device)
+            return self.model.log_prob(xt, nt).double().cpu().numpy()
+
     def _sample_eager(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.model.sample(len(z), 1.0, z=torch.from_numpy(z)).cpu().numpy()
 
+    def _check_kernels(self) -> None:
+        """The fused Triton butterfly against the PyTorch levels, where this device would run it."""
+        from models.flows.butterfly import Butterfly
+
+        layers = [m for m in self.model.modules() if isinstance(m, Butterfly) and m.kernel != "torch"]
+        if not layers:
+            return
+        if "triton butterfly" in self._off or not any(m._fused(torch.empty(1, m.dim, device=self.device)) for m in layers):
+            for m in layers:
+                m.kernel = "torch"
+            return
+        kinds = {m: m.kernel for m in layers}
+
+        def on(enabled: bool) -> None:
+            for m in layers:
+                m.kernel = kinds[m] if enabled else "torch"
+
+        def reference(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+            def run(n: int) -> np.ndarray:
+                on(False)
+                try:
+                    return fn(n)
+                finally:
+                    on(True)
+            return run
+
+        score = lambda n: self._score_reference(*self._probe(n))  # noqa: E731
+        sample = lambda n: self._sample_eager(self._latent(n))  # noqa: E731
+        for task, fn in (("score", score), ("sample", sample)):
+            fallback = check(task, "triton butterfly", fn, reference(fn))
+            if fallback is not None:
+                on(False)  # the whole model: both tasks run the layers
+                for t in ("score", "sample"):
+                    self._fall_back(Fallback(t, fallback.path, fallback.reason, fallback.detail))
+                return
+
+    def _compile(self) -> None:
+        """Score through ``torch.compile`` when it compiles and agrees with the uncompiled model."""
+        try:
+            compiled = torch.compile(self.model.log_prob, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            self._fall_back(failed("score", "torch.compile", e))
+            return
+        self._log_prob = compiled
+        fallback = check("score", "torch.compile", lambda n: self._score_eager(*self._probe(n)),
+                         lambda n: self._score_reference(*self._probe(n)))
+        if fallback is not None:
+            self._log_prob = self.model.log_prob
+            self._fall_back(fallback)
+            return
+        self.compiled = True
+
     def _trace(self) -> None:
         """Score through a traced graph (:mod:`service.traced`), without tiles until the invariance check asks for them."""
-        from .traced import trace_score
+        from .traced import TraceMismatch, trace_score
 
         try:
             graph = trace_score(self.model)
-        except Exception as e:  # noqa: BLE001 - untraceable Python or a disagreeing trace: stay eager and say why
-            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            log.warning("%s: scoring runs eager (tracing failed: %s)", self.manifest.data_spec.source or "model", reason)
-            self.execution["score"] = f"eager (tracing failed: {reason})" + (f", tiles of {self.tiles['score']} rows"
-                                                                             if self.tiles["score"] else "")
+        except TraceMismatch as e:
+            self._fall_back(Fallback("score", "torchscript", "mismatch", str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - untraceable Python: stay eager and say why
+            self._fall_back(failed("score", "torchscript", e))
             return
         dequantized = self.model.dequantizer is not None
 
@@ -185,12 +277,16 @@ class TorchRunner:
             with torch.inference_mode():
                 return graph(*args).numpy()
 
+        fallback = check("score", "torchscript", lambda n: score(*self._probe(n)), lambda n: self._score_reference(*self._probe(n)))
+        if fallback is not None:
+            self._fall_back(fallback)
+            return
         self._tasks["score"] = score
         self.tiles["score"] = None
         self.execution["score"] = "torchscript (traced, oneDNN)"
 
     def _capture(self, settings: Settings) -> None:
-        """Replace each task by its CUDA graphs where capture works; say why where it does not."""
+        """Replace each task by its CUDA graphs where capture works and every captured size agrees with eager."""
         spec, dev = self.model.spec, self.device
         tile = self.tiles["score"]
         sizes = [tile] if tile else ladder(settings.max_batch_size)
@@ -206,15 +302,20 @@ class TorchRunner:
         def sample(z: torch.Tensor) -> torch.Tensor:
             return self.model.sample(len(z), 1.0, z=z)
 
+        probes = {"score": (lambda g, n: g(*self._probe(n)), lambda n: self._score_eager(*self._probe(n))),
+                  "sample": (lambda g, n: g(self._latent(n)), lambda n: self._sample_eager(self._latent(n)))}
         for task, fn, examples in (("score", score, score_examples),
                                    ("sample", sample, lambda b: (torch.zeros(b, spec.dims, device=dev),))):
             try:
                 graphed = GraphedTask(fn, examples, sizes)
             except Exception as e:  # noqa: BLE001 - a host sync or an unsupported op inside the task: stay eager
-                log.warning("%s: CUDA graph capture of %s failed (%s); it runs eager", self.manifest.data_spec.source or "model",
-                            task, str(e).splitlines()[0])
-                self.execution[task] = f"eager (capture failed: {str(e).splitlines()[0][:120]})"
                 torch.cuda.synchronize()
+                self._fall_back(failed(task, "cuda graphs", e))
+                continue
+            replay, eager = probes[task]
+            fallback = check(task, "cuda graphs", lambda n: replay(graphed, n), eager, tuple(graphed.sizes))
+            if fallback is not None:
+                self._fall_back(fallback)
                 continue
             self._tasks[task] = graphed
             self.execution[task] = f"cuda graphs at {','.join(map(str, sorted(sizes)))} rows"
@@ -312,12 +413,46 @@ def choose_backend(manifest: Manifest, setting: str) -> str:
     return str(manifest.graphs.get("preferred_backend", "torch"))
 
 
-def open_runner(path: Path, device: str, settings: Settings) -> Runner:
-    """Open the artifact at ``path`` on ``device`` with the configured backend."""
+def check_onnx(runner: OnnxRunner, path: Path) -> Fallback | None:
+    """ONNX Runtime's scores against the artifact's torch model on the CPU, on probe rows (``None``: they agree)."""
+    reference = load(path, "cpu")
+    spec = reference.spec
+
+    def probe(n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        x = spec.random_examples(n, seed=n).astype(np.float32)
+        return x, (np.full(x.shape, 0.5, dtype=np.float32) if reference.dequantizer is not None else None)
+
+    def want(n: int) -> np.ndarray:
+        x, noise = probe(n)
+        with torch.inference_mode():
+            return reference.log_prob(torch.from_numpy(x), None if noise is None else torch.from_numpy(noise)).double().numpy()
+
+    return check("score", "onnxruntime cuda", lambda n: runner.log_prob(*probe(n)), want)
+
+
+def open_runner(path: Path, device: str, settings: Settings, quarantine: Quarantine | None = None) -> Runner:
+    """Open the artifact at ``path`` on ``device`` with the configured backend. ONNX Runtime on CUDA is checked
+    against the torch model first; when it disagrees (or faulted the device before), the torch backend serves."""
     manifest = read_manifest(path)
     backend = choose_backend(manifest, settings.backend)
+    fallbacks: list[Fallback] = []
     if backend == "onnxruntime":
-        return OnnxRunner(path, device, settings)
+        off = [f for f in (quarantine.of(path) if quarantine is not None else []) if f.path == "onnxruntime cuda"]
+        if not (device.startswith("cuda") and off):
+            runner = OnnxRunner(path, device, settings)
+            if runner.device == "cpu":
+                return runner
+            try:
+                fallback = check_onnx(runner, path)
+            except DeviceFault as e:
+                if quarantine is not None:
+                    quarantine.add(path, e.fallback)
+                raise
+            if fallback is None:
+                return runner
+            log.warning("%s: %s; the torch backend serves it", path, fallback.describe())
+            off = [fallback]
+        fallbacks = off
     if settings.require_gpu and not device.startswith("cuda"):
         raise RuntimeError(f"FLOWSERVE_REQUIRE_GPU=1 but the worker device is {device}")
-    return TorchRunner(path, device, settings)
+    return TorchRunner(path, device, settings, quarantine, fallbacks)

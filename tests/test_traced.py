@@ -92,8 +92,10 @@ def test_runner_serves_eager_and_says_why_when_tracing_fails(tiny_glow_run: Path
 
     monkeypatch.setattr(service.runners, "load", load_with_branch)
     runner = TorchRunner(tiny_glow_run / "artifact", "cpu", Settings())
-    assert runner.execution["score"].startswith("eager (tracing failed: traced log_prob differs from eager at 1 rows")
-    assert runner.execution["score"].endswith("tiles of 64 rows") and runner.tiles["score"] == 64
+    [fallback] = runner.fallbacks
+    assert fallback.describe().startswith("torchscript off: mismatch, traced log_prob differs from eager at 1 rows")
+    assert runner.execution["score"] == f"eager, tiles of 64 rows ({fallback.describe()})"
+    assert runner.tiles["score"] == 64 and [(f.task, f.path, f.reason) for f in runner.fallbacks] == [("score", "torchscript", "mismatch")]
 
 
 def test_traced_runner_draws_noise_when_a_caller_gives_none() -> None:
