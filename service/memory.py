@@ -10,6 +10,7 @@ on the compute thread and back, and freed chunks stay scattered through glibc's 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 
 from models.libc import libc
@@ -46,9 +47,16 @@ def freeze_heap() -> None:
     are what a full collection walks: 80–90 ms on the 2-core machine, a pause every request in
     flight waits out (it was most of the p99 at 16 concurrent clients). Called once the app is
     built and after every model load; objects made later are collected as usual.
+
+    At exit the frozen objects are handed back to the collector (``gc.unfreeze``), so the
+    interpreter's final collection frees them: extension modules that count their objects at
+    shutdown (Triton's nanobind bindings, which torch imports whenever Triton is installed) would
+    otherwise report each one as leaked.
     """
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # registered once, however often the heap is frozen
+    atexit.register(gc.unfreeze)
 
 
 def collect_young_after(allocations: int) -> None:
