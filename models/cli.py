@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,8 +71,9 @@ def train(
         cfg = cfg.model_validate({**cfg.model_dump(), **updates})
     out = out or Path("runs") / path.stem
     metrics = run(cfg, out, max_steps=max_steps, resume=resume, progress=sys.stderr.isatty())
-    typer.echo(json.dumps(metrics, indent=2))
-    typer.echo(f"artifact: {out / 'artifact'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports (models.training.distributed)
+        typer.echo(json.dumps(metrics, indent=2))
+        typer.echo(f"artifact: {out / 'artifact'}")
 
 
 @app.command("generate-cohort")

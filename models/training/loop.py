@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,6 +23,7 @@ from ..architectures import ArchitectureConfig, build, sized_for
 from ..anomaly.scoring import FEW_CALIBRATION
 from ..data import Dataset, load_dataset
 from ..density import DensityModel
+from .distributed import World, from_env, leave, restarted
 from .ema import EMA
 from ..errors import ConfigError, FlowserveError
 from .evaluate import evaluate
@@ -47,10 +49,14 @@ class OptimConfig(BaseModel):
     ema: float = Field(0.999, ge=0, lt=1, description="Polyak/EMA decay for evaluation and export")
     init_batch: int = Field(256, ge=1, description="examples for data-dependent initialisation")
     eval_every: int = Field(250, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="write the checkpoint (atomically) every this many steps "
+                                         "(default: at each evaluation)")
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better validation "
                                  "likelihood (default: never stop early)")
     eval_batch: int = Field(512, ge=1)
     max_nonfinite: int = Field(20, ge=1, description="consecutive non-finite losses before giving up")
+    log_every: int | None = Field(None, ge=1, description="also write the training loss (bits/dim of the global batch) to "
+                                  "metrics.jsonl every this many steps (each a host read; default: never)")
     micro_batch: int | None = Field(None, ge=1, description="rows per forward/backward pass; gradients accumulate to "
                                     "batch_size (default: as many as fit in memory_gb, measured on a probe step)")
     memory_gb: float | None = Field(None, gt=0, description="memory the run may hold at its peak: the process's resident "
@@ -182,8 +188,8 @@ def _save_checkpoint(path: Path, step: int, model: DensityModel, ema: EMA, opt, 
 
 def _loss_fn(model: DensityModel, compile: bool):  # noqa: ANN202 - Callable[[Tensor], Tensor]
     """Mean bits/dim of a batch (the training loss), compiled with ``torch.compile`` when asked."""
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return model.bits_per_dim(x).mean()
+    def loss(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return model.bits_per_dim(x, noise).mean()
 
     return torch.compile(loss, dynamic=False) if compile else loss
 
@@ -259,6 +265,8 @@ class _Run:
     last_step: int = 0
     skipped_steps: Any = None  # (,) long tensor on the device
     t0: float = 0.0
+    world: World = field(default_factory=World)  # this process's rank in a data-parallel job (models.training.distributed)
+    ddp: Any = None  # DistributedDataParallel around the training objective, when there are several ranks
 
     @property
     def initial_model(self) -> str | None:
@@ -284,9 +292,12 @@ def train(cfg: TrainConfig, out: str | Path, max_steps: int | None = None, resum
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _prepare(cfg, out, max_steps, resume)
-    _fit(run, progress)
-    return _finish(run)
+    run = _prepare(cfg, out, max_steps, resume or restarted())
+    try:
+        _fit(run, progress and run.world.main)
+        return _finish(run)
+    finally:
+        leave(run.world)
 
 
 def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -> _Run:
@@ -295,6 +306,11 @@ def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -
     the micro-batches."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    world = from_env(device)
+    device = world.device(device)
+    if cfg.train.batch_size % world.size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by the {world.size} ranks of this job; "
+                          "batch_size is the global batch, shared equally by the ranks")
     if device.type == "cuda":
         enable_tf32()  # the precision policy: models.precision
     data = load_dataset(cfg.data)
@@ -320,21 +336,45 @@ def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -
     ema = EMA(model, oc.ema)
     batches = batch_source(train_x, device)
     run = _Run(cfg, out, device, data, model, min(oc.steps, max_steps) if max_steps else oc.steps, rng, opt, sched, ema,
-               _loss_fn(model, cfg.compile), batches, oc.micro_batch or 0)
+               _loss_fn(model, cfg.compile), batches, oc.micro_batch or 0, world=world)
     if resume and run.checkpoint_path.is_file():
         _resume(run)
-    elif not resume:
+    elif not resume and world.main:
         run.metrics_path.unlink(missing_ok=True)
 
     tight = False
     if not oc.micro_batch:
         run.micro, tight = plan_micro_batch(run.loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
+        if world.distributed:  # every rank takes the smallest plan, so the ranks step in the same micro-batches
+            run.micro = _min_over_ranks(world, run.micro, device)
+    if world.distributed:  # wrapped after the data-dependent initialisation, which every rank ran on the global init batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        run.ddp = DistributedDataParallel(_Objective(model), device_ids=[device.index] if device.type == "cuda" else None)
+        run.loss_fn = run.ddp
     if device.type == "cpu" and tight:  # memory is a limit: keep the resident memory to what the step holds
         from .memory import return_large_blocks_to_the_os
 
         return_large_blocks_to_the_os()
     run.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
     return run
+
+
+class _Objective(torch.nn.Module):
+    """The training loss as a module's ``forward``, for ``DistributedDataParallel`` to wrap: mean bits/dim of a batch."""
+
+    def __init__(self, model: DensityModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.bits_per_dim(x, noise).mean()
+
+
+def _min_over_ranks(world: World, value: int, device: torch.device) -> int:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _resume(run: _Run) -> None:
@@ -357,35 +397,42 @@ def _resume(run: _Run) -> None:
 def _validate(run: _Run, step: int, bar: tqdm) -> None:
     """Validation bits/dim of the EMA weights, logged to ``metrics.jsonl``; the best weights so far are kept."""
     ema_model: DensityModel = run.ema.module  # type: ignore[assignment]
-    val = evaluate(ema_model, run.data.split("val"), run.cfg.train.eval_batch, seed=run.cfg.seed)
+    val = evaluate(ema_model, run.data.split("val"), run.cfg.train.eval_batch, seed=run.cfg.seed, world=run.world)
     record = {"step": step, "val_bits_per_dim": val["bits_per_dim"], "elapsed_s": time.monotonic() - run.t0,
               "skipped_steps": int(run.skipped_steps)}
-    with run.metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    if run.world.main:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
     if val["bits_per_dim"] < run.best["val_bits_per_dim"]:
         run.best.update(val_bits_per_dim=val["bits_per_dim"], step=step)
         run.best_state = {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
-        from safetensors.torch import save_file
+        if run.world.main:
+            from safetensors.torch import save_file
 
-        save_file(run.best_state, str(run.out / "best.safetensors"))
+            save_file(run.best_state, str(run.out / "best.safetensors"))
     bar.set_postfix_str(f"val {val['bits_per_dim']:.3f} best {run.best['val_bits_per_dim']:.3f}", refresh=False)
 
 
-def _step(run: _Run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on the batch ``x`` (in micro-batches when planned); returns the batch's mean
-    bits/dim and whether the step was skipped (a non-finite loss or gradient), both on the device."""
+def _step(run: _Run, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the batch ``x`` with its dequantization ``noise`` (in micro-batches when planned); returns
+    the batch's mean bits/dim and whether the step was skipped (a non-finite loss or gradient), both on the device."""
     run.opt.zero_grad(set_to_none=True)
     if run.micro >= len(x):
-        bpd = run.loss_fn(x)
+        bpd = run.loss_fn(x, noise)
         bpd.backward()
-    else:  # gradients of the whole batch's mean, accumulated over micro-batches
+    else:  # gradients of the whole batch's mean, accumulated over micro-batches (synchronised across ranks once, at the last)
         bpd = torch.zeros((), device=run.device)
         for i in range(0, len(x), run.micro):
-            part = run.loss_fn(x[i : i + run.micro]) * (len(x[i : i + run.micro]) / len(x))
-            part.backward()
+            last = i + run.micro >= len(x)
+            with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
+                part = run.loss_fn(x[i : i + run.micro], None if noise is None else noise[i : i + run.micro]) * (len(x[i : i + run.micro]) / len(x))
+                part.backward()
             bpd = bpd + part.detach()
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip, foreach=True)
     bad = ~(torch.isfinite(bpd) & torch.isfinite(norm))  # a non-finite loss or gradient: the step is skipped
+    if run.world.distributed:  # skipped on every rank when on any; the loss of the global batch
+        flags = run.world.all_sum(torch.stack([bad.double(), bpd.detach().double()]))
+        bad, bpd = flags[0] > 0, (flags[1] / run.world.size).float()
     run.opt.found_inf = bad.float()
     run.opt.step()
     run.sched.step()
@@ -408,7 +455,11 @@ def _fit(run: _Run, progress: bool) -> None:
     for step in bar:
         run.last_step = step
         run.model.train()
-        bpd, bad = _step(run, run.batches(run.rng.integers(0, len(train_x), oc.batch_size)))
+        # The global batch and its dequantization noise, drawn alike on every rank; each trains on its share.
+        idx = run.rng.integers(0, len(train_x), oc.batch_size)
+        noise = run.model.noise(oc.batch_size)
+        share = run.world.share(oc.batch_size)
+        bpd, bad = _step(run, run.batches(idx[share]), None if noise is None else noise[share])
         nonfinite = (nonfinite + 1) * bad
         run.skipped_steps += bad
         if step % 10 == 0:  # the one host read of the loop, every 10 steps
@@ -416,9 +467,16 @@ def _fit(run: _Run, progress: bool) -> None:
             if bad_run >= oc.max_nonfinite:
                 raise TrainingError(f"loss was non-finite for {bad_run} steps in a row at step {step}; lower the learning rate")
             bar.set_description(f"loss {loss * dims * math.log(2):.2f} nats, {loss:.3f} bpd")
+        if oc.log_every and (step + 1) % oc.log_every == 0 and run.world.main:
+            with run.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "train_bits_per_dim": float(bpd)}) + "\n")
         out_of_time = oc.max_minutes is not None and time.monotonic() - run.t0 > 60 * oc.max_minutes
+        if oc.max_minutes is not None and run.world.distributed:  # the ranks stop together
+            out_of_time = bool(run.world.all_sum(torch.tensor([float(out_of_time)], device=run.device))[0] > 0)
         if (step + 1) % oc.eval_every == 0 or step + 1 == run.steps or out_of_time:
             _validate(run, step + 1, bar)
+        every = oc.checkpoint_every or oc.eval_every
+        if run.world.main and ((step + 1) % every == 0 or step + 1 == run.steps or out_of_time):
             _save_checkpoint(run.checkpoint_path, step + 1, run.model, run.ema, run.opt, run.sched, run.best, run.rng)
         if out_of_time:
             log.info("wall-clock budget of %.1f min reached at step %d", oc.max_minutes, step + 1)
@@ -437,8 +495,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     if run.best_state is not None:
         final.load_state_dict(run.best_state)
     final = final.eval()  # evaluation, calibration and the sample grid run on the training device
-    test = evaluate(final, data.split("test"), oc.eval_batch, seed=cfg.seed)
-    val = evaluate(final, data.split("val"), oc.eval_batch, seed=cfg.seed)
+    test = evaluate(final, data.split("test"), oc.eval_batch, seed=cfg.seed, world=run.world)
+    val = evaluate(final, data.split("val"), oc.eval_batch, seed=cfg.seed, world=run.world)
     metrics = {
         "test_bits_per_dim": test["bits_per_dim"],
         "test_nll_nats": test["nll_nats"],
@@ -453,10 +511,14 @@ def _finish(run: _Run) -> dict[str, Any]:
         "train_seconds": round(time.monotonic() - run.t0, 1),
         "parameters": sum(p.numel() for p in final.parameters()),
         "data": cfg.data,
+        "world_size": run.world.size,
     }
     if run.initial_model is not None:  # which of the two the artifact holds, and the initial model's validation bits/dim
         metrics["selected"] = run.initial_model if run.best["step"] == 0 else "flow"
         metrics["initial_val_bits_per_dim"] = run.best.get("initial_val_bits_per_dim")
+    if not run.world.main:  # rank 0 alone calibrates and writes; the others wait until the artifact is there
+        run.world.barrier()
+        return metrics
     calibration = None
     if data.spec.kind in ("record", "waveform"):
         from ..anomaly.calibration import calibrate
@@ -472,4 +534,5 @@ def _finish(run: _Run) -> dict[str, Any]:
         sample_grid(final, run.out / "samples.png")
     with run.metrics_path.open("a") as f:
         f.write(json.dumps({"final": metrics}) + "\n")
+    run.world.barrier()
     return metrics
