@@ -176,3 +176,53 @@ def test_docker_compose_config_accepts_the_file() -> None:
         pytest.skip("the docker compose plugin is not installed here; structure is checked by test_compose_file")
     r = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+TRAINING = ROOT / "deploy" / "training"
+
+
+@pytest.mark.parametrize("path", [TRAINING / "job.yaml", TRAINING / "pvc.yaml"], ids=lambda p: p.name)
+def test_training_manifests_validate(path: Path) -> None:
+    for doc in docs(path):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def _train_args(command: list[str]) -> list[str]:
+    """What follows ``torchrun [options] -m models.cli``: the one-machine ``flowserve train`` arguments."""
+    assert command[0] == "torchrun" and "-m" in command
+    at = command.index("-m")
+    assert command[at + 1] == "models.cli" and command[at + 2] == "train"
+    return command[at + 2 :]
+
+
+def test_trainjob_and_indexed_job_run_the_same_training() -> None:
+    """The Kubeflow TrainJob (a CRD: the fields we rely on) and the plain indexed Job run the same command on the
+    same volume; the Job's rendezvous endpoint is its pod 0 behind its headless Service."""
+    tj = docs(TRAINING / "trainjob.yaml")[0]
+    assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and tj["kind"] == "TrainJob"
+    assert tj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    trainer = tj["spec"]["trainer"]
+    assert trainer["numNodes"] >= 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
+    [override] = tj["spec"]["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    claim = {v["name"]: v for v in override["spec"]["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
+    assert {"name": "data", "mountPath": "/data"} in override["spec"]["containers"][0]["volumeMounts"]
+
+    service, job = docs(TRAINING / "job.yaml")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == trainer["numNodes"]
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    command = pod["containers"][0]["command"]
+    endpoint = next(a for a in command if a.startswith("--rdzv-endpoint=")).split("=", 1)[1]
+    host, port = endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    assert "--max-restarts=3" in command and "--max-restarts=3" in trainer["command"]
+    assert _train_args(command) == _train_args(trainer["command"])  # the same training
+    assert {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"]["claimName"] == claim
+    assert docs(TRAINING / "pvc.yaml")[0]["metadata"]["name"] == claim
+    assert docs(TRAINING / "pvc.yaml")[0]["spec"]["accessModes"] == ["ReadWriteMany"]
+    train_args = _train_args(command)
+    assert (ROOT / train_args[1]).is_file()  # a config the image ships in its working directory (/app/configs)
