@@ -25,6 +25,7 @@ Usage: ``python bench/anomaly.py [--minutes 4] [--vitals-artifact DIR] [--wavefo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import time
@@ -498,14 +499,36 @@ def small_csv(reps: int, tmp: Path) -> None:
           f"{100 * fc.mean():.2f}% of {len(fc)} |")
 
 
+async def anomaly_load(url: str, bodies: list, secs: float, clients: int = 4, stream: bool = False) -> tuple[float, int]:
+    """``clients`` closed-loop clients posting ``bodies`` (lists of records) to the bundled vitals' anomaly route for
+    ``secs`` seconds (each client on its own drift stream with ``stream``); records/s and records scored."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        done = 0
+        stop = time.monotonic() + secs
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.monotonic() < stop:
+                body = {"records": bodies[i % len(bodies)], "explain": "none", **({"stream": f"ward-{k}"} if stream else {})}
+                r = await client.post("/v1/models/mimic-vitals/anomaly", json=body)
+                r.raise_for_status()
+                done += len(bodies[i % len(bodies)])
+                i += clients
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        return done / (time.monotonic() - t0), done
+
+
 def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
     """The anomaly route's rows/s on the bundled mimic-vitals, 64 records per request, 4 clients: complete
     records vs measured-only records (K flow rows each; pattern calibrations built in a first pass, reported).
 
     The first pass opens a connection per request, so with ``frontends`` HTTP front-end processes the kernel
     spreads its requests over all of them, as it spreads a real feed's."""
-    import asyncio
-
     import httpx
 
     from models.data.cohort import generate_vitals
@@ -519,24 +542,6 @@ def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
     complete = [[dict(zip(VITAL_NAMES, map(float, r))) for r in full[i : i + 64]] for i in range(0, len(full) - 63, 64)]
     partial = [[{n: float(v) for n, v, m in zip(VITAL_NAMES, r, o) if m} for r, o in zip(full[i : i + 64], measured[i : i + 64])]
                for i in range(0, len(full) - 63, 64)]
-
-    async def drive(url: str, bodies: list, secs: float) -> tuple[float, int]:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            done = 0
-            stop = time.monotonic() + secs
-
-            async def worker(k: int) -> None:
-                nonlocal done
-                i = k
-                while time.monotonic() < stop:
-                    r = await client.post("/v1/models/mimic-vitals/anomaly", json={"records": bodies[i % len(bodies)], "explain": "none"})
-                    r.raise_for_status()
-                    done += len(bodies[i % len(bodies)])
-                    i += 4
-
-            t0 = time.monotonic()
-            await asyncio.gather(*(worker(k) for k in range(4)))
-            return done / (time.monotonic() - t0), done
 
     import json
 
@@ -565,8 +570,8 @@ def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
                 client.post("/v1/models/mimic-vitals/anomaly", json={"records": body, "explain": "none"}).raise_for_status()
         cold = time.monotonic() - t0
         n_patterns = len({tuple(m) for m in measured[: len(partial) * 64].tolist()})
-        rate_c, _ = asyncio.run(drive(s.url, complete, seconds))
-        rate_p, _ = asyncio.run(drive(s.url, partial, seconds))
+        rate_c, _ = asyncio.run(anomaly_load(s.url, complete, seconds))
+        rate_p, _ = asyncio.run(anomaly_load(s.url, partial, seconds))
     print(f"\n### Anomaly route cost (bundled mimic-vitals, 64 records per request, 4 clients, {seconds:.0f} s each; "
           f"HTTP front-ends: {frontends or 'default'})\n")
     print("| records | rows/s |\n|---|---|")

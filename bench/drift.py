@@ -189,8 +189,13 @@ def cost(seconds: float, rounds: int, tmp: Path) -> None:
     """Anomaly-route rows/s with drift tracking on and off: two servers, interleaved rounds, 64 records per request."""
     import asyncio
 
-    import httpx
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("bench_anomaly", ROOT / "bench" / "anomaly.py")  # bench/ stays off sys.path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    anomaly_load = module.anomaly_load
     from models.data.cohort import generate_vitals
     from models.data.mimic import impute
     from models.data.mimic_schema import VITAL_NAMES
@@ -200,33 +205,14 @@ def cost(seconds: float, rounds: int, tmp: Path) -> None:
     full = impute(c.values, c.patient).values
     bodies = [[dict(zip(VITAL_NAMES, map(float, r))) for r in full[i : i + 64]] for i in range(0, len(full) - 63, 64)]
 
-    async def drive(url: str) -> float:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            done = 0
-            stop = time.monotonic() + seconds
-
-            async def worker(k: int) -> None:
-                nonlocal done
-                i = k
-                while time.monotonic() < stop:
-                    r = await client.post("/v1/models/mimic-vitals/anomaly",
-                                          json={"records": bodies[i % len(bodies)], "explain": "none", "stream": f"ward-{k}"})
-                    r.raise_for_status()
-                    done += len(bodies[i % len(bodies)])
-                    i += 4
-
-            t0 = time.monotonic()
-            await asyncio.gather(*(worker(k) for k in range(4)))
-            return done / (time.monotonic() - t0)
-
     rates: dict[str, list[float]] = {"on": [], "off": []}
     with running_server(ROOT / "model_repository", tmp, FLOWSERVE_DRIFT="true") as on, \
             running_server(ROOT / "model_repository", tmp, FLOWSERVE_DRIFT="false") as off:
         for s in (on, off):
-            asyncio.run(drive(s.url))  # warm both (pattern-free, complete records)
+            asyncio.run(anomaly_load(s.url, bodies, seconds, stream=True))  # warm both (pattern-free, complete records)
         for _ in range(rounds):
             for key, s in (("on", on), ("off", off)):
-                rates[key].append(asyncio.run(drive(s.url)))
+                rates[key].append(asyncio.run(anomaly_load(s.url, bodies, seconds, stream=True))[0])
     on_r, off_r = np.array(rates["on"]), np.array(rates["off"])
     print(f"\n### Cost of drift tracking (bundled mimic-vitals, 64 complete records per request, 4 clients each on its own "
           f"stream, {rounds} interleaved rounds of {seconds:.0f} s)\n")

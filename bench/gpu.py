@@ -45,7 +45,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))  # bench/serving.py's load generator
 
 from models.architectures import build, parse_config  # noqa: E402
 from models.flows import Butterfly, InvConv1x1LU, data_init  # noqa: E402
@@ -257,6 +256,18 @@ GOALS = {  # figure: (comparison, goal); a goal named by another figure compares
 }
 
 
+def sibling(name: str):  # noqa: ANN201 - a module
+    """Another script of ``bench/`` as a module, imported by path: ``bench/`` never goes on ``sys.path``, where its
+    ``onnx.py`` would hide the ``onnx`` package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _pytest_cuda() -> dict:
     out = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
                           "tests/test_butterfly_kernel.py", "tests/test_flowpp.py"], cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -366,7 +377,8 @@ def _sampling(small: bool) -> dict:
 def _serving(small: bool, tmp: Path) -> dict:
     """The real server on this device, the bundled digits Glow, 1-row JSON: rows/s per client count and the one-client
     p50, with CUDA graphs on and off, and batching against ``max_batch_size=1``."""
-    from serving import flowserve_cmd, load_level, running
+    serving = sibling("serving")
+    flowserve_cmd, load_level, running = serving.flowserve_cmd, serving.load_level, serving.running
 
     from models.data import load_dataset
     from tests.server import free_port

@@ -112,8 +112,8 @@ def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> 
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()
         if settings.drift:  # the live streams' drift gauges, from wherever the monitors live (service.drift)
-            remote = getattr(repository, "drift_rows", None)  # the front-ends' RemoteRepository asks the executors
-            rows = await remote() if remote is not None else service.core.drift_rows()
+            remote = getattr(repository, "drift_rows", None)  # the front-ends' RemoteRepository reads the executors' tables
+            rows = remote() if remote is not None else service.core.drift_rows()
             body += drift_exposition(rows)  # the families are there before any stream, as every labelled metric's
         return Response(body, media_type=ctype)
 

@@ -16,7 +16,10 @@ streams afresh, as a reload does.
 
 Prometheus sees the live streams only: the gauges are built at scrape time from the monitors'
 readings (:func:`exposition`), so an evicted stream's series disappears with it and the ``stream``
-label never has more than ``FLOWSERVE_DRIFT_STREAMS`` values per model version.
+label never has more than ``FLOWSERVE_DRIFT_STREAMS`` values per model version. An executor keeps
+its readings in a small table in the server's run directory, rewritten at most every
+:data:`TABLE_EVERY_S` after a change (:func:`write_table`); a front-end's ``/metrics`` reads the
+tables, so a scrape never waits on an executor that is computing.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -86,6 +91,29 @@ class DriftMonitor:
 def reading_dict(stream: str, reading: DriftReading) -> dict:
     """A reading as the API and the control channel carry it."""
     return {"stream": stream, **asdict(reading)}
+
+
+TABLE_EVERY_S = 0.25  # an executor rewrites its table of streams at most this often
+
+
+def table_path(run_dir: str | Path, executor: int) -> Path:
+    """Where executor ``executor`` keeps its table of drift readings for the front-ends' ``/metrics``."""
+    return Path(run_dir) / f"drift-{executor}.json"
+
+
+def write_table(path: Path, rows: list[tuple[str, str, dict]]) -> None:
+    """Replace the table at ``path`` atomically (a front-end never reads half of one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(rows))
+    tmp.replace(path)
+
+
+def read_table(path: Path) -> list[tuple[str, str, dict]]:
+    """The rows of a table (none before the executor wrote one)."""
+    try:
+        return [tuple(r) for r in orjson.loads(path.read_bytes())]  # type: ignore[misc]
+    except (OSError, orjson.JSONDecodeError):
+        return []
 
 
 def exposition(rows: list[tuple[str, str, dict]]) -> bytes:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .drift import TABLE_EVERY_S, table_path, write_table
 from .errors import BadRequest, ServiceError
 from .selfcheck import Quarantine, is_device_fault
 from .memory import apply_heap_settings, trim_malloc_every
@@ -71,6 +72,7 @@ class Executor:
         self.generation = 0
         self._acks: dict[int, tuple[set[Channel], asyncio.Event]] = {}
         self._reload_lock = asyncio.Lock()
+        self._drift_flush: asyncio.TimerHandle | None = None
         self.stopping = asyncio.Event()
 
     # --- the model table ---------------------------------------------------------------------
@@ -101,6 +103,7 @@ class Executor:
         async with self._reload_lock:
             changes = await self.repository.reload()
             await self._push_table()
+            self._write_drift_table()  # a new version's streams start afresh
             return changes
 
     # --- requests ----------------------------------------------------------------------------
@@ -158,14 +161,21 @@ class Executor:
 
     async def _drift(self, h: dict) -> dict:
         """A drift action (``update``, ``readings``, ``reset``) on a model version's monitor, which lives here for every
-        front-end (:mod:`service.drift`); ``table``: every tracked stream of every model here, for ``/metrics``."""
-        if h["action"] == "table":
-            return {"op": "drift", "rows": self.core.drift_rows()}
+        front-end (:mod:`service.drift`); the table the front-ends' ``/metrics`` read is rewritten soon after."""
+        if h["action"] != "readings" and self._drift_flush is None:
+            self._drift_flush = asyncio.get_running_loop().call_later(TABLE_EVERY_S, self._write_drift_table)
         entry = self.repository.get_version(h["model"], h["version"])
         p = None if h.get("p") is None else np.asarray(h["p"], dtype=np.float64)
         n = None if h.get("n") is None else np.asarray(h["n"], dtype=np.int64)
         units = None if h.get("units") is None else np.asarray(h["units"], dtype=np.int64)
         return {"op": "drift", "readings": self.core.drift_here(entry, h["action"], h.get("stream"), p, n, units)}
+
+    def _write_drift_table(self) -> None:
+        self._drift_flush = None
+        try:
+            write_table(table_path(self.spec.shm_dir, self.spec.index), self.core.drift_rows())
+        except OSError as e:  # the run directory is going away with the server
+            log.warning("could not write the drift table: %s", e)
 
     async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:

@@ -28,6 +28,7 @@ from models.artifacts.manifest import Manifest, read_manifest
 from . import tasks
 from .api.deps import ServiceState
 from .app import build_app
+from .drift import read_table, table_path
 from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
 from .errors import BadRequest, NotFound, ServiceError, Unavailable
 from .memory import freeze_heap
@@ -330,16 +331,12 @@ class RemoteRepository:
             raise Unavailable(f"the drift update for model {entry.name!r} was cancelled", "cancelled", 1)
         return h["readings"]
 
-    async def drift_rows(self) -> list[tuple[str, str, dict]]:
-        """Every tracked drift stream of every executor, for ``/metrics`` (an executor that does not answer within
-        a second is left out of this scrape)."""
+    def drift_rows(self) -> list[tuple[str, str, dict]]:
+        """Every tracked drift stream of every executor, for ``/metrics``: read from the table each executor keeps in the
+        server's run directory (:func:`service.drift.table_path`), so a scrape never waits on a busy executor."""
         rows: list[tuple[str, str, dict]] = []
-        for link in [link for link in self.links if link.live]:
-            try:
-                h = await link.request({"op": "drift", "action": "table"}, 1.0)
-            except (TimeoutError, ServiceError, ConnectionError):
-                continue
-            rows.extend((m, v, r) for m, v, r in h.get("rows", []))
+        for i in range(len(self.links)):
+            rows.extend(read_table(table_path(self.spec.shm_dir, i)))
         return rows
 
     async def reload(self) -> dict[str, str]:

