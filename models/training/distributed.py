@@ -11,7 +11,11 @@ What each rank does (:mod:`models.training.loop`):
   alone; rank ``r`` of ``W`` trains on rows ``r·B/W … (r+1)·B/W − 1`` of it. ``batch_size`` stays the
   global batch, and one that does not divide by ``W`` is an error;
 * the data-dependent initialisation on the whole global init batch, before the model is wrapped,
-  so every rank's initial parameters equal the single process's;
+  so every rank's initial parameters equal the single process's. Each rank computes it in full
+  rather than on its share with all-reduced statistics: ActNorm's and Flow++'s moments could be
+  all-reduced, but the tabular flow's marginals (medians, Yeo-Johnson λ by maximum likelihood) and
+  its cross-validated shrinkage covariance cannot be assembled from per-rank sums. One forward
+  pass on the init batch (128–256 examples) is what it costs each rank;
 * gradients averaged by ``DistributedDataParallel`` (micro-batches accumulate under ``no_sync``);
   the step is skipped on every rank when any rank's loss or gradient is not finite;
 * validation and test bits/dim over its share of the batches, summed across ranks;
