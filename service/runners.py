@@ -130,6 +130,20 @@ class GraphedTask:
         return out[:n].cpu().numpy()
 
 
+def probe_rows(model: DensityModel, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``n`` probe rows of ``model``'s data (seeded by ``n``) and their dequantization noise (bin midpoints) for the self-checks."""
+    x = model.spec.random_examples(n, seed=n).astype(np.float32)
+    return x, (np.full(x.shape, 0.5, dtype=np.float32) if model.dequantizer is not None else None)
+
+
+def score_numpy(log_prob: Callable[..., torch.Tensor], device: str, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    """``log_prob`` of numpy rows on ``device``: float64 nats ``(B,)``."""
+    with torch.inference_mode():
+        xt = torch.from_numpy(x).to(device, torch.float32)
+        nt = None if noise is None else torch.from_numpy(noise).to(device)
+        return log_prob(xt, nt).double().cpu().numpy()
+
+
 class TorchRunner:
     """A ``DensityModel`` on a torch device, in inference mode.
 
@@ -182,23 +196,18 @@ class TorchRunner:
 
     # probes and eager forwards on numpy, any number of rows
     def _probe(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        x = self.model.spec.random_examples(n, seed=n).astype(np.float32)
-        return x, (np.full(x.shape, 0.5, dtype=np.float32) if self.model.dequantizer is not None else None)
+        return probe_rows(self.model, n)
 
     def _latent(self, n: int) -> np.ndarray:
         return np.random.default_rng(n).standard_normal((n, self.model.spec.dims)).astype(np.float32) * 0.5
 
     def _score_eager(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-        with torch.inference_mode():
-            xt = torch.from_numpy(x).to(self.device, torch.float32)
-            nt = None if noise is None else torch.from_numpy(noise).to(self.device)
-            return self._log_prob(xt, nt).double().cpu().numpy()
+        """The serving forward (compiled when ``torch.compile`` passed its check)."""
+        return score_numpy(self._log_prob, self.device, x, noise)
 
     def _score_reference(self, x: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-        with torch.inference_mode():
-            xt = torch.from_numpy(x).to(self.device, torch.float32)
-            nt = None if noise is None else torch.from_numpy(noise).to(self.device)
-            return self.model.log_prob(xt, nt).double().cpu().numpy()
+        """The model's own forward: every check's reference."""
+        return score_numpy(self.model.log_prob, self.device, x, noise)
 
     def _sample_eager(self, z: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -416,18 +425,8 @@ def choose_backend(manifest: Manifest, setting: str) -> str:
 def check_onnx(runner: OnnxRunner, path: Path) -> Fallback | None:
     """ONNX Runtime's scores against the artifact's torch model on the CPU, on probe rows (``None``: they agree)."""
     reference = load(path, "cpu")
-    spec = reference.spec
-
-    def probe(n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        x = spec.random_examples(n, seed=n).astype(np.float32)
-        return x, (np.full(x.shape, 0.5, dtype=np.float32) if reference.dequantizer is not None else None)
-
-    def want(n: int) -> np.ndarray:
-        x, noise = probe(n)
-        with torch.inference_mode():
-            return reference.log_prob(torch.from_numpy(x), None if noise is None else torch.from_numpy(noise)).double().numpy()
-
-    return check("score", "onnxruntime cuda", lambda n: runner.log_prob(*probe(n)), want)
+    return check("score", "onnxruntime cuda", lambda n: runner.log_prob(*probe_rows(reference, n)),
+                 lambda n: score_numpy(reference.log_prob, "cpu", *probe_rows(reference, n)))
 
 
 def open_runner(path: Path, device: str, settings: Settings, quarantine: Quarantine | None = None) -> Runner:

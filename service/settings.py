@@ -21,6 +21,15 @@ def _csv(value: object) -> list[str]:
     return list(value)  # type: ignore[arg-type]
 
 
+def _bet(text: str) -> Bet:
+    """A drift bet from ``power:weight`` (weight 1 when omitted)."""
+    power, _, weight = text.partition(":")
+    try:
+        return Bet(power=float(power), weight=float(weight or 1))
+    except ValueError as e:
+        raise ValueError(f"drift bet {text!r}: power:weight with power in (0, 1) and weight in (0, 1] ({e})") from None
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/flowserve``, else ``~/.cache/flowserve``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowserve"
@@ -112,23 +121,16 @@ class Settings(BaseSettings):
 
     def drift_config(self) -> DriftConfig:
         """The drift detector's parameters (:class:`models.anomaly.drift.DriftConfig`)."""
-        bets = []
-        for b in self.drift_bets:
-            power, _, weight = b.partition(":")
-            bets.append(Bet(power=float(power), weight=float(weight or 1)))
-        return DriftConfig(ert=self.drift_ert, confidence=self.drift_confidence, bets=bets, sides=self.drift_sides)
+        return DriftConfig(ert=self.drift_ert, confidence=self.drift_confidence, bets=[_bet(b) for b in self.drift_bets],
+                           sides=self.drift_sides)
 
     @field_validator("drift_bets")
     @classmethod
     def _bets(cls, value: list[str]) -> list[str]:
-        for b in value:
-            power, _, weight = b.partition(":")
-            try:
-                Bet(power=float(power), weight=float(weight or 1))
-            except ValueError as e:
-                raise ValueError(f"drift bet {b!r}: power:weight with power in (0, 1) and weight in (0, 1] ({e})") from None
         if not value:
             raise ValueError("at least one drift bet")
+        for b in value:
+            _bet(b)
         return value
 
     @field_validator("devices", "api_keys", "cors_origins", "drift_bets", "drift_sides", mode="before")

@@ -178,7 +178,7 @@ class DriftFamily:
         if (n < 1).any() or (units < 1).any():
             raise ValueError("calibration sizes must be positive")
         out = np.empty((len(p), len(self.components)))
-        for size, unit in {(int(a), int(b)) for a, b in zip(n, units)}:
+        for size, unit in np.unique(np.stack([n, units], 1), axis=0).tolist():  # one grid per calibration (n, units)
             rows = np.flatnonzero((n == size) & (units == unit))
             cell = np.clip(np.ceil(p[rows] * (size + 1) - 1e-9).astype(np.int64), 1, size + 1)
             out[rows] = self.grid(size, unit).log_ratio[cell - 1]

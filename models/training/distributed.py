@@ -67,6 +67,14 @@ class World:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
 
+    def min(self, value: int, device: torch.device) -> int:
+        """The smallest ``value`` over the ranks (``value`` in one process)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

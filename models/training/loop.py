@@ -345,8 +345,7 @@ def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -
     tight = False
     if not oc.micro_batch:
         run.micro, tight = plan_micro_batch(run.loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
-        if world.distributed:  # every rank takes the smallest plan, so the ranks step in the same micro-batches
-            run.micro = _min_over_ranks(world, run.micro, device)
+        run.micro = world.min(run.micro, device)  # every rank takes the smallest plan: the ranks step in the same micro-batches
     if world.distributed:  # wrapped after the data-dependent initialisation, which every rank ran on the global init batch
         from torch.nn.parallel import DistributedDataParallel
 
@@ -369,12 +368,6 @@ class _Objective(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.bits_per_dim(x, noise).mean()
-
-
-def _min_over_ranks(world: World, value: int, device: torch.device) -> int:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
 
 
 def _resume(run: _Run) -> None:
