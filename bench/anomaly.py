@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.anomaly.scoring import STATISTICS  # noqa: E402
 from models.anomaly.marginal import DEFAULT_SAMPLES  # noqa: E402
 from models.anomaly.missing import COLD_PATTERN_RECORDS  # noqa: E402
+from models.anomaly.scoring import STATISTICS  # noqa: E402
 
 
 def trained(config: str, artifact_dir: str | None, minutes: float, tmp: Path) -> Path:
@@ -99,8 +99,8 @@ def realised_fpr(model, scorer, fresh: np.ndarray, patients: int) -> str:  # noq
 
 
 def vitals(art: Path, rng: np.random.Generator) -> None:
-    from models.artifacts import store as artifact
     from models.anomaly.scoring import AnomalyScorer
+    from models.artifacts import store as artifact
     from models.data import load_dataset
     from models.data.cohort import generate_vitals, plant_vital_anomaly
     from models.data.mimic import impute
@@ -128,7 +128,12 @@ def vitals(art: Path, rng: np.random.Generator) -> None:
     print("\n" + realised_fpr(model, scorer, fresh.astype(np.float32), 120))
 
     # attribution as the route computes it (features and the schema's groups, models.anomaly.attribution)
-    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
+    from models.anomaly.attribution import (
+        describe_parts,
+        part_attribution,
+        part_variants,
+        record_parts,
+    )
 
     cal = record_calibration_of(model, model.manifest.calibration)
     parts, plabels, members = record_parts(model.spec, cal, None, anom.astype(np.float32))
@@ -212,11 +217,11 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
     calibration records (``None``: every usable one), as the service builds a pattern on first use."""
     from collections import Counter
 
-    from models.artifacts import store as artifact
+    from models.anomaly.missing import PatternCalibrations
     from models.anomaly.scoring import AnomalyScorer, model_scorer
+    from models.artifacts import store as artifact
     from models.data.cohort import generate_vitals
     from models.data.mimic import impute
-    from models.anomaly.missing import PatternCalibrations
 
     model = artifact.load(art).eval()
     cal = record_calibration_of(model, model.manifest.calibration)
@@ -267,7 +272,12 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
           f"(≤ {pattern_records or pcal.records.shape[0]} records each)")
 
     # Attribution of the flagged anomalies, as the route computes it: observed parts only, marginal variants.
-    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
+    from models.anomaly.attribution import (
+        describe_parts,
+        part_attribution,
+        part_variants,
+        record_parts,
+    )
     from models.anomaly.marginal import pattern_of
 
     p_all = np.exp(-np.floor(rank_marginal * 1e6) / 1e6)  # undo the tie-break: the per-pattern p-values
@@ -312,9 +322,14 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
     from scipy.special import logsumexp
     from sklearn.mixture import GaussianMixture
 
-    from models.artifacts import store as artifact
+    from models.anomaly.attribution import (
+        describe_parts,
+        part_attribution,
+        part_variants,
+        record_parts,
+    )
     from models.anomaly.scoring import AnomalyScorer, model_scorer
-    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
+    from models.artifacts import store as artifact
     from models.data import load_dataset
     from models.data.cohort import generate_vitals, plant_vital_anomaly
     from models.data.mimic import impute
@@ -443,9 +458,9 @@ def small_csv(reps: int, tmp: Path) -> None:
     from sklearn.datasets import load_breast_cancer
     from sklearn.metrics import roc_auc_score
 
-    from models.artifacts import store as artifact
-    from models.anomaly.scoring import AnomalyScorer, model_scorer
     from models.anomaly.calibration import recalibrate
+    from models.anomaly.scoring import AnomalyScorer, model_scorer
+    from models.artifacts import store as artifact
     from models.training.loop import CalibrationConfig, load_config, train
 
     data = load_breast_cancer()
@@ -584,9 +599,9 @@ def route_cost(seconds: float, tmp: Path, frontends: int | None = None) -> None:
 
 
 def waveforms(art: Path, rng: np.random.Generator) -> None:
-    from models.artifacts import store as artifact
-    from models.anomaly.scoring import AnomalyScorer
     from models.anomaly.attribution import attribute, segment_bounds
+    from models.anomaly.scoring import AnomalyScorer
+    from models.artifacts import store as artifact
     from models.data import load_dataset
     from models.data.cohort import generate_waveforms
     from models.data.mimic import scale_windows

@@ -89,11 +89,10 @@ def digits_pools(tmp: Path) -> tuple[Path, dict[str, np.ndarray], dict[str, np.n
     """Train and calibrate the tabular flow on optdigits; the held-out pool and per-scenario draw weights."""
     from sklearn.datasets import load_digits
 
+    from bench.tabular import write_csv
     from models import presets
     from models.anomaly.calibration import recalibrate
     from models.training.loop import load_config, train
-
-    from bench.tabular import write_csv
 
     d = load_digits()
     keep = d.target != 0
@@ -188,7 +187,6 @@ def streams(pools: dict[str, np.ndarray], runs: int, length: int, seed: int, wei
 def cost(seconds: float, rounds: int, tmp: Path) -> None:
     """Anomaly-route rows/s with drift tracking on and off: two servers, interleaved rounds, 64 records per request."""
     import asyncio
-
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_anomaly", ROOT / "bench" / "anomaly.py")  # bench/ stays off sys.path

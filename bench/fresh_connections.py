@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from models.data import load_dataset  # noqa: E402
 from serving import REPO, baseline_tree, flowserve_cmd, running  # noqa: E402  (bench/serving.py)
+
+from models.data import load_dataset  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 BARE_APP = '''

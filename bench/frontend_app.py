@@ -1,12 +1,12 @@
 """The HTTP front-end's app alone: CPU per request through the ASGI app, in-process, side by side.
 
 What a front-end process spends on a request between uvicorn and the executor: the real app
-(:func:`service.app.build_app`: middleware, routes, codecs, the inference core) over the bundled digits
+(:func:`service.frontend.app.build_app`: middleware, routes, codecs, the inference core) over the bundled digits
 manifest, with a repository whose batcher answers at once instead of an executor, so the model, the
 transport and the socket are left out. Two builds of the same app, interleaved:
 
 * ``CodecRoute`` (the default): the codecs' routes on the app's router, called directly
-  (:class:`service.api.routing.CodecRoute`);
+  (:class:`service.frontend.api.routing.CodecRoute`);
 * ``FastAPI handler``: the same endpoints as plain ``APIRoute``\\ s under ``include_router``, FastAPI's
   standard path (as the service was before ``CodecRoute``).
 
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.artifacts.manifest import read_manifest  # noqa: E402
-from service.api.routing import CodecRoute  # noqa: E402
-from service.app import build_app  # noqa: E402
-from service.entry import ModelEntry  # noqa: E402
+from service.core.entry import ModelEntry  # noqa: E402
+from service.frontend.api.routing import CodecRoute  # noqa: E402
+from service.frontend.app import build_app  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.settings import Settings  # noqa: E402
 

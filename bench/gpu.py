@@ -152,7 +152,7 @@ def section_glow(quick: bool) -> None:
 def section_sampling(quick: bool) -> None:
     print("\n## 3. Sampling, samples/s")
     from models import load
-    from service.runners import TorchRunner
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
 
     path = ROOT / "model_repository/digits-flowpp/1"
@@ -222,9 +222,9 @@ def section_butterfly(quick: bool) -> None:
 
 def section_scoring(quick: bool) -> None:
     print("\n## 5. Scoring, the service's runner (bundled digits Glow, torch)")
-    from service.runners import TorchRunner
+    from service.core.tasks import dequantization_noise
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
 
     path = ROOT / "model_repository/digits/1"
     for graphs in (True, False):
@@ -359,7 +359,7 @@ def _training_run(small: bool, tmp: Path) -> dict:
 
 
 def _sampling(small: bool) -> dict:
-    from service.runners import TorchRunner
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
 
     n = 64 if small else 1024

@@ -2,7 +2,7 @@
 
 It scores what flowserve's ``POST /v1/models/<name>/score`` scores, the same way: JSON
 ``{"instances": [...], "seed": s}`` → the same validated float32 rows, the same seeded
-dequantization noise, the same runner (``service.runners.open_runner``, same backend; torch eager, as
+dequantization noise, the same runner (``service.executor.runners.open_runner``, same backend; torch eager, as
 a LitServe user would call the model, not flowserve's traced graph), answered
 as ``{"results": [{"log_prob", "bits_per_dim"}]}``. LitServe batches across requests
 (``max_batch_size`` as flowserve's, its default ``batch_timeout`` of 0) and runs its default
@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.api.inputs import instances_to_array  # noqa: E402
-from service.runners import open_runner  # noqa: E402
+from service.core.tasks import dequantization_noise  # noqa: E402
+from service.executor.runners import open_runner  # noqa: E402
+from service.frontend.api.inputs import instances_to_array  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.tasks import dequantization_noise  # noqa: E402
 
 
 class FlowAPI(ls.LitAPI):

@@ -227,9 +227,9 @@ def in_process(batch: int, seconds: float, data: np.ndarray, backend: str, threa
     """Rows/s and latency of the service's own runner called directly at ``batch`` rows (same backend and threads)."""
     import torch
 
-    from service.runners import open_runner
+    from service.core.tasks import dequantization_noise
+    from service.executor.runners import open_runner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
 
     torch.set_num_threads(threads)
     runner = open_runner(REPO / MODEL / "1", "cpu", Settings(backend=backend, batch_invariant=False))
@@ -270,7 +270,7 @@ def main() -> None:
     levels = [int(v) for v in args.levels.split(",")]
     data = load_dataset(MODEL).split("test")
     path = f"/v2/models/{MODEL}/infer" if args.protocol == "v2" else f"/v1/models/{MODEL}/score"
-    from service.process import available_cores, default_http_workers
+    from service.ipc.children import available_cores, default_http_workers
 
     cores = available_cores()
     threads = max(1, cores - default_http_workers(1, cores)) if cores > 1 else 1  # the CPU executor's default

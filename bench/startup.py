@@ -4,7 +4,7 @@ Side by side in one run, each ``--repeats`` times (median shown), the default pr
 
 * ``cache off``: ``FLOWSERVE_ORT_CACHE_DIR=""``: every ONNX Runtime session optimises its graph;
 * ``cache cold``: an empty cache directory (optimises, and writes the optimised graphs);
-* ``cache warm``: the directory the cold start filled (``service.ort_sessions``: an executor restarted
+* ``cache warm``: the directory the cold start filled (``service.executor.ort_sessions``: an executor restarted
   after a crash, a reload, the next ``make serve``).
 
 Then each bundled model's load in-process (open, warm-up, batch-invariance check), cache off vs warm.
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serving import REPO, flowserve_cmd, running  # noqa: E402  (bench/serving.py)
+
 from tests.server import free_port  # noqa: E402
 
 
@@ -37,10 +38,10 @@ def time_to_ready(cache: str) -> float:
 
 def model_loads(cache: Path | None) -> dict[str, float]:
     """Seconds to open, warm and check each bundled model in this process."""
-    from service import tasks
-    from service.repository import versions
-    from service.runners import open_runner
-    from service.tasks import check_batch_invariance
+    from service.executor import compute
+    from service.executor.compute import check_batch_invariance
+    from service.executor.repository import versions
+    from service.executor.runners import open_runner
     from service.settings import Settings
 
     settings = Settings(ort_cache_dir=cache)
@@ -49,7 +50,7 @@ def model_loads(cache: Path | None) -> dict[str, float]:
         version = versions(model)[-1]
         t = time.perf_counter()
         runner = open_runner(version, "cpu", settings)
-        tasks.warm(runner)
+        compute.warm(runner)
         check_batch_invariance(runner, settings)
         out[f"{model.name} ({runner.backend})"] = time.perf_counter() - t
     return out

@@ -136,11 +136,10 @@ def classical(train: np.ndarray, test: np.ndarray, held_out: np.ndarray) -> dict
 def run_dataset(name: str, splits: int, tmp: Path, small: int | None) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from models.artifacts import store as artifact
-
     from models import presets
-    from models.anomaly.scoring import AnomalyScorer
     from models.anomaly.calibration import recalibrate
+    from models.anomaly.scoring import AnomalyScorer
+    from models.artifacts import store as artifact
     from models.training.loop import load_config, train
 
     normal, anomalous, names = DATASETS[name]()

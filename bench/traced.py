@@ -1,4 +1,4 @@
-"""Torch scoring on the CPU: eager vs the traced graph (``service.traced``), as the service runs them.
+"""Torch scoring on the CPU: eager vs the traced graph (``service.executor.traced``), as the service runs them.
 
 For each bundled model (torch backend, one thread unless ``--threads``), side by side in one run:
 
@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from butterfly import timed  # noqa: E402  (bench/butterfly.py: seconds per call, best within a budget)
+
 from models.flows import linear  # noqa: E402
-from service.runners import TorchRunner
-from service.tasks import check_batch_invariance  # noqa: E402
+from service.core.tasks import dequantization_noise  # noqa: E402
+from service.executor.compute import check_batch_invariance  # noqa: E402
+from service.executor.runners import TorchRunner
 from service.settings import Settings  # noqa: E402
-from service.tasks import dequantization_noise  # noqa: E402
 
 BATCHES = (1, 16, 64, 256)
 

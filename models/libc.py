@@ -1,5 +1,5 @@
 """glibc, for the heap settings of training runs (:mod:`models.training.memory`) and server processes
-(:mod:`service.memory`). Imports nothing heavy: HTTP front-ends use it and must start without torch."""
+(:mod:`service.heap`). Imports nothing heavy: HTTP front-ends use it and must start without torch."""
 
 from __future__ import annotations
 

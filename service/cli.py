@@ -22,8 +22,8 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="port (FLOWSERVE_PORT, default 8000)"),
 ) -> None:
     """Serve the models in a repository (<root>/<name>/<version>/) over HTTP."""
-    from .server import serve as run
-    from .settings import Settings
+    from service.server import serve as run
+    from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"repository": repository, "host": host, "port": port}.items() if v is not None}
@@ -45,7 +45,7 @@ def health(
     import urllib.error
     import urllib.request
 
-    from .settings import Settings
+    from service.settings import Settings
 
     route = "/v2/health/ready" if ready else "/v2/health/live"
     url = f"http://127.0.0.1:{port or Settings().port}{route}"
@@ -69,8 +69,8 @@ def doctor(
 ) -> None:
     """Print the devices and versions (driver, CUDA, torch, ONNX Runtime, Triton), which fast paths are usable
     here and why not, and for each model of the repository which path each task runs on and why."""
-    from .doctor import diagnose
-    from .settings import Settings
+    from service.doctor import diagnose
+    from service.settings import Settings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"repository": repository} if repository is not None else {}))

@@ -19,7 +19,7 @@ import importlib.metadata
 import platform
 from dataclasses import dataclass
 
-from .settings import Settings
+from service.settings import Settings
 
 Row = tuple[str, str, str]
 
@@ -110,9 +110,9 @@ def capabilities() -> list[Row]:
 
 
 async def _load_models(settings: Settings) -> list[Row]:
-    from .metrics import Metrics
-    from .repository import ModelRepository
-    from .workers import DeviceWorker, resolve_devices
+    from service.executor.repository import ModelRepository
+    from service.executor.workers import DeviceWorker, resolve_devices
+    from service.metrics import Metrics
 
     workers = [DeviceWorker(d) for d in resolve_devices(settings.devices)]
     repository = ModelRepository(settings, workers, Metrics())

@@ -1,7 +1,7 @@
 """Service exceptions, and the one JSON error body every non-2xx answer has: ``{"error": "..."}``.
 
-``service.app`` maps exceptions (and everything else) to it; the ASGI guard in
-``service.middleware`` renders its refusals with the same :func:`json_error`.
+``service.frontend.app`` maps exceptions (and everything else) to it; the ASGI guard in
+``service.frontend.middleware`` renders its refusals with the same :func:`json_error`.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ Every label takes values from a bounded set, so no client can grow the series co
 | --- | --- |
 | ``model`` | names of models in the repository (directories on disk), or ``UNKNOWN_MODEL`` for any other name a URL carries, or ``""`` (rejections before a model is known) |
 | ``version`` | versions on disk |
-| ``endpoint`` | ``score``, ``sample``, ``anomaly``, ``infer`` (the route pattern in ``service.app``) |
+| ``endpoint`` | ``score``, ``sample``, ``anomaly``, ``infer`` (the route pattern in ``service.frontend.app``) |
 | ``status`` | HTTP status codes the service answers |
-| ``task`` | ``service.tasks.TASKS`` |
+| ``task`` | ``service.core.tasks.TASKS`` |
 | ``reason`` | rejection reasons: ``queue_full``, ``timeout``, ``unauthorized`` |
 | ``device`` | the configured devices |
-| ``reason`` of ``fallbacks`` | ``mismatch``, ``error``, ``device_fault`` (``service.selfcheck.REASONS``) |
+| ``reason`` of ``fallbacks`` | ``mismatch``, ``error``, ``device_fault`` (``service.executor.selfcheck.REASONS``) |
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from __future__ import annotations
 import os
 from collections.abc import Container
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -60,10 +67,10 @@ class Metrics:
         self.inflight = Gauge("inflight_requests", "Inference requests being served", namespace=ns, registry=r, multiprocess_mode="livesum")
         self.pattern_builds = Counter("pattern_calibrations_built", "Missingness-pattern calibrations built on first use (once per "
                                       "model version and pattern for the whole server)", ["model"], namespace=ns, registry=r)
-        self.drift_alarms = Counter("drift_alarms", "Drift alarms raised on the anomaly route's streams (service.drift)", ["model"],
+        self.drift_alarms = Counter("drift_alarms", "Drift alarms raised on the anomaly route's streams (service.core.drift)", ["model"],
                                     namespace=ns, registry=r)
         self.fallbacks = Counter("fallbacks", "Optimised paths switched off at load because they failed their self-check "
-                                 "against the reference path (service.selfcheck)", ["model", "task", "reason"], namespace=ns, registry=r)
+                                 "against the reference path (service.executor.selfcheck)", ["model", "task", "reason"], namespace=ns, registry=r)
         self.executor_restarts = Counter("executor_restarts", "Model-executor processes restarted after they died", ["device"],
                                          namespace=ns, registry=r)
 

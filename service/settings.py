@@ -51,9 +51,9 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch models' scoring forward goes through torch.compile (compiled at load, one "
                           "graph per batch size; minutes per model on a small CPU)")
     trace_cpu: bool = Field(True, description="torch models on the CPU score through a TorchScript graph traced, frozen and "
-                            "optimised at load (service.traced): no Python between ops, oneDNN convolutions at every batch size")
+                            "optimised at load (service.executor.traced): no Python between ops, oneDNN convolutions at every batch size")
     batch_invariant: bool = Field(True, description="every row's result is bit-for-bit independent of its batch-mates: backends "
-                                  "whose kernels depend on the batch size compute in tiles of tile_rows rows (service.runners)")
+                                  "whose kernels depend on the batch size compute in tiles of tile_rows rows (service.executor.runners)")
     tile_rows: int = Field(64, ge=1, le=65536, description="rows per tile for batch-invariant execution (a lone request is "
                            "padded to this)")
     shm_arena_mb: int = Field(64, ge=1, le=65536, description="shared memory per front-end for tensors on their way to and from "
@@ -70,14 +70,14 @@ class Settings(BaseSettings):
     ort_cpu_arena: bool = Field(True, description="ONNX Runtime CPU memory arena")
     ort_cache_dir: Path | None = Field(default_factory=lambda: default_cache_dir() / "onnxruntime",
                                        description="optimised ONNX Runtime CPU graphs are kept here, so a restart skips graph "
-                                       "optimisation (service.ort_sessions); empty = off")
+                                       "optimisation (service.executor.ort_sessions); empty = off")
     # batching
     max_batch_size: int = Field(256, ge=1, description="rows per batch")
     max_queue_delay_ms: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="how long a batch may wait to fill. auto: for a task whose calls cost mostly a fixed amount "
         "(16 rows take less than twice 1 row, measured at load), up to that fixed cost (at most 10 ms) after a batch of 16+ "
         "rows (under load; at light load nothing waits) and while the batch's rows cost less than it; otherwise no "
-        "wait (service.batching.auto_queue_wait). A number: always that long (0 = take what queued while the device was busy)")
+        "wait (service.executor.batching.auto_queue_wait). A number: always that long (0 = take what queued while the device was busy)")
     max_queue_rows: int = Field(8192, ge=1, description="rows waiting per model and task; beyond → 503")
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + compute; beyond → 503")
     # limits

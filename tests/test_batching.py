@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from service.batching import AUTO_DELAY_CAP_S, AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
 from service.errors import Unavailable
+from service.executor.batching import (
+    AUTO_DELAY_CAP_S,
+    AUTO_DELAY_PROBE_ROWS,
+    Batcher,
+    QueueWait,
+    Replica,
+    auto_queue_wait,
+    describe,
+)
+from service.executor.workers import DeviceWorker
 from service.metrics import Metrics
-from service.workers import DeviceWorker
 
 
 class ScriptedRunner:
@@ -143,8 +151,9 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
     grows with the rows for ``sample``), so both outcomes are exercised whatever this machine's speed;
     and with the real measurement, whose outcome depends on the machine and is checked for consistency.
     """
-    from service import tasks
-    from service.repository import ModelRepository
+    from service.core import tasks
+    from service.executor import compute
+    from service.executor.repository import ModelRepository
     from service.settings import Settings
 
     async def load(delay: str) -> dict:
@@ -169,7 +178,7 @@ def test_repository_wires_the_queue_delay_setting_into_every_batcher(repository:
         probed.append((task, rows))
         return costs[task](rows)
 
-    monkeypatch.setattr(tasks, "call_seconds", scripted)
+    monkeypatch.setattr(compute, "call_seconds", scripted)
     waits = asyncio.run(load("auto"))
     assert sorted(probed) == sorted((t, r) for t in tasks.TASKS for r in (1, AUTO_DELAY_PROBE_ROWS))
     expected = auto_queue_wait(costs["score"](1), costs["score"](16))

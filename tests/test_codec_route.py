@@ -1,4 +1,4 @@
-"""service.api.routing.CodecRoute answers exactly as FastAPI's own handler would, and documents the same."""
+"""service.frontend.api.routing.CodecRoute answers exactly as FastAPI's own handler would, and documents the same."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from service.api import v1, v2
-from service.api.routing import CodecRoute
+from service.frontend.api import v1, v2
+from service.frontend.api.routing import CodecRoute
 
 
 class Item(BaseModel):

@@ -31,7 +31,7 @@ def tally() -> Counter:
 def _openapi() -> dict:
     """The document the server serves at ``/openapi.json`` (it does not depend on the loaded models;
     ``test_served_schema_is_the_tested_one`` checks that)."""
-    from service.app import create_app
+    from service.server import create_app
     from service.settings import Settings
 
     return create_app(Settings(devices=["cpu"])).openapi()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.spec import DataSpec
-from service.core import OutOfSupport, check_support
+from service.core.inference import OutOfSupport, check_support
 
 RECORD = DataSpec(kind="record", shape=(2,), feature_names=["hr", "sbp"], ranges=[(30, 200), (60, 230)])
 WAVE = DataSpec(kind="waveform", shape=(2, 4), feature_names=["PLETH", "ABP"], ranges=[(-1, 1), (40, 200)])

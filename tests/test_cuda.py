@@ -67,9 +67,10 @@ def _probe_equal_in_batches(runner, x: np.ndarray, noise: np.ndarray | None) -> 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_runner_batched_equals_solo_with_graphs_on_and_off(graphs: bool) -> None:
-    from service.runners import TorchRunner
+    from service.core.tasks import dequantization_noise
+    from service.executor.compute import check_batch_invariance
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
-    from service.tasks import check_batch_invariance, dequantization_noise
 
     settings = Settings(cuda_graphs=graphs, devices=["cuda:0"])
     runner = TorchRunner(Path("model_repository/digits/1"), "cuda:0", settings)
@@ -81,9 +82,9 @@ def test_runner_batched_equals_solo_with_graphs_on_and_off(graphs: bool) -> None
 
 
 def test_graph_replay_equals_eager_bit_for_bit() -> None:
-    from service.runners import TorchRunner
+    from service.core.tasks import dequantization_noise
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
 
     graphed = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=True))
     eager = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=False))
@@ -95,7 +96,7 @@ def test_graph_replay_equals_eager_bit_for_bit() -> None:
 
 
 def test_ladder_of_graphs_without_invariance() -> None:
-    from service.runners import TorchRunner
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
 
     runner = TorchRunner(Path("model_repository/digits/1"), "cuda:0", Settings(cuda_graphs=True, batch_invariant=False,
@@ -106,7 +107,7 @@ def test_ladder_of_graphs_without_invariance() -> None:
 
 
 def test_flowpp_sampling_is_captured_by_the_runner() -> None:
-    from service.runners import TorchRunner
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
 
     runner = TorchRunner(Path("model_repository/digits-flowpp/1"), "cuda:0", Settings(cuda_graphs=True, tile_rows=16))
@@ -119,9 +120,9 @@ def test_onnxruntime_io_binding_matches_the_cpu() -> None:
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime without the CUDA provider")
-    from service.runners import OnnxRunner
+    from service.core.tasks import dequantization_noise
+    from service.executor.runners import OnnxRunner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
 
     gpu = OnnxRunner(Path("model_repository/digits/1"), "cuda:0", Settings())
     cpu = OnnxRunner(Path("model_repository/digits/1"), "cpu", Settings())

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.artifacts import store as artifact
 from models.architectures import build, parse_config
+from models.artifacts import store as artifact
 from models.data import load_dataset
 from models.density import DensityModel
 from models.errors import ArtifactError

@@ -1,5 +1,5 @@
 """Drift alarms: the detector's recursion and false-alarm guarantee (models.anomaly.drift), the per-version
-stream table (service.drift), and the routes through a real server with front-ends and an executor."""
+stream table (service.core.drift), and the routes through a real server with front-ends and an executor."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ import httpx
 import numpy as np
 import pytest
 
-from models.anomaly.drift import Bet, DriftConfig, DriftDetector, DriftFamily, dirichlet_quantile, first_alarms
-from service.drift import DriftMonitor
+from models.anomaly.drift import (
+    Bet,
+    DriftConfig,
+    DriftDetector,
+    DriftFamily,
+    dirichlet_quantile,
+    first_alarms,
+)
+from service.core.drift import DriftMonitor
 from service.errors import NotFound
 
 from .server import running_server

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.server import create_app
 from service.settings import Settings
 
 
@@ -19,7 +19,7 @@ def test_an_escaping_exception_is_a_500_with_the_logged_request_id(tmp_path: Pat
     async def boom() -> None:
         raise RuntimeError("secret internal detail")
 
-    with caplog.at_level(logging.ERROR, logger="service.app"), TestClient(app, raise_server_exceptions=False) as client:
+    with caplog.at_level(logging.ERROR, logger="service.frontend.app"), TestClient(app, raise_server_exceptions=False) as client:
         r = client.get("/boom", headers={"x-request-id": "req-42"})
         other = client.get("/boom")
     assert r.status_code == 500 and r.json()["request_id"] == "req-42" and "req-42" in r.json()["error"]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from models.artifacts import store as artifact
 from models.architectures import build, parse_config
+from models.artifacts import store as artifact
 from models.cli import app
 from models.data import load_dataset
 from models.flows import (

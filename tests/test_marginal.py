@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from models.anomaly.marginal import (
+    Conditional,
+    Draws,
+    GaussianFit,
+    Proposal,
+    Spike,
+    find_spikes,
+    log_marginal,
+    pattern_of,
+    plan,
+)
+from models.anomaly.missing import (
+    COLD_PATTERN_RECORDS,
+    STORED_PATTERNS,
+    NoPatternCalibration,
+    PatternCalibrations,
+    calibrate_patterns,
+    frequent_patterns,
+)
 from models.anomaly.scoring import AnomalyScorer, pattern_calibration
 from models.flows import data_init
-from models.anomaly.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
-from models.anomaly.missing import (COLD_PATTERN_RECORDS, STORED_PATTERNS, NoPatternCalibration, PatternCalibrations, calibrate_patterns,
-                            frequent_patterns)
 
 
 def banana_flow() -> tuple[object, np.ndarray]:

@@ -1,10 +1,10 @@
-"""service.memory: the garbage collector's youngest-generation threshold."""
+"""service.heap: the garbage collector's youngest-generation threshold."""
 
 from __future__ import annotations
 
 import gc
 
-from service.memory import apply_heap_settings, collect_young_after
+from service.heap import apply_heap_settings, collect_young_after
 from service.settings import Settings
 
 

@@ -23,8 +23,8 @@ from models.data.mimic import (
     read_waveforms,
     read_wfdb,
     scale_windows,
-    write_timeseries_csv,
     windows_from_signal,
+    write_timeseries_csv,
     write_wfdb,
 )
 from models.data.mimic_schema import INDEX, VITAL_NAMES, VITALS, WINDOW

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.artifacts import store as artifact
 from models.architectures import build, parse_config
-from models.data import load_dataset
+from models.artifacts import store as artifact
 from models.artifacts.export import export_artifact, export_triton, parity
+from models.data import load_dataset
 from models.flows import data_init
 from models.spec import DataSpec
 from tests.server import running_server
@@ -125,8 +125,8 @@ def test_export_of_missing_graphs_is_a_clear_error(tmp_path: Path) -> None:
 def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The first session writes the optimised graph, the next loads it (unchanged results, entry untouched
     but for its time of use); an unreadable entry is rebuilt; an unwritable cache directory is only a warning."""
-    from service.ort_sessions import cache_entry, prune
-    from service.runners import OnnxRunner
+    from service.executor.ort_sessions import cache_entry, prune
+    from service.executor.runners import OnnxRunner
     from service.settings import Settings
 
     version = Path(__file__).resolve().parent.parent / "model_repository" / "digits" / "1"
@@ -141,12 +141,12 @@ def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, c
         return runner.log_prob(x, noise), runner.sample(z)
 
     fresh = outputs(None)
-    with caplog.at_level("INFO", logger="service.ort_sessions"):
+    with caplog.at_level("INFO", logger="service.executor.ort_sessions"):
         first = outputs(tmp_path / "cache")
     assert all(e.is_file() for e in entries) and caplog.text.count("cached as") == 2
     written = [e.read_bytes() for e in entries]
     caplog.clear()
-    with caplog.at_level("INFO", logger="service.ort_sessions"):
+    with caplog.at_level("INFO", logger="service.executor.ort_sessions"):
         again = outputs(tmp_path / "cache")
     assert "cached as" not in caplog.text and [e.read_bytes() for e in entries] == written
     for a, b, c in zip(fresh, first, again):
@@ -154,7 +154,7 @@ def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, c
         np.testing.assert_array_equal(a, c)
 
     entries[0].write_bytes(b"not an onnx graph")
-    with caplog.at_level("INFO", logger="service.ort_sessions"):
+    with caplog.at_level("INFO", logger="service.executor.ort_sessions"):
         rebuilt = outputs(tmp_path / "cache")
     assert "cannot be loaded" in caplog.text and caplog.text.count("cached as") == 1
     np.testing.assert_array_equal(rebuilt[0], fresh[0])
@@ -169,7 +169,7 @@ def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, c
         e.unlink()
         e.with_name(f".{e.name}.{os.getpid()}.tmp").mkdir()
     caplog.clear()
-    with caplog.at_level("INFO", logger="service.ort_sessions"):
+    with caplog.at_level("INFO", logger="service.executor.ort_sessions"):
         np.testing.assert_array_equal(outputs(tmp_path / "cache")[0], fresh[0])
     assert caplog.text.count("cannot cache the optimised graph") == 2 and not any(e.exists() for e in entries)
     for e in entries:

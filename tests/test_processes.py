@@ -28,9 +28,16 @@ import numpy as np
 import pytest
 
 from models.data import load_dataset
-from service.process import reuse_port_socket
-from service.transport import Arena, ArenaFull
-from tests.server import Server, children, executor_pids, metric_value, running_server, wait_for_metric
+from service.ipc.children import reuse_port_socket
+from service.ipc.transport import Arena, ArenaFull
+from tests.server import (
+    Server,
+    children,
+    executor_pids,
+    metric_value,
+    running_server,
+    wait_for_metric,
+)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -85,7 +92,7 @@ def test_arena_allocates_frees_coalesces_and_waits(tmp_path: Path) -> None:
     assert not (tmp_path / "arena").exists()
 
 
-@pytest.mark.parametrize("module", ["service.frontend", "service.server", "service.cli", "models.cli"])
+@pytest.mark.parametrize("module", ["service.frontend.process", "service.server", "service.supervisor", "service.cli", "models.cli"])
 def test_frontends_and_the_supervisor_start_without_torch(module: str) -> None:
     """Only executors hold torch: a front-end that imported it would take ~170 MB more and start seconds later."""
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"

@@ -14,10 +14,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from models.spec import DataSpec
-from service.api.inputs import decode_upload, impute_records, instances_to_array, parse_json
-from service.api.schemas import parse
-from service.api.v2 import DTYPES, InferRequest, decode_tensor, split_body
 from service.errors import ServiceError
+from service.frontend.api.inputs import (
+    decode_upload,
+    impute_records,
+    instances_to_array,
+    parse_json,
+)
+from service.frontend.api.schemas import parse
+from service.frontend.api.v2 import DTYPES, InferRequest, decode_tensor, split_body
 
 IMAGE = DataSpec(kind="image", shape=(1, 8, 8), levels=17)
 RECORD = DataSpec(kind="record", shape=(3,), feature_names=["hr", "sbp", "gcs"], ranges=[(30, 200), (60, 230), (3, 15)],

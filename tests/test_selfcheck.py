@@ -1,4 +1,4 @@
-"""Self-checks at load (service.selfcheck) with injected faults: a graph that returns wrong numbers, one that
+"""Self-checks at load (service.executor.selfcheck) with injected faults: a graph that returns wrong numbers, one that
 raises while it is built, a kernel that disagrees with its reference, ONNX Runtime that disagrees with torch,
 and a device fault that restarts the executor. In each case the model serves on its reference path with the
 reference's numbers, the counter counts, ``execution`` says why, and no request fails."""
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from models.artifacts.store import load
+from service.executor.repository import ModelRepository
+from service.executor.runners import OnnxRunner, TorchRunner, check_onnx
+from service.executor.selfcheck import DeviceFault, Fallback, Quarantine
+from service.executor.workers import DeviceWorker
 from service.metrics import Metrics
-from service.repository import ModelRepository
-from service.runners import OnnxRunner, TorchRunner, check_onnx
-from service.selfcheck import DeviceFault, Fallback, Quarantine
 from service.settings import Settings
-from service.workers import DeviceWorker
 
 from .server import running_server
 
@@ -58,24 +58,24 @@ def records(n: int = 9) -> np.ndarray:
 
 def wrong_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """The traced graph returns its log-probabilities 0.5 nats off."""
-    import service.traced
+    import service.executor.traced
 
-    real = service.traced.trace_score
+    real = service.executor.traced.trace_score
 
     def trace_score(model, rows: int = 8):  # noqa: ANN001, ANN202
         graph = real(model, rows)
         return lambda *args: graph(*args) + 0.5
 
-    monkeypatch.setattr(service.traced, "trace_score", trace_score)
+    monkeypatch.setattr(service.executor.traced, "trace_score", trace_score)
 
 
 def failing_graph(monkeypatch: pytest.MonkeyPatch, message: str = "graph capture failed (injected)") -> None:
-    import service.traced
+    import service.executor.traced
 
     def trace_score(model, rows: int = 8):  # noqa: ANN001, ANN202
         raise RuntimeError(message)
 
-    monkeypatch.setattr(service.traced, "trace_score", trace_score)
+    monkeypatch.setattr(service.executor.traced, "trace_score", trace_score)
 
 
 def disagreeing_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,10 +171,10 @@ SITE = '''
 import importlib.abc, importlib.machinery, sys
 
 class _Inject(importlib.abc.MetaPathFinder):
-    """After service.traced is imported, make its trace_score {what}."""
+    """After service.executor.traced is imported, make its trace_score {what}."""
 
     def find_spec(self, name, path, target=None):
-        if name != "service.traced":
+        if name != "service.executor.traced":
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -195,7 +195,7 @@ sys.meta_path.insert(0, _Inject())
 
 
 def injected(tmp_path: Path, what: str, body: str) -> dict[str, str]:
-    """Environment for a server whose processes load ``service.traced`` with ``body`` as its ``trace_score``."""
+    """Environment for a server whose processes load ``service.executor.traced`` with ``body`` as its ``trace_score``."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITE.format(what=what, body=textwrap.indent(textwrap.dedent(body), " " * 12)))

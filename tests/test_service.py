@@ -18,7 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import load
 from models.data import load_dataset
-from tests.server import Server, metric_samples, metric_value, running_server, wait_for_metric
+from tests.server import (
+    Server,
+    metric_samples,
+    metric_value,
+    running_server,
+    wait_for_metric,
+)
 
 TEST = load_dataset("digits").split("test")
 
@@ -335,7 +341,7 @@ def test_request_ids_are_echoed_or_made(server: Server) -> None:
 def test_api_keys_guard_every_inference_reload_and_upload_route(repository: Path, tmp_path: Path) -> None:
     """With keys on, no POST route of the app answers without a key: 0 successes, every answer a 401
     (routes enumerated from the app's own OpenAPI document, which FastAPI builds from its routes)."""
-    from service.app import create_app
+    from service.server import create_app
     from service.settings import Settings
 
     paths = [p for p, ops in create_app(Settings(devices=["cpu"])).openapi()["paths"].items() if "post" in ops]
@@ -353,13 +359,13 @@ def test_api_keys_guard_every_inference_reload_and_upload_route(repository: Path
 
 def test_a_repository_without_models_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A mistyped ``--repository`` serves nothing, so the log says why: missing, or holding no ``<name>/<version>/``."""
+    from service.executor.repository import ModelRepository
     from service.metrics import Metrics
-    from service.repository import ModelRepository
     from service.settings import Settings
 
     (tmp_path / "empty" / "digits" / "latest").mkdir(parents=True)  # a version must be a number
     for root, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no model")):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="service.repository"):
+        with caplog.at_level(logging.WARNING, logger="service.executor.repository"):
             assert ModelRepository(Settings(repository=root), [], Metrics()).scan() == {}
         assert any(words in r.getMessage() for r in caplog.records), caplog.text

@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.artifacts import store as artifact
-
 from models import presets
 from models.architectures import TabularFlowConfig, build, sized_for
+from models.artifacts import store as artifact
 from models.data import load_dataset
 from models.density import DensityModel
 from models.flows import GaussianWhitening, Sequential, data_init
-from models.flows.normalization import cv_shrinkage, gaussian_log_likelihood, shrunk_covariance
+from models.flows.normalization import (
+    cv_shrinkage,
+    gaussian_log_likelihood,
+    shrunk_covariance,
+)
 from models.spec import DataSpec
 from models.training.loop import load_config, train
 

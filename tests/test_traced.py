@@ -1,4 +1,4 @@
-"""Torch scoring on the CPU through traced TorchScript graphs (``service.traced``)."""
+"""Torch scoring on the CPU through traced TorchScript graphs (``service.executor.traced``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from torch import Tensor
 
 from models.artifacts.store import load
 from models.flows.base import Bijector, Sequential
-from service.runners import TorchRunner
-from service.tasks import check_batch_invariance
+from service.core.tasks import dequantization_noise
+from service.executor.compute import check_batch_invariance
+from service.executor.runners import TorchRunner
+from service.executor.traced import TraceMismatch, trace_score
 from service.settings import Settings
-from service.tasks import dequantization_noise
-from service.traced import TraceMismatch, trace_score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,16 +81,16 @@ def test_a_trace_that_disagrees_with_eager_is_not_used(tiny_glow_run: Path) -> N
 
 
 def test_runner_serves_eager_and_says_why_when_tracing_fails(tiny_glow_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.runners
+    import service.executor.runners
 
-    original = service.runners.load
+    original = service.executor.runners.load
 
     def load_with_branch(path: Path, device: str):  # noqa: ANN202
         model = original(path, device)
         model.flow = Sequential([BatchSizeBranch(), model.flow])
         return model
 
-    monkeypatch.setattr(service.runners, "load", load_with_branch)
+    monkeypatch.setattr(service.executor.runners, "load", load_with_branch)
     runner = TorchRunner(tiny_glow_run / "artifact", "cpu", Settings())
     [fallback] = runner.fallbacks
     assert fallback.describe().startswith("torchscript off: mismatch, traced log_prob differs from eager at 1 rows")

@@ -135,9 +135,9 @@ def test_the_memory_probe_measures_a_step() -> None:
 @pytest.mark.slow
 def test_compiled_runner_scores_as_eager() -> None:
     """``FLOWSERVE_COMPILE=1``: the runner's scoring goes through torch.compile and gives eager's numbers."""
-    from service.runners import TorchRunner
+    from service.core.tasks import dequantization_noise
+    from service.executor.runners import TorchRunner
     from service.settings import Settings
-    from service.tasks import dequantization_noise
 
     path = Path(__file__).resolve().parent.parent / "model_repository" / "digits" / "1"
     compiled = TorchRunner(path, "cpu", Settings(compile=True))

@@ -1,6 +1,6 @@
 """The codecs' route class: FastAPI's route and its documentation, with a direct call to the endpoint.
 
-The codecs parse their bodies themselves (:mod:`service.api.inputs`: orjson, then the pydantic request
+The codecs parse their bodies themselves (:mod:`service.frontend.api.inputs`: orjson, then the pydantic request
 models, with errors worded for the client), so what FastAPI's request handler adds to each call
 (dependency solving, its body and response-validation paths) is unused work. With the routes on the
 app's own router (not ``include_router``), a 1-row score request costs the ASGI app 101 µs instead of

@@ -25,20 +25,19 @@ from typing import Literal
 
 import numpy as np
 
-from models.anomaly import attribution as attr
 from models import sampling
-from models.anomaly.scoring import AnomalyScorer, scoring_noise
-from models.logspace import log_mean_exp
+from models.anomaly import attribution as attr
 from models.anomaly.marginal import Pattern, pattern_of
 from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
+from models.anomaly.scoring import AnomalyScorer, scoring_noise
+from models.logspace import log_mean_exp
 from models.spec import DataSpec
-
-from . import tasks
-from .drift import DEFAULT_STREAM, DriftMonitor, reading_dict
-from .entry import Gone, ModelEntry, Repository
-from .errors import BadRequest, NotFound
-from .metrics import Metrics
-from .settings import Settings
+from service.core import tasks
+from service.core.drift import DEFAULT_STREAM, DriftMonitor, reading_dict
+from service.core.entry import Gone, ModelEntry, Repository
+from service.errors import BadRequest, NotFound
+from service.metrics import Metrics
+from service.settings import Settings
 
 Bound = Literal["exact", "variational", "iw"]
 Explain = Literal["anomalies", "all", "none"]
@@ -74,7 +73,7 @@ class AnomalyReport:
     statistic: str
     results: list[dict]
     missing: Missing | None = None  # how absent features were handled (record models)
-    drift: dict | None = None  # the stream's drift reading after these records (service.drift.reading_dict)
+    drift: dict | None = None  # the stream's drift reading after these records (service.core.drift.reading_dict)
 
 
 def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
@@ -349,7 +348,7 @@ class InferenceCore:
 
     async def drift(self, entry: ModelEntry, action: DriftAction, stream: str | None = None, p: np.ndarray | None = None,
                     n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
-        """A drift action on ``entry``'s monitor, wherever it lives (:mod:`service.drift`): ``update`` feeds
+        """A drift action on ``entry``'s monitor, wherever it lives (:mod:`service.core.drift`): ``update`` feeds
         p-values ``p (N,)`` against ``n (N,)`` calibration scores from ``units (N,)`` patients to ``stream`` and
         returns its reading;
         ``readings`` returns one stream's or every stream's; ``reset`` forgets one stream or all and

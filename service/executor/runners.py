@@ -7,14 +7,14 @@ oneDNN on the CPU, cuBLAS and cuDNN on a GPU pick algorithms by problem size, so
 round differently in a batch of 3 and in a batch of 16 (measured: eager torch on the CPU differs
 from 16 rows up, and for convolutional models already between 1 and 2 rows; so does ONNX
 Runtime's CPU ``ReduceMean`` over channels in the Flow++ graph; ONNX Runtime on the Glow and
-traced graphs of convolutional models, :mod:`service.traced`, do not). Within one
+traced graphs of convolutional models, :mod:`service.executor.traced`, do not). Within one
 batch size a row's result does not depend on its position. So a task whose backend is not
 batch-invariant computes every batch as **tiles** of one fixed size (``tile_rows``; the last
 tile padded with copies of its last row, whose results are dropped); ``tiles`` says which tasks
 do. Loading checks scoring on probe rows and falls back to tiles if a backend expected to be
 invariant is not. ``FLOWSERVE_BATCH_INVARIANT=0`` turns tiles off for throughput.
 
-**Torch on the CPU** scores through a TorchScript graph traced at load (:mod:`service.traced`,
+**Torch on the CPU** scores through a TorchScript graph traced at load (:mod:`service.executor.traced`,
 ``FLOWSERVE_TRACE_CPU``); sampling runs eager.
 
 **CUDA graphs** (torch on CUDA, ``FLOWSERVE_CUDA_GRAPHS``): at warm-up each task's forward is
@@ -37,10 +37,9 @@ import torch
 from models.artifacts.store import Manifest, load, read_manifest, verify
 from models.density import DensityModel
 from models.errors import ArtifactError
-
-from .ort_sessions import open_session
-from .selfcheck import DeviceFault, Fallback, Quarantine, check, failed
-from .settings import Settings
+from service.executor.ort_sessions import open_session
+from service.executor.selfcheck import DeviceFault, Fallback, Quarantine, check, failed
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def score_numpy(log_prob: Callable[..., torch.Tensor], device: str, x: np.ndarra
 class TorchRunner:
     """A ``DensityModel`` on a torch device, in inference mode.
 
-    Every optimised path is checked against its reference before it serves (:mod:`service.selfcheck`):
+    Every optimised path is checked against its reference before it serves (:mod:`service.executor.selfcheck`):
     the fused Triton butterfly kernel, ``torch.compile``, CUDA graphs, the traced CPU graph. One that fails
     is off for this model and task, and :attr:`fallbacks` says why (``execution`` too).
     """
@@ -266,8 +265,8 @@ class TorchRunner:
         self.compiled = True
 
     def _trace(self) -> None:
-        """Score through a traced graph (:mod:`service.traced`), without tiles until the invariance check asks for them."""
-        from .traced import TraceMismatch, trace_score
+        """Score through a traced graph (:mod:`service.executor.traced`), without tiles until the invariance check asks for them."""
+        from service.executor.traced import TraceMismatch, trace_score
 
         try:
             graph = trace_score(self.model)

@@ -1,7 +1,7 @@
 """Self-checks at load: every optimised path of a model is compared with its reference on probe rows
 before it serves, and a path that fails is switched off for that model and task.
 
-The optimised paths and their references (:class:`service.runners.TorchRunner`):
+The optimised paths and their references (:class:`service.executor.runners.TorchRunner`):
 
 | path | reference | checked at |
 | --- | --- | --- |

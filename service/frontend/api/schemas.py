@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import BadRequest
+from service.errors import BadRequest
 
 
 class ErrorBody(BaseModel):

@@ -14,18 +14,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.artifacts.manifest import read_manifest
-
-from . import tasks
-from .batching import AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
-from .entry import ModelEntry, manifest_mtime
-from .errors import NotFound, Unavailable
-from .memory import freeze_heap
-from .metrics import Metrics
-from .runners import open_runner
-from .selfcheck import DeviceFault, Quarantine
-from .tasks import check_batch_invariance
-from .settings import Settings
-from .workers import DeviceWorker
+from service.core import tasks
+from service.core.entry import ModelEntry, manifest_mtime
+from service.errors import NotFound, Unavailable
+from service.executor import compute
+from service.executor.batching import (
+    AUTO_DELAY_PROBE_ROWS,
+    Batcher,
+    QueueWait,
+    Replica,
+    auto_queue_wait,
+    describe,
+)
+from service.executor.compute import check_batch_invariance
+from service.executor.runners import open_runner
+from service.executor.selfcheck import DeviceFault, Quarantine
+from service.executor.workers import DeviceWorker
+from service.heap import freeze_heap
+from service.ipc.messages import ModelRow
+from service.metrics import Metrics
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +83,10 @@ class ModelRepository:
         """Why the server is not ready (``None`` when it is): the first load has not finished."""
         return None if self.loaded_once.is_set() else "models are still loading"
 
-    def table(self) -> list[dict]:
-        """What a front-end needs to know of each served model (JSON-ready)."""
-        return [{"name": e.name, "version": e.version, "path": str(e.path), "state": e.state, "reason": e.reason,
-                 "load_seconds": e.load_seconds, "mtime": e.mtime, "devices": e.devices, "backend": e.backend, "execution": e.execution}
+    def table(self) -> list[ModelRow]:
+        """What a front-end needs to know of each served model."""
+        return [ModelRow(name=e.name, version=e.version, path=str(e.path), state=e.state, reason=e.reason,
+                         load_seconds=e.load_seconds, mtime=e.mtime, devices=e.devices, backend=e.backend, execution=e.execution)
                 for e in self.models.values()]
 
     def scan(self) -> dict[str, Path]:
@@ -101,11 +109,11 @@ class ModelRepository:
         try:
             entry.manifest = read_manifest(path)
             runners = await asyncio.gather(*(w.run(open_runner, path, w.device, self.settings, self.quarantine) for w in self.workers))
-            for r in runners:  # paths that failed their self-check (service.selfcheck), counted once per load
+            for r in runners:  # paths that failed their self-check (service.executor.selfcheck), counted once per load
                 for f in getattr(r, "fallbacks", []):
                     self.metrics.fallbacks.labels(name, f.task, f.reason).inc()
             for w, r in zip(self.workers, runners):
-                await w.run(tasks.warm, r)
+                await w.run(compute.warm, r)
                 await w.run(check_batch_invariance, r, self.settings)
             entry.devices, entry.backend = [r.device for r in runners], runners[0].backend
             entry.execution = dict(runners[0].execution)
@@ -117,7 +125,7 @@ class ModelRepository:
             entry.batchers = {
                 task: Batcher(name, task, fn, replicas, self.metrics, self.settings.max_batch_size, waits[task],
                               self.settings.max_queue_rows)
-                for task, fn in tasks.TASKS.items()
+                for task, fn in compute.COMPUTE.items()
             }
             for b in entry.batchers.values():
                 b.start()
@@ -137,7 +145,7 @@ class ModelRepository:
 
     async def _queue_waits(self, name: str, replica: Replica) -> dict[str, QueueWait]:
         """How each task's batches wait to fill: the setting, or under ``auto`` from call costs measured
-        on ``replica`` (:func:`~service.batching.auto_queue_wait`)."""
+        on ``replica`` (:func:`~service.executor.batching.auto_queue_wait`)."""
         setting = self.settings.max_queue_delay_ms
         if setting != "auto":
             return {task: QueueWait(setting / 1000) for task in tasks.TASKS}
@@ -146,8 +154,8 @@ class ModelRepository:
             return {task: QueueWait() for task in tasks.TASKS}
         waits = {}
         for task in tasks.TASKS:
-            one = await replica.worker.run(tasks.call_seconds, replica.runner, task, 1, 3)
-            many = await replica.worker.run(tasks.call_seconds, replica.runner, task, probe, 2)
+            one = await replica.worker.run(compute.call_seconds, replica.runner, task, 1, 3)
+            many = await replica.worker.run(compute.call_seconds, replica.runner, task, probe, 2)
             waits[task] = auto_queue_wait(one, many, probe)
             log.info("model %s, %s: %.2f ms a call at 1 row, %.2f ms at %d: %s", name, task, one * 1000, many * 1000, probe,
                      describe(waits[task]) if waits[task].delay_s > 0 else "batches do not wait")

@@ -1,9 +1,9 @@
-"""The HTTP front-end process and its view of the executors.
+"""An HTTP front-end's view of the executors: their model tables, and batchers that hand tensors to them.
 
 A front-end runs the FastAPI app (codecs, validation, the inference core) and holds no model:
 its repository is a :class:`RemoteRepository` that mirrors the executors' model tables, and each
 entry's batchers are :class:`RemoteBatcher`\\ s that hand tensors to an executor through this
-process's shared-memory arena (:mod:`service.transport`). Several front-ends accept on one port
+process's shared-memory arena (:mod:`service.ipc.transport`). Several front-ends accept on one port
 (``SO_REUSEPORT``: the kernel spreads connections over them).
 
 When an executor dies, its connection ends at once: every request it held is answered 503 with
@@ -17,38 +17,55 @@ import asyncio
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI
 
 from models.artifacts.manifest import Manifest, read_manifest
-
-from . import tasks
-from .api.deps import ServiceState
-from .app import build_app
-from .drift import read_table, table_path
-from .entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
-from .errors import BadRequest, NotFound, ServiceError, Unavailable
-from .memory import freeze_heap
-from .metrics import Metrics
-from .process import ChildSpec, reuse_port_socket
-from .settings import Settings
-from .transport import Arena, Channel, Layout
+from service.core import tasks
+from service.core.drift import read_table, table_path
+from service.core.entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
+from service.errors import BadRequest, NotFound, ServiceError, Unavailable
+from service.heap import freeze_heap
+from service.ipc.children import ChildSpec
+from service.ipc.messages import (
+    Answer,
+    BuildPattern,
+    Cancel,
+    Cancelled,
+    Codec,
+    Done,
+    DriftAction,
+    DriftReadings,
+    Failed,
+    Hello,
+    Message,
+    ModelRow,
+    PatternBuilt,
+    Reload,
+    Run,
+    Table,
+    TableAck,
+    ToFrontend,
+)
+from service.ipc.transport import Arena, Channel, Layout
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 1.0  # beyond the request timeout, for the executor's own timeout answer to arrive
 _RESTARTING = "executor_restart"
+CODEC = Codec(ToFrontend)  # what a front-end receives
 
 
 class RemoteError(ServiceError):
     """An error the executor reported, with its status, reason and headers."""
 
-    def __init__(self, h: dict) -> None:
-        super().__init__(h["message"], h.get("headers") or {})
-        self.status, self.reason = int(h["status"]), h.get("reason", "internal")
+    def __init__(self, h: Failed) -> None:
+        super().__init__(h.message, h.headers)
+        self.status, self.reason = h.status, h.reason
 
 
 @dataclass
@@ -59,7 +76,7 @@ class _Pending:
 
 
 class ExecutorLink:
-    """This front-end's connection to one executor (a :class:`~service.transport.Channel`, re-made
+    """This front-end's connection to one executor (a :class:`~service.ipc.transport.Channel`, re-made
     whenever the executor restarts) and the requests in flight on it."""
 
     def __init__(self, index: int, device: str, address: str, arena: Arena, on_table) -> None:  # noqa: ANN001
@@ -67,7 +84,7 @@ class ExecutorLink:
         self.on_table = on_table  # Callable[[ExecutorLink], None]: the executor's table (or its loss) changed
         self.channel: Channel | None = None
         self.epoch: str | None = None
-        self.table: dict | None = None
+        self.table: Table | None = None
         self.ready: set[tuple[str, str]] = set()  # (model, version) this executor serves
         self.ever_loaded = False
         self.first_table = asyncio.Event()  # set by the executor's first table (its answer to hello)
@@ -101,8 +118,8 @@ class ExecutorLink:
             except OSError:  # not started yet, or restarting
                 await asyncio.sleep(0.05)
                 continue
-            self.channel = Channel(reader, writer)
-            self.channel.post({"op": "hello"})
+            self.channel = Channel(reader, writer, CODEC)
+            self.channel.post(Hello())
             try:
                 while True:
                     for h in await self.channel.receive():
@@ -126,16 +143,16 @@ class ExecutorLink:
                 p.future.set_exception(Unavailable(why, _RESTARTING, 2))
             self._release(p)
 
-    def _handle(self, h: dict) -> None:
-        if h["op"] == "table":
-            self.epoch, self.table = h["epoch"], h
-            self.ready = {(m["name"], m["version"]) for m in h["models"] if m["state"] == "ready"}
-            self.ever_loaded = self.ever_loaded or bool(h["loaded"])
+    def _handle(self, h: ToFrontend) -> None:
+        if isinstance(h, Table):
+            self.epoch, self.table = h.epoch, h
+            self.ready = {(m.name, m.version) for m in h.models if m.state == "ready"}
+            self.ever_loaded = self.ever_loaded or h.loaded
             self.first_table.set()
             self.on_table(self)
-            self.channel.post({"op": "table_ack", "generation": h["generation"]})
+            self.channel.post(TableAck(generation=h.generation))
             return
-        p = self.pending.pop(h.get("id"), None)
+        p = self.pending.pop(h.id, None)
         if p is None:  # an answer to a request this process already gave up and forgot
             return
         if not p.future.done():
@@ -147,7 +164,7 @@ class ExecutorLink:
         if p.holders == 0 and p.offset is not None:
             self.arena.free(p.offset)
 
-    def _post(self, msg: dict) -> None:
+    def _post(self, msg: Message) -> None:
         """Queue ``msg`` for the executor (everything posted in one turn of the event loop leaves as one frame)."""
         if self.channel is None:
             raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
@@ -155,17 +172,18 @@ class ExecutorLink:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def request(self, msg: dict, timeout_s: float) -> dict:
-        """A control request (``reload``, ``pattern``) and its answer."""
+    async def request(self, make: Callable[[int], Message], timeout_s: float) -> Answer:
+        """A control request (:class:`Reload`, :class:`BuildPattern`, :class:`DriftAction`; ``make(id)`` builds it)
+        and its answer; :class:`RemoteError` when the executor reports a failure."""
         rid = next(self._ids)
         p = self.pending[rid] = _Pending(asyncio.get_running_loop().create_future(), None)
         try:
-            self._post({**msg, "id": rid})
+            self._post(make(rid))
             async with asyncio.timeout(timeout_s):
                 h = await p.future
         finally:
             self.pending.pop(rid, None)
-        if h["op"] == "error":
+        if isinstance(h, Failed):
             raise RemoteError(h)
         return h
 
@@ -188,16 +206,16 @@ class ExecutorLink:
         try:
             if not self.live:  # it went away while we waited for room in the arena
                 raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
-            self._post({"op": "run", "id": rid, "model": model, "version": version, "task": task, "timeout_s": timeout_s,
-                        "shm": self._arena_path, "at": base, "inputs": layout.inputs, "output": layout.output})
+            self._post(Run(id=rid, model=model, version=version, task=task, timeout_s=timeout_s, shm=self._arena_path,
+                           at=base, inputs=layout.inputs, output=layout.output))
             try:
                 async with asyncio.timeout(timeout_s + GRACE_S):
                     h = await p.future
             except TimeoutError:
                 raise Unavailable(f"request to model {model!r} timed out after {timeout_s:g} s", "timeout", timeout_s) from None
-            if h["op"] == "done":
+            if isinstance(h, Done):
                 return self.arena.view(layout.output, base).copy()
-            if h["op"] == "cancelled":
+            if isinstance(h, Cancelled):
                 raise Unavailable(f"request to model {model!r} was cancelled", "cancelled", 1)
             raise RemoteError(h)
         finally:
@@ -205,7 +223,7 @@ class ExecutorLink:
             self.rows -= rows
             if rid in self.pending:  # we gave up first (timeout, client gone, cancelled)
                 if self.live:  # the executor still holds the region: it answers the cancel, then we free it
-                    self._post({"op": "cancel", "id": rid})
+                    self._post(Cancel(id=rid))
                 else:  # nothing was or will be sent for it
                     del self.pending[rid]
                     self._release(p)
@@ -309,31 +327,33 @@ class RemoteRepository:
         if not links:
             raise Unavailable(f"no executor serves model {entry.name!r} now; it is restarting", _RESTARTING, 2)
         link = links[hash(pattern) % len(links)]
-        h = await link.request({"op": "pattern", "model": entry.name, "version": entry.version, "pattern": list(pattern)},
+        h = await link.request(lambda rid: BuildPattern(id=rid, model=entry.name, version=entry.version, pattern=pattern),
                                self.settings.request_timeout_s)
-        if h["op"] != "pattern":
+        if not isinstance(h, PatternBuilt):
             raise Unavailable(f"the pattern calibration for model {entry.name!r} was cancelled", "cancelled", 1)
-        return h["calibration"]
+        return h.calibration
 
     async def drift(self, entry: ModelEntry, action: str, stream: str | None = None, p: np.ndarray | None = None,
                     n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
         """A drift action (:meth:`service.core.InferenceCore.drift`) on the executor that holds ``entry``'s drift state:
-        the lowest-numbered live executor serving it, the same one from every front-end (:mod:`service.drift`)."""
+        the lowest-numbered live executor serving it, the same one from every front-end (:mod:`service.core.drift`)."""
         links = [link for link in self.serving(entry.name, entry.version) if link.live]
         if not links:
             raise Unavailable(f"no executor serves model {entry.name!r} now; it is restarting", _RESTARTING, 2)
         link = min(links, key=lambda k: k.index)
-        msg = {"op": "drift", "action": action, "model": entry.name, "version": entry.version, "stream": stream,
-               "p": None if p is None else p.tolist(), "n": None if n is None else n.tolist(),
-               "units": None if units is None else units.tolist()}
+        def msg(rid: int) -> DriftAction:
+            return DriftAction(id=rid, action=action, model=entry.name, version=entry.version, stream=stream,
+                               p=None if p is None else p.tolist(), n=None if n is None else n.tolist(),
+                               units=None if units is None else units.tolist())
+
         h = await link.request(msg, self.settings.request_timeout_s)
-        if h["op"] != "drift":
+        if not isinstance(h, DriftReadings):
             raise Unavailable(f"the drift update for model {entry.name!r} was cancelled", "cancelled", 1)
-        return h["readings"]
+        return h.readings
 
     def drift_rows(self) -> list[tuple[str, str, dict]]:
         """Every tracked drift stream of every executor, for ``/metrics``: read from the table each executor keeps in the
-        server's run directory (:func:`service.drift.table_path`), so a scrape never waits on a busy executor."""
+        server's run directory (:func:`service.core.drift.table_path`), so a scrape never waits on a busy executor."""
         rows: list[tuple[str, str, dict]] = []
         for i in range(len(self.links)):
             rows.extend(read_table(table_path(self.spec.shm_dir, i)))
@@ -344,10 +364,10 @@ class RemoteRepository:
         live = [link for link in self.links if link.live]
         if not live:
             raise Unavailable("no model executor is available; retry", _RESTARTING, 2)
-        answers = await asyncio.gather(*(link.request({"op": "reload"}, 600) for link in live))
+        answers = await asyncio.gather(*(link.request(lambda rid: Reload(id=rid), 600) for link in live))
         changes: dict[str, str] = {}
         for link, h in zip(live, answers):
-            for name, what in h["changes"].items():
+            for name, what in h.changes.items():
                 changes[name] = what if changes.get(name, what) == what or len(live) == 1 else f"{changes[name]}; {link.device}: {what}"
         return changes
 
@@ -363,24 +383,24 @@ class RemoteRepository:
     def _update(self, _link: ExecutorLink) -> None:
         """Rebuild the model entries from every executor's table (keeping what each entry cached)."""
         down = [link for link in self.links if not link.live]
-        seen: dict[str, list[tuple[ExecutorLink, dict]]] = {}
+        seen: dict[str, list[tuple[ExecutorLink, ModelRow]]] = {}
         for link in self.links:
             if link.live:
-                for m in link.table["models"]:
-                    seen.setdefault(m["name"], []).append((link, m))
+                for m in link.table.models:
+                    seen.setdefault(m.name, []).append((link, m))
         models: dict[str, ModelEntry] = {}
         for name, rows in seen.items():
-            ready = [(link, m) for link, m in rows if m["state"] == "ready"]
+            ready = [(link, m) for link, m in rows if m.state == "ready"]
             if ready:
-                top = max(int(m["version"]) for _, m in ready)
-                chosen = [(link, m) for link, m in ready if int(m["version"]) == top]
+                top = max(int(m.version) for _, m in ready)
+                chosen = [(link, m) for link, m in ready if int(m.version) == top]
             else:
                 chosen = rows[:1]
             m = chosen[0][1]
-            state, reason = m["state"], m["reason"]
+            state, reason = m.state, m.reason
             if not ready and down:
                 state, reason = "loading", f"the executor for {', '.join(link.device for link in down)} is restarting"
-            models[name] = self._entry(m, state, reason, [d for _, mm in chosen for d in (mm["devices"] or [])] if ready else [])
+            models[name] = self._entry(m, state, reason, [d for _, mm in chosen for d in mm.devices] if ready else [])
         for name, old in self.models.items():  # models of an executor that is restarting come back with it
             if name not in models and down:
                 old.state, old.reason = "loading", f"the executor for {', '.join(link.device for link in down)} is restarting"
@@ -398,52 +418,20 @@ class RemoteRepository:
             self._read_new = False
             freeze_heap()
 
-    def _entry(self, m: dict, state: str, reason: str | None, devices: list[str]) -> ModelEntry:
-        path = Path(m["path"])
-        old = self.models.get(m["name"])
-        if not (old and old.version == m["version"] and old.path == path and old.mtime == m["mtime"] and old.manifest is not None):
-            old = ModelEntry(name=m["name"], version=m["version"], path=path, mtime=m["mtime"])
-            if m["state"] != "loading":
+    def _entry(self, m: ModelRow, state: str, reason: str | None, devices: list[str]) -> ModelEntry:
+        path = Path(m.path)
+        old = self.models.get(m.name)
+        if not (old and old.version == m.version and old.path == path and old.mtime == m.mtime and old.manifest is not None):
+            old = ModelEntry(name=m.name, version=m.version, path=path, mtime=m.mtime)
+            if m.state != "loading":
                 try:
-                    old.manifest = self._manifest(m["path"], manifest_mtime(path))
+                    old.manifest = self._manifest(m.path, manifest_mtime(path))
                 except Exception as e:  # noqa: BLE001 - unreadable here: unavailable here (a failed model keeps its reason)
-                    if m["state"] == "ready":
+                    if m.state == "ready":
                         state, reason = "failed", f"manifest unreadable by the front-end: {e}"
             if old.manifest is not None:
-                old.batchers = {t: RemoteBatcher(self, m["name"], m["version"], t, old.manifest) for t in tasks.TASKS}
+                old.batchers = {t: RemoteBatcher(self, m.name, m.version, t, old.manifest) for t in tasks.TASKS}
         old.state, old.reason = state, reason
-        old.devices, old.backend, old.load_seconds = devices, m["backend"], m["load_seconds"]
-        old.execution = m.get("execution") or {}
+        old.devices, old.backend, old.load_seconds = devices, m.backend, m.load_seconds
+        old.execution = m.execution
         return old
-
-
-def create_frontend_app(spec: ChildSpec) -> FastAPI:
-    """An HTTP front-end's app: no model here; tensors go to the executor processes (:mod:`service.frontend`)."""
-    settings = spec.settings
-    repository = RemoteRepository(settings, spec)
-
-    async def start(service: ServiceState) -> list[asyncio.Task]:
-        repository.start()
-        # Serve only once this front-end knows what every executor serves, as the others do: its socket
-        # is bound but not listening until then, so the kernel sends connections to the front-ends that know.
-        await repository.first_tables(settings.frontend_start_wait_s)
-        return []
-
-    return build_app(settings, Metrics(), repository, start, repository.close)
-
-
-def main() -> None:
-    from .http import run_uvicorn
-    from .memory import apply_heap_settings
-    from .process import child_logging, die_with_parent, read_child_spec
-
-    spec = read_child_spec()
-    die_with_parent(spec.parent)
-    child_logging("frontend", spec.index)
-    apply_heap_settings(spec.settings)
-    sock = reuse_port_socket(spec.settings.host, spec.port, backlog=None)  # listens once it knows the tables
-    run_uvicorn(create_frontend_app(spec), spec.settings, sockets=[sock])
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from .settings import Settings
+from service.settings import Settings
 
 CHILD_ENV = "FLOWSERVE_CHILD"
 PR_SET_PDEATHSIG = 1

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from .settings import Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

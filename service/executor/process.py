@@ -1,12 +1,13 @@
 """The model-executor process: one per device, owner of its models, batchers and compute.
 
-It loads the repository onto its device (:class:`~service.repository.ModelRepository`, the
+It loads the repository onto its device (:class:`~service.executor.repository.ModelRepository`, the
 same code the single-process server runs), and serves each front-end over its own Unix-socket
-connection (:class:`~service.transport.Channel`). A ``run`` message names a model version, a
-task and where its tensors lie in the sending front-end's shared-memory arena; the executor
-copies the inputs out, submits them to that model's batcher, where rows from every front-end
-form batches together, writes the result into the arena and answers ``done`` (or
-``error``/``cancelled``).
+connection (:class:`~service.ipc.transport.Channel`), in the typed messages of
+:mod:`service.ipc.messages`. A :class:`~service.ipc.messages.Run` names a model version, a task and
+where its tensors lie in the sending front-end's shared-memory arena; the executor copies the
+inputs out, submits them to that model's batcher, where rows from every front-end form batches
+together, writes the result into the arena and answers :class:`~service.ipc.messages.Done` (or
+:class:`~service.ipc.messages.Failed` / :class:`~service.ipc.messages.Cancelled`).
 
 The model table (each model's version, state and reason) goes to every connected front-end,
 again after each reload; a reload answers only once every front-end acknowledged the new table,
@@ -29,13 +30,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .drift import TABLE_EVERY_S, table_path, write_table
-from .errors import BadRequest, ServiceError
-from .selfcheck import Quarantine, is_device_fault
-from .memory import apply_heap_settings, trim_malloc_every
-from .metrics import Metrics
-from .process import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
-from .transport import Arena, Channel
+from service.core.drift import TABLE_EVERY_S, table_path, write_table
+from service.errors import BadRequest, ServiceError
+from service.executor.selfcheck import Quarantine, is_device_fault
+from service.heap import apply_heap_settings, trim_malloc_every
+from service.ipc.children import (
+    EXIT_DEVICE_FAULT,
+    ChildSpec,
+    child_logging,
+    die_with_parent,
+    read_child_spec,
+)
+from service.ipc.messages import (
+    Answer,
+    BuildPattern,
+    Cancel,
+    Cancelled,
+    Codec,
+    Done,
+    DriftAction,
+    DriftReadings,
+    Failed,
+    Hello,
+    PatternBuilt,
+    Reload,
+    Reloaded,
+    Run,
+    Table,
+    TableAck,
+    ToExecutor,
+)
+from service.ipc.transport import Arena, Channel
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +74,9 @@ class Executor:
     def __init__(self, spec: ChildSpec) -> None:
         import torch
 
-        from .core import InferenceCore
-        from .repository import ModelRepository
-        from .workers import DeviceWorker
+        from service.core.inference import InferenceCore
+        from service.executor.repository import ModelRepository
+        from service.executor.workers import DeviceWorker
 
         self.spec = spec
         self.settings = s = spec.settings
@@ -72,14 +98,15 @@ class Executor:
         self.generation = 0
         self._acks: dict[int, tuple[set[Channel], asyncio.Event]] = {}
         self._reload_lock = asyncio.Lock()
+        self.codec = Codec(ToExecutor)
         self._drift_flush: asyncio.TimerHandle | None = None
         self.stopping = asyncio.Event()
 
     # --- the model table ---------------------------------------------------------------------
 
-    def _table(self) -> dict:
-        return {"op": "table", "epoch": self.epoch, "generation": self.generation, "device": self.device,
-                "loaded": self.repository.loaded_once.is_set(), "models": self.repository.table()}
+    def _table(self) -> Table:
+        return Table(epoch=self.epoch, generation=self.generation, device=self.device,
+                     loaded=self.repository.loaded_once.is_set(), models=self.repository.table())
 
     async def _push_table(self) -> None:
         """Send the table to every front-end and wait (bounded) until each acknowledged it."""
@@ -116,23 +143,24 @@ class Executor:
             known = self.arenas[path] = (Arena.attach(path), peer)
         return known[0]
 
-    async def _answer(self, peer: Channel, h: dict, work: Callable[[], Awaitable[dict]], what: str) -> None:
-        """Run one request's ``work`` (which returns its reply) and post the reply: ``cancelled``, or ``error`` with
-        the status a :class:`ServiceError` carries, 500 for anything else, 503 for a device fault, after which
-        the process exits for the supervisor to restart it."""
-        rid = h["id"]
+    async def _answer(self, peer: Channel, h: Run | BuildPattern | DriftAction, work: Callable[[], Awaitable[Answer]],
+                      what: str) -> None:
+        """Run one request's ``work`` (which returns its reply) and post the reply: :class:`Cancelled`, or
+        :class:`Failed` with the status a :class:`ServiceError` carries, 500 for anything else, 503 for a device
+        fault, after which the process exits for the supervisor to restart it."""
+        rid = h.id
         try:
-            reply = {**await work(), "id": rid}
+            reply = await work()
         except asyncio.CancelledError:
-            reply = {"op": "cancelled", "id": rid}
+            reply = Cancelled(id=rid)
         except ServiceError as e:
-            reply = {"op": "error", "id": rid, "status": e.status, "reason": e.reason, "message": e.message, "headers": e.headers}
+            reply = Failed(id=rid, status=e.status, reason=e.reason, message=e.message, headers=e.headers)
         except Exception as e:  # noqa: BLE001 - reported to the front-end, which answers 500 with a request id
             fault = is_device_fault(e)
-            log.exception("%s on %s/%s failed%s", what, h.get("model"), h.get("version"),
+            log.exception("%s on %s/%s failed%s", what, h.model, h.version,
                           "; the device is unusable, exiting for a restart" if fault else "")
-            reply = {"op": "error", "id": rid, "status": 503 if fault else 500, "reason": "device_fault" if fault else "internal",
-                     "message": f"{type(e).__name__}: {e}".splitlines()[0], "headers": {"Retry-After": "5"} if fault else {}}
+            reply = Failed(id=rid, status=503 if fault else 500, reason="device_fault" if fault else "internal",
+                           message=f"{type(e).__name__}: {e}".splitlines()[0], headers={"Retry-After": "5"} if fault else {})
             if fault:
                 asyncio.get_running_loop().call_later(0.05, os._exit, EXIT_DEVICE_FAULT)
         finally:
@@ -140,35 +168,34 @@ class Executor:
         if not peer.closed:
             peer.post(reply)
 
-    async def _run(self, peer: Channel, h: dict) -> dict:
+    async def _run(self, peer: Channel, h: Run) -> Done:
         """A task on tensors in the front-end's arena; the result goes back into the arena."""
-        arena = self._arena(h["shm"], peer)
-        base = h["at"]
-        payload = {k: arena.view(ref, base).copy() for k, ref in h["inputs"].items()}  # the region may be reused once we answer
-        entry = self.repository.get_version(h["model"], h["version"])
-        arena.view(h["output"], base)[...] = await entry.batcher(h["task"]).submit(payload, h["timeout_s"])
-        return {"op": "done"}
+        arena = self._arena(h.shm, peer)
+        payload = {k: arena.view(ref, h.at).copy() for k, ref in h.inputs.items()}  # the region may be reused once we answer
+        entry = self.repository.get_version(h.model, h.version)
+        arena.view(h.output, h.at)[...] = await entry.batcher(h.task).submit(payload, h.timeout_s)
+        return Done(id=h.id)
 
-    async def _pattern(self, h: dict) -> dict:
+    async def _pattern(self, h: BuildPattern) -> PatternBuilt:
         """A missingness pattern's calibration, built here once per (model version, pattern) for every front-end
         (concurrent askers share the build), sent back as its dict."""
-        entry = self.repository.get_version(h["model"], h["version"])
+        entry = self.repository.get_version(h.model, h.version)
         pcal = self.core.pattern_calibrations(entry)
         if pcal is None:
-            raise BadRequest(f"model {h['model']!r} has no calibration for records with absent features")
-        scorer = await self.core.pattern_scorer(entry, pcal, tuple(int(j) for j in h["pattern"]))
-        return {"op": "pattern", "calibration": scorer.calibration}
+            raise BadRequest(f"model {h.model!r} has no calibration for records with absent features")
+        scorer = await self.core.pattern_scorer(entry, pcal, h.pattern)
+        return PatternBuilt(id=h.id, calibration=scorer.calibration)
 
-    async def _drift(self, h: dict) -> dict:
+    async def _drift(self, h: DriftAction) -> DriftReadings:
         """A drift action (``update``, ``readings``, ``reset``) on a model version's monitor, which lives here for every
-        front-end (:mod:`service.drift`); the table the front-ends' ``/metrics`` read is rewritten soon after."""
-        if h["action"] != "readings" and self._drift_flush is None:
+        front-end (:mod:`service.core.drift`); the table the front-ends' ``/metrics`` read is rewritten soon after."""
+        if h.action != "readings" and self._drift_flush is None:
             self._drift_flush = asyncio.get_running_loop().call_later(TABLE_EVERY_S, self._write_drift_table)
-        entry = self.repository.get_version(h["model"], h["version"])
-        p = None if h.get("p") is None else np.asarray(h["p"], dtype=np.float64)
-        n = None if h.get("n") is None else np.asarray(h["n"], dtype=np.int64)
-        units = None if h.get("units") is None else np.asarray(h["units"], dtype=np.int64)
-        return {"op": "drift", "readings": self.core.drift_here(entry, h["action"], h.get("stream"), p, n, units)}
+        entry = self.repository.get_version(h.model, h.version)
+        p = None if h.p is None else np.asarray(h.p, dtype=np.float64)
+        n = None if h.n is None else np.asarray(h.n, dtype=np.int64)
+        units = None if h.units is None else np.asarray(h.units, dtype=np.int64)
+        return DriftReadings(id=h.id, readings=self.core.drift_here(entry, h.action, h.stream, p, n, units))
 
     def _write_drift_table(self) -> None:
         self._drift_flush = None
@@ -179,38 +206,35 @@ class Executor:
 
     async def _reload_for(self, peer: Channel, rid: int) -> None:
         try:
-            reply = {"op": "reloaded", "id": rid, "changes": await self.reload()}
+            reply: Reloaded | Failed = Reloaded(id=rid, changes=await self.reload())
         except Exception as e:  # noqa: BLE001
             log.exception("reload failed")
-            reply = {"op": "error", "id": rid, "status": 500, "reason": "internal", "message": f"reload failed: {e}", "headers": {}}
+            reply = Failed(id=rid, status=500, reason="internal", message=f"reload failed: {e}")
         if not peer.closed:
             peer.post(reply)
 
-    def _dispatch(self, peer: Channel, h: dict) -> None:
-        op = h["op"]
-        if op == "run":
-            work = self._answer(peer, h, lambda: self._run(peer, h), f"task {h.get('task')}")
-            self.running[(peer, h["id"])] = asyncio.create_task(work)
-        elif op == "cancel":
-            task = self.running.get((peer, h["id"]))
-            if task is not None:
-                task.cancel()
-        elif op == "hello":
-            peer.post(self._table())
-        elif op == "table_ack":
-            waiting = self._acks.get(h["generation"])
-            if waiting is not None:
-                waiting[0].discard(peer)
-                if not waiting[0]:
-                    waiting[1].set()
-        elif op == "reload":
-            asyncio.create_task(self._reload_for(peer, h["id"]))
-        elif op == "pattern":
-            self.running[(peer, h["id"])] = asyncio.create_task(self._answer(peer, h, lambda: self._pattern(h), "pattern calibration"))
-        elif op == "drift":
-            self.running[(peer, h["id"])] = asyncio.create_task(self._answer(peer, h, lambda: self._drift(h), "drift"))
-        else:
-            log.warning("unknown message %r from %r", op, peer)
+    def _dispatch(self, peer: Channel, h: ToExecutor) -> None:
+        match h:
+            case Run():
+                self.running[(peer, h.id)] = asyncio.create_task(self._answer(peer, h, lambda: self._run(peer, h), f"task {h.task}"))
+            case Cancel():
+                task = self.running.get((peer, h.id))
+                if task is not None:
+                    task.cancel()
+            case Hello():
+                peer.post(self._table())
+            case TableAck():
+                waiting = self._acks.get(h.generation)
+                if waiting is not None:
+                    waiting[0].discard(peer)
+                    if not waiting[0]:
+                        waiting[1].set()
+            case Reload():
+                asyncio.create_task(self._reload_for(peer, h.id))
+            case BuildPattern():
+                self.running[(peer, h.id)] = asyncio.create_task(self._answer(peer, h, lambda: self._pattern(h), "pattern calibration"))
+            case DriftAction():
+                self.running[(peer, h.id)] = asyncio.create_task(self._answer(peer, h, lambda: self._drift(h), "drift"))
 
     # --- the process -------------------------------------------------------------------------
 
@@ -223,7 +247,7 @@ class Executor:
 
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One front-end's connection, until it closes; then its unfinished work is cancelled."""
-        peer = Channel(reader, writer)
+        peer = Channel(reader, writer, self.codec)
         self.peers.add(peer)
         try:
             while True:
@@ -271,7 +295,7 @@ class Executor:
 
 
 def _cores() -> int:
-    from .process import available_cores
+    from service.ipc.children import available_cores
 
     return available_cores()
 
@@ -287,6 +311,3 @@ def main() -> None:
         from asyncio import run
     run(Executor(spec).serve())
 
-
-if __name__ == "__main__":
-    main()

@@ -13,8 +13,8 @@ import re
 import secrets
 import time
 
-from .api.deps import ServiceState
-from .errors import ServiceError, Unauthorized, Unavailable, json_error
+from service.errors import ServiceError, Unauthorized, Unavailable, json_error
+from service.frontend.api.deps import ServiceState
 
 REQUEST_ID = "X-Request-ID"
 CLIENT_CLOSED = 499  # the status counted for a request whose client left before the answer (nginx's convention)

@@ -18,12 +18,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.artifacts.manifest import flowserve_version
-
-from ..errors import BadRequest
-from .deps import core, state
-from .inputs import check_values, parse_json, read_body
-from .routing import CodecRoute
-from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, json_body, parse
+from service.errors import BadRequest
+from service.frontend.api.deps import core, state
+from service.frontend.api.inputs import check_values, parse_json, read_body
+from service.frontend.api.routing import CodecRoute
+from service.frontend.api.schemas import (
+    INFERENCE_ERRORS,
+    METADATA_ERRORS,
+    Strict,
+    json_body,
+    parse,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"], route_class=CodecRoute)
 

@@ -3,7 +3,7 @@
 Each HTTP front-end owns one :class:`Arena`, a file in ``/dev/shm`` mapped by the front-end and,
 read/write, by every executor. For a task the front-end allocates one region holding the input
 tensors and room for the output, writes the inputs, and sends the executor a short control
-message (:func:`pack`, JSON via orjson) that names the region's offsets, shapes and dtypes.
+message (:class:`~service.ipc.messages.Run`) that names the region's offsets, shapes and dtypes.
 The executor reads the inputs in place, writes the output into the region, and answers with
 another short message. The region stays the front-end's: it is freed only after the executor's
 answer (result, error or "cancelled"), or once that executor is known to be dead, so an
@@ -11,17 +11,14 @@ executor never writes into memory that another request has been given.
 
 The control channel (:class:`Channel`) is one Unix-domain stream socket per front-end and
 executor, driven by the event loop itself (asyncio streams; uvloop in executors, asyncio's loop in
-front-ends, see :func:`service.http.run_uvicorn`): each frame is a 4-byte
-length and an orjson list of messages, and whatever a process posts in one turn of its event loop
+front-ends, see :func:`service.frontend.http.run_uvicorn`): each frame is a 4-byte
+length and a MessagePack array of typed messages (:mod:`service.ipc.messages`), and whatever a process posts in one turn of its event loop
 leaves as one frame. A dead peer is an end of stream, seen at once. ZeroMQ (pyzmq, as vLLM and
 LitServe use) was the first choice and was measured against this on the 2-core machine: a
 zmq.asyncio round trip between two processes cost 360–400 µs and about 230 µs of CPU on each
 side (its I/O threads add two thread hand-offs per message), against 60–90 µs and 35–45 µs for a
 uvloop Unix socket; at a thousand requests a second that difference is a fifth of the service's
 CPU. The framing is the only part written here.
-
-Message types (``op``), front-end → executor: ``hello``, ``run``, ``cancel``, ``reload``,
-``table_ack``; executor → front-end: ``table``, ``done``, ``error``, ``cancelled``, ``reloaded``.
 """
 
 from __future__ import annotations
@@ -35,13 +32,11 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import numpy as np
-import orjson
+
+from service.ipc.messages import Codec, Message, TensorRef
 
 ALIGN = 64  # bytes; every tensor starts on a cache line
-TensorRef = list  # [offset, shape, dtype string]: where a tensor lies in an arena
 MAX_FRAME = 256 << 20  # bytes of one control frame; far above what any batch of messages needs
 _LENGTH = struct.Struct("<I")
 
@@ -49,20 +44,20 @@ _LENGTH = struct.Struct("<I")
 class Channel:
     """One connection between a front-end and an executor: frames of message lists, both ways.
 
-    :meth:`post` queues a message (a JSON-ready dict); everything posted in one turn of the event
-    loop is written as one frame. :meth:`receive` returns the next frame's messages, and raises
-    :class:`ConnectionError` when the peer has gone.
+    :meth:`post` queues a message; everything posted in one turn of the event loop is written as one
+    frame. :meth:`receive` returns the next frame's messages (decoded by ``codec``, which knows what
+    this side receives), and raises :class:`ConnectionError` when the peer has gone.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self._outbox: list[dict[str, Any]] = []
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: Codec) -> None:
+        self.reader, self.writer, self.codec = reader, writer, codec
+        self._outbox: list[Message] = []
 
     @property
     def closed(self) -> bool:
         return self.writer.is_closing()
 
-    def post(self, msg: dict[str, Any]) -> None:
+    def post(self, msg: Message) -> None:
         self._outbox.append(msg)
         if len(self._outbox) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -70,15 +65,15 @@ class Channel:
     def _flush(self) -> None:
         msgs, self._outbox = self._outbox, []
         if msgs and not self.writer.is_closing():
-            body = orjson.dumps(msgs, option=orjson.OPT_SERIALIZE_NUMPY)
+            body = self.codec.encode(msgs)
             self.writer.write(_LENGTH.pack(len(body)) + body)
 
-    async def receive(self) -> list[dict[str, Any]]:
+    async def receive(self) -> list:
         try:
             (n,) = _LENGTH.unpack(await self.reader.readexactly(4))
             if n > MAX_FRAME:
                 raise ConnectionError(f"a control frame of {n} bytes")
-            return orjson.loads(await self.reader.readexactly(n))
+            return self.codec.decode(await self.reader.readexactly(n))
         except asyncio.IncompleteReadError:
             raise ConnectionError("the peer closed the connection") from None
 
@@ -189,7 +184,7 @@ class Arena:
     # --- views (both sides) ------------------------------------------------------------------
 
     def view(self, ref: TensorRef, base: int = 0) -> np.ndarray:
-        """The tensor ``ref`` = ``[offset, shape, dtype]`` (offset from ``base``) as a numpy view into the shared memory."""
+        """The tensor ``ref`` = ``(offset, shape, dtype)`` (offset from ``base``) as a numpy view into the shared memory."""
         offset, shape, dtype = ref
         return np.frombuffer(self._mm, dtype=dtype, count=math.prod(shape), offset=base + offset).reshape(shape)
 
@@ -214,8 +209,8 @@ class Layout:
     def plan(cls, arrays: dict[str, np.ndarray], out_shape: tuple[int, ...], out_dtype: np.dtype) -> Layout:
         refs, pos = {}, 0
         for k, a in arrays.items():
-            refs[k] = [pos, a.shape, a.dtype.str]
+            refs[k] = (pos, a.shape, a.dtype.str)
             pos += _aligned(a.nbytes)
-        out = [pos, out_shape, out_dtype.str]
+        out = (pos, tuple(out_shape), out_dtype.str)
         pos += _aligned(math.prod(out_shape) * out_dtype.itemsize)
         return cls(refs, out, pos)

@@ -1,4 +1,5 @@
-"""The FastAPI application factory: lifespan, routes, one place mapping errors to HTTP."""
+"""The FastAPI app around a repository (in-process or remote): lifespan, routes, middleware, and the one place
+that maps errors to HTTP."""
 
 from __future__ import annotations
 
@@ -16,22 +17,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.artifacts.manifest import flowserve_version
 from models.errors import FlowserveError
-
-from .api import v1, v2
-from .api.deps import ServiceState
-from .core import InferenceCore
-from .errors import ServiceError, json_error
-from .memory import freeze_heap, trim_malloc_every
-from .drift import exposition as drift_exposition
-from .metrics import Metrics
-from .middleware import REQUEST_ID, GuardMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .settings import Settings
+from service.core.drift import exposition as drift_exposition
+from service.core.inference import InferenceCore
+from service.errors import ServiceError, json_error
+from service.frontend.api import v1, v2
+from service.frontend.api.deps import ServiceState
+from service.frontend.middleware import (
+    REQUEST_ID,
+    GuardMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
+from service.heap import freeze_heap, trim_malloc_every
+from service.metrics import Metrics
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def request_id(request: Request) -> str:
-    """The id :class:`~service.middleware.RequestIdMiddleware` gave this request (``X-Request-ID``)."""
+    """The id :class:`~service.frontend.middleware.RequestIdMiddleware` gave this request (``X-Request-ID``)."""
     return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
@@ -64,14 +69,6 @@ def install_error_handlers(app: FastAPI) -> None:
         rid = request_id(request)
         log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, rid)
         return json_error(500, f"internal error ({type(exc).__name__}); quote request id {rid}", {REQUEST_ID: rid}, rid)
-
-
-def default_cpu_threads(devices: list[str]) -> int:
-    """Intra-op threads of a single-process server: leave one core to the event loop when a model computes on the CPU."""
-    from .process import available_cores
-
-    cores = available_cores()
-    return max(1, cores - 1) if "cpu" in devices else max(1, min(4, cores))
 
 
 def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> FastAPI:  # noqa: ANN001
@@ -111,43 +108,10 @@ def build_app(settings: Settings, metrics: Metrics, repository, start, stop) -> 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         body, ctype = metrics.exposition()
-        if settings.drift:  # the live streams' drift gauges, from wherever the monitors live (service.drift)
+        if settings.drift:  # the live streams' drift gauges, from wherever the monitors live (service.core.drift)
             remote = getattr(repository, "drift_rows", None)  # the front-ends' RemoteRepository reads the executors' tables
             rows = remote() if remote is not None else service.core.drift_rows()
             body += drift_exposition(rows)  # the families are there before any stream, as every labelled metric's
         return Response(body, media_type=ctype)
 
     return app
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The single-process app (``FLOWSERVE_HTTP_WORKERS=0``): models load and compute in this process,
-    in the background once it starts (``/v2/health/ready`` tells when)."""
-    import torch
-
-    from .repository import ModelRepository
-    from .workers import DeviceWorker, resolve_devices
-
-    settings = settings or Settings()
-    metrics = Metrics()
-    workers = [DeviceWorker(d) for d in resolve_devices(settings.devices)]
-    torch.set_num_threads(settings.torch_threads or default_cpu_threads([w.device for w in workers]))
-    repository = ModelRepository(settings, workers, metrics)
-
-    async def publish_memory() -> None:
-        while True:
-            for w in workers:
-                mem = w.memory_allocated()
-                if mem is not None:
-                    metrics.device_memory.labels(w.device).set(mem)
-            await asyncio.sleep(2.0)
-
-    async def start(service: ServiceState) -> list[asyncio.Task]:
-        return [asyncio.create_task(repository.reload()), asyncio.create_task(publish_memory())]
-
-    async def stop() -> None:
-        await repository.close()
-        for w in workers:
-            w.shutdown()
-
-    return build_app(settings, metrics, repository, start, stop)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .entry import Gone, Payload, watch_client
-from .errors import ClientClosed, Unavailable
-from .metrics import Metrics
-from .workers import DeviceWorker
+from service.core.entry import Gone, Payload, watch_client
+from service.errors import ClientClosed, Unavailable
+from service.executor.workers import DeviceWorker
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Batcher:
     async def submit(self, payload: Payload, timeout_s: float, gone: Gone | None = None) -> np.ndarray:
         """Queue ``payload`` (arrays with equal first dimension) and wait for its rows' results.
 
-        ``gone`` (e.g. Starlette's ``request.is_disconnected``, see :func:`~service.entry.watch_client`):
+        ``gone`` (e.g. Starlette's ``request.is_disconnected``, see :func:`~service.core.entry.watch_client`):
         when the client left, the rows leave the queue and the request ends with :class:`ClientClosed` (499).
         """
         rows = len(next(iter(payload.values())))

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..core import InferenceCore
-from ..entry import Repository
-from ..metrics import Metrics
-from ..settings import Settings
+from service.core.entry import Repository
+from service.core.inference import InferenceCore
+from service.metrics import Metrics
+from service.settings import Settings
 
 
 @dataclass

@@ -14,8 +14,7 @@ import atexit
 import gc
 
 from models.libc import libc
-
-from .settings import Settings
+from service.settings import Settings
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 

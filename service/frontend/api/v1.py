@@ -14,14 +14,27 @@ from pydantic import BaseModel, Field
 
 from models.imageio import png_bytes
 from models.plots import MAX_PANELS, waveform_png
-
-from ..core import Bound
-from ..drift import STREAM_PATTERN
-from ..errors import BadRequest
-from .deps import core, state
-from .inputs import decode_upload, impute_records, instances_to_array, media_type, parse_json, read_body
-from .routing import CodecRoute
-from .schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, error_responses, json_body, parse
+from service.core.drift import STREAM_PATTERN
+from service.core.inference import Bound
+from service.errors import BadRequest
+from service.frontend.api.deps import core, state
+from service.frontend.api.inputs import (
+    decode_upload,
+    impute_records,
+    instances_to_array,
+    media_type,
+    parse_json,
+    read_body,
+)
+from service.frontend.api.routing import CodecRoute
+from service.frontend.api.schemas import (
+    INFERENCE_ERRORS,
+    METADATA_ERRORS,
+    Strict,
+    error_responses,
+    json_body,
+    parse,
+)
 
 router = APIRouter(prefix="/v1", tags=["v1"], route_class=CodecRoute)
 

@@ -2,7 +2,7 @@
 
 No torch here: the HTTP front-ends hold entries whose batchers forward to executor processes
 (:mod:`service.frontend`); the executors (and the single-process server) hold entries whose
-batchers compute (:mod:`service.batching`). Both answer ``batcher(task).submit(...)``.
+batchers compute (:mod:`service.executor.batching`). Both answer ``batcher(task).submit(...)``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from models.artifacts.manifest import Manifest
-
-from .errors import ClientClosed, Unavailable
+from service.errors import ClientClosed, Unavailable
 
 Payload = dict[str, np.ndarray]
 Gone = Callable[[], Awaitable[bool]]  # e.g. Starlette's request.is_disconnected
@@ -76,7 +75,7 @@ class ModelEntry:
     batchers: dict[str, Any] = field(default_factory=dict)  # task → Submitter
     devices: list[str] = field(default_factory=list)
     backend: str | None = None
-    execution: dict[str, str] = field(default_factory=dict)  # per task: how it runs (service.runners)
+    execution: dict[str, str] = field(default_factory=dict)  # per task: how it runs (service.executor.runners)
     load_seconds: float | None = None
     mtime: float = 0.0
     extras: dict = field(default_factory=dict)
@@ -118,7 +117,7 @@ def manifest_mtime(path: Path) -> float:
 
 
 class Repository(Protocol):
-    """The served models as the request path reads them: in-process (:class:`service.repository.ModelRepository`,
+    """The served models as the request path reads them: in-process (:class:`service.executor.repository.ModelRepository`,
     its models computing here) or mirrored from the executors (:class:`service.frontend.RemoteRepository`).
 
     A repository whose models compute in other processes also has ``pattern_calibration(entry, pattern)``: the

@@ -35,8 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from models.anomaly.drift import DriftConfig, DriftDetector, DriftFamily, DriftReading
-
-from .errors import NotFound
+from service.errors import NotFound
 
 log = logging.getLogger("flowserve.drift")
 

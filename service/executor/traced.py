@@ -9,7 +9,7 @@ goes to oneDNN with prepacked weights at every batch size. Measured on the bundl
 (one thread): rows are bit-for-bit independent of their batch-mates without tiles, and scoring
 is 1.5–3.7× faster than eager with tiles (``bench/traced.py``). Fully connected layers
 still go to MKL's GEMM, whose rounding depends on the number of rows: such models keep tiles
-(:func:`service.tasks.check_batch_invariance` finds out at load) and still gain the dispatch.
+(:func:`service.executor.compute.check_batch_invariance` finds out at load) and still gain the dispatch.
 
 ``torch.jit.trace`` is deprecated in favour of ``torch.compile`` and ``torch.export`` (and already
 underlies the ONNX export, :mod:`models.artifacts.export`). Inductor, tried on the same model with a dynamic

@@ -1,0 +1,189 @@
+"""The control messages between a front-end and an executor: typed structures and their one codec.
+
+Every message is a :class:`msgspec.Struct` tagged by ``op``; a frame is a MessagePack array of
+them (:class:`Codec`, used by :class:`~service.ipc.transport.Channel`). Decoding checks every
+field's type, so a malformed frame is an error at the edge, never a ``KeyError`` deep in a handler.
+
+Front-end → executor (:data:`ToExecutor`): :class:`Hello`, :class:`Run`, :class:`Cancel`,
+:class:`Reload`, :class:`TableAck`, :class:`BuildPattern`, :class:`DriftAction`.
+
+Executor → front-end (:data:`ToFrontend`): :class:`Table` (unsolicited, and the answer to
+``hello``), and the answers to requests by ``id``: :class:`Done`, :class:`Failed`,
+:class:`Cancelled`, :class:`Reloaded`, :class:`PatternBuilt`, :class:`DriftReadings`.
+
+Tensors never travel here: a :class:`Run` names where they lie in the front-end's shared-memory
+arena (:data:`TensorRef`: byte offset from the region's start, shape, numpy dtype string).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+import numpy as np
+
+TensorRef = tuple[int, tuple[int, ...], str]  # (byte offset in the region, shape, numpy dtype string, e.g. "<f4")
+ModelState = Literal["loading", "ready", "failed"]
+
+
+class Message(msgspec.Struct, tag_field="op", omit_defaults=True):
+    """Base of every control message (``op`` is the tag)."""
+
+
+# --- front-end → executor --------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    """A front-end connected: the executor answers with its :class:`Table`."""
+
+
+class Run(Message, tag="run"):
+    """Compute ``task`` for the tensors at ``inputs`` (region ``at`` of arena ``shm``) into ``output``."""
+
+    id: int
+    model: str
+    version: str
+    task: str
+    timeout_s: float
+    shm: str  # the arena file
+    at: int  # byte offset of the request's region in the arena
+    inputs: dict[str, TensorRef]
+    output: TensorRef
+
+
+class Cancel(Message, tag="cancel"):
+    """The front-end gave up request ``id``; it is answered :class:`Cancelled` (or with its result, if late)."""
+
+    id: int
+
+
+class Reload(Message, tag="reload"):
+    """Reload the repository; answered :class:`Reloaded` once every front-end has the new table."""
+
+    id: int
+
+
+class TableAck(Message, tag="table_ack"):
+    """This front-end routes by the table of ``generation``."""
+
+    generation: int
+
+
+class BuildPattern(Message, tag="pattern"):
+    """The calibration of a missingness ``pattern`` (observed feature indices) of a model version."""
+
+    id: int
+    model: str
+    version: str
+    pattern: tuple[int, ...]
+
+
+class DriftAction(Message, tag="drift"):
+    """A drift action on a model version's monitor: ``update`` (``p``: p-values in request order; ``n`` and
+    ``units``: calibration scores and patients behind each), ``readings`` or ``reset`` (one ``stream``, or all)."""
+
+    id: int
+    action: Literal["update", "readings", "reset"]
+    model: str
+    version: str
+    stream: str | None = None
+    p: list[float] | None = None
+    n: list[int] | None = None
+    units: list[int] | None = None
+
+
+ToExecutor = Union[Hello, Run, Cancel, Reload, TableAck, BuildPattern, DriftAction]
+
+
+# --- executor → front-end --------------------------------------------------------------------
+
+
+class ModelRow(msgspec.Struct, omit_defaults=True):
+    """One served model version as an executor's table lists it."""
+
+    name: str
+    version: str
+    path: str
+    state: ModelState
+    mtime: float  # of its manifest: a front-end re-reads a manifest that changed
+    reason: str | None = None
+    load_seconds: float | None = None
+    devices: list[str] = []
+    backend: str | None = None
+    execution: dict[str, str] = {}
+
+
+class Table(Message, tag="table"):
+    """What an executor serves. ``epoch`` names the executor's incarnation; ``generation`` counts its tables."""
+
+    epoch: str
+    generation: int
+    device: str
+    loaded: bool  # its first load has finished
+    models: list[ModelRow]
+
+
+class Done(Message, tag="done"):
+    """Request ``id``'s result is in its region of the arena."""
+
+    id: int
+
+
+class Failed(Message, tag="error"):
+    """Request ``id`` failed: the HTTP ``status``, a short ``reason`` and the ``message`` for the client."""
+
+    id: int
+    status: int
+    reason: str
+    message: str
+    headers: dict[str, str] = {}
+
+
+class Cancelled(Message, tag="cancelled"):
+    id: int
+
+
+class Reloaded(Message, tag="reloaded"):
+    id: int
+    changes: dict[str, str]
+
+
+class PatternBuilt(Message, tag="pattern_built"):
+    """A pattern's calibration (:func:`models.anomaly.scoring.pattern_calibration`'s dict)."""
+
+    id: int
+    calibration: dict[str, Any]
+
+
+class DriftReadings(Message, tag="drift_readings"):
+    """The readings a :class:`DriftAction` returned (:func:`service.core.drift.reading_dict`)."""
+
+    id: int
+    readings: list[dict[str, Any]]
+
+
+ToFrontend = Union[Table, Done, Failed, Cancelled, Reloaded, PatternBuilt, DriftReadings]
+Answer = Union[Done, Failed, Cancelled, Reloaded, PatternBuilt, DriftReadings]  # what a request ``id`` gets back
+
+
+def _encode_numpy(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} in a control message")
+
+
+class Codec:
+    """Frames of messages ↔ bytes (MessagePack). ``incoming`` is the union this side receives."""
+
+    def __init__(self, incoming: Any) -> None:  # noqa: ANN401 - a Union type
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=_encode_numpy)
+        self._decoder = msgspec.msgpack.Decoder(list[incoming])
+
+    def encode(self, messages: list[Message]) -> bytes:
+        return self._encoder.encode(messages)
+
+    def decode(self, frame: bytes) -> list:
+        """The messages of ``frame``; :class:`msgspec.ValidationError` / :class:`msgspec.DecodeError` when malformed."""
+        return self._decoder.decode(frame)
