@@ -38,10 +38,10 @@ def record_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_conformal_p_values_and_threshold() -> None:
     scorer = AnomalyScorer({"scores": list(range(1, 100))})  # n = 99
     res = scorer.assess(np.array([0.0, 50.0, 99.0, 1000.0]), dims=1, target_fpr=0.05)
-    assert [r["p_value"] for r in res] == [1.0, 0.51, 0.02, 0.01]
-    assert [r["is_anomaly"] for r in res] == [False, False, True, True]
+    assert [r.p_value for r in res] == [1.0, 0.51, 0.02, 0.01]
+    assert [r.is_anomaly for r in res] == [False, False, True, True]
     assert scorer.threshold(0.05) == 95.0  # k = ceil(100 · 0.95) = 95th smallest
-    assert res[1]["percentile"] == pytest.approx(100 * 50 / 99)
+    assert res[1].percentile == pytest.approx(100 * 50 / 99)
     assert AnomalyScorer({"scores": [1.0, 2.0]}).threshold(0.01) == float("inf")
 
 
@@ -56,7 +56,7 @@ def test_the_calibration_names_the_default_statistic() -> None:
     cal = {"scores": list(range(1, 100)), "mean": 50.0}
     scorer = AnomalyScorer({**cal, "statistic": "typicality"})
     assert scorer.resolve(None) == "typicality" and scorer.resolve("nll") == "nll"
-    assert scorer.p_values(np.array([-200.0]))[0] == 0.01 and scorer.assess(np.array([-200.0]), 1)[0]["statistic"] == "typicality"
+    assert scorer.p_values(np.array([-200.0]))[0] == 0.01 and scorer.assess(np.array([-200.0]), 1)[0].statistic == "typicality"
     assert AnomalyScorer(cal).resolve(None) == "nll"  # calibrations written before the default was stored
     with pytest.raises(ValueError, match="unknown statistic"):
         scorer.resolve("likelihood")
@@ -96,7 +96,7 @@ def test_training_stores_calibration_and_fpr_holds(record_run: Path) -> None:
     scorer = AnomalyScorer(cal)
     fresh = normal_records(4000, 99)
     nll = -model.log_prob(torch.from_numpy(fresh)).detach().numpy()
-    realised = np.mean([r["is_anomaly"] for r in scorer.assess(nll, 4, target_fpr=0.1)])
+    realised = np.mean([r.is_anomaly for r in scorer.assess(nll, 4, target_fpr=0.1)])
     assert abs(realised - 0.1) < 0.04  # finite-calibration-set spread at n = 150
 
 

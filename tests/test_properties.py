@@ -15,9 +15,10 @@ from hypothesis.extra import numpy as hnp
 
 from models.spec import DataSpec
 from service.errors import ServiceError
+from service.core.inference import impute
 from service.frontend.api.inputs import (
+    anomaly_records,
     decode_upload,
-    impute_records,
     instances_to_array,
     parse_json,
 )
@@ -126,14 +127,19 @@ def test_records_decode_exactly_or_are_refused(records: list) -> None:
             for k, name in enumerate(["hr", "sbp", "gcs"]):
                 assert math.isfinite(rec[name]) and row[k] == np.float32(rec[name])
             assert float(rec["gcs"]).is_integer()  # an integer-valued feature: a fraction is refused
-    filled = refused_cleanly(impute_records, records, RECORD, [70.0, 120.0, 14.6], "records")
-    if filled is not None:
-        out, imputed = filled
-        for rec, full, names in zip(records, out, imputed):
-            assert names == [n for n in ("hr", "sbp", "gcs") if rec.get(n) is None]
-            assert len(names) < 3 or set(rec) - {"hr", "sbp", "gcs"}  # no features at all: refused (unknown ones: later, by name)
-            assert all(full[n] is not None for n in ("hr", "sbp", "gcs"))
-            assert "gcs" not in names or full["gcs"] == 15.0  # a fill between levels is rounded to one
+    decoded = refused_cleanly(anomaly_records, records, RECORD, "records")  # absent features allowed: the core fills them
+    if decoded is not None:
+        x, observed = decoded
+        for rec, seen in zip(records, observed):
+            assert set(rec) <= {"hr", "sbp", "gcs"}  # an unknown feature is refused by name
+            assert [n for n, s in zip(("hr", "sbp", "gcs"), seen) if not s] == [n for n in ("hr", "sbp", "gcs") if rec.get(n) is None]
+        full = refused_cleanly(impute, RECORD, [70.0, 120.0, 14.6], x, observed, "records")
+        if full is None:
+            assert not observed.any(1).all()  # refused only for a record with no feature at all
+        else:
+            assert observed.any(1).all() and np.isfinite(full).all()
+            np.testing.assert_array_equal(full[observed], x[observed])  # what was sent is kept
+            assert (full[:, 2][~observed[:, 2]] == 15.0).all()  # a fill between levels is rounded to one
 
 
 @FAST

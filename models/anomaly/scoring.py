@@ -52,6 +52,7 @@ This module holds what scoring needs (numpy only: the service's front-ends impor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,33 @@ def pattern_records(calibration: dict, pattern: tuple[int, ...]) -> np.ndarray:
     return np.flatnonzero(known[:, list(pattern)].all(1)) if len(pattern) else np.arange(len(known))
 
 
+@dataclass
+class Assessment:
+    """One record's anomaly assessment against a calibration (:meth:`AnomalyScorer.assess`).
+
+    ``p_value`` is the conformal ``(1 + #{c_i ≥ s})/(n + 1)`` of the ``statistic`` ``s`` among the
+    ``calibration_n`` calibration scores; ``is_anomaly`` is ``p_value ≤ target_fpr``, and ``threshold``
+    the statistic above which that holds (``None`` when no statistic reaches it).
+    """
+
+    nll: float  # nats, of the record (of its observed features, for a marginal likelihood)
+    nll_per_dim: float  # nats per scored dimension
+    percentile: float  # of the NLL among the calibration scores, 0..100
+    statistic: str  # nll, typicality or conditional
+    p_value: float
+    is_anomaly: bool
+    threshold: float | None
+    calibration_n: int  # calibration scores the p-value compares with
+    attribution: list[dict] | None = None  # nats of the statistic that disappear when a part is made typical, largest first
+    absent: list[str] | None = None  # record features the request did not send
+    imputed: list[str] | None = None  # of those, the ones filled with calibration medians (missing="median")
+
+    @property
+    def p_value_resolution(self) -> float:
+        """The smallest possible p-value, ``1/(calibration_n + 1)``."""
+        return 1.0 / (self.calibration_n + 1)
+
+
 class AnomalyScorer:
     """Turns NLL scores into percentiles, conformal p-values and decisions.
 
@@ -206,17 +234,16 @@ class AnomalyScorer:
         return (1 + len(ref) - np.searchsorted(ref, self.statistic(nll, statistic, x), side="left")) / (len(ref) + 1)
 
     def assess(self, nll: np.ndarray, dims: int, target_fpr: float = 0.01, statistic: str | None = None,
-               x: np.ndarray | None = None) -> list[dict]:
-        """Per record: ``nll`` (nats), ``nll_per_dim``, ``percentile`` (of the NLL), ``p_value``, ``is_anomaly``, ``threshold``."""
+               x: np.ndarray | None = None) -> list[Assessment]:
+        """One :class:`Assessment` per record of ``nll (N,)`` (nats) over ``dims`` scored dimensions."""
         statistic = self.resolve(statistic)
         nll = np.asarray(nll, dtype=np.float64)
         below = np.searchsorted(self.scores, nll, side="right")  # #{c ≤ s}
         p = self.p_values(nll, statistic, x)
         thr = self.threshold(target_fpr, statistic)
-        return [
-            {"nll": float(s), "nll_per_dim": float(s / dims), "percentile": float(100 * b / self.n), "statistic": statistic,
-             "p_value": float(pv), "is_anomaly": bool(pv <= target_fpr), "threshold": thr if math.isfinite(thr) else None}
-            for s, b, pv in zip(nll, below, p)
-        ]
+        return [Assessment(nll=float(s), nll_per_dim=float(s / dims), percentile=float(100 * b / self.n), statistic=statistic,
+                           p_value=float(pv), is_anomaly=bool(pv <= target_fpr), threshold=thr if math.isfinite(thr) else None,
+                           calibration_n=self.n)
+                for s, b, pv in zip(nll, below, p)]
 
 

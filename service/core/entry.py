@@ -84,9 +84,13 @@ class ModelEntry:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def batcher(self, task: str) -> Submitter:
+    def check_ready(self) -> None:
+        """503 unless the version is ready (checked once per request, where the request first meets the entry)."""
         if not self.ready:
             raise Unavailable(f"model {self.name!r} is not ready ({self.state}: {self.reason or 'loading'})", "not_ready", 5)
+
+    def batcher(self, task: str) -> Submitter:
+        """The ``task`` batcher of a ready entry (:meth:`check_ready`)."""
         return self.batchers[task]
 
     def describe(self) -> dict:

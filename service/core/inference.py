@@ -29,7 +29,7 @@ from models import sampling
 from models.anomaly import attribution as attr
 from models.anomaly.marginal import Pattern, pattern_of
 from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
-from models.anomaly.scoring import AnomalyScorer, scoring_noise
+from models.anomaly.scoring import AnomalyScorer, Assessment, scoring_noise
 from models.logspace import log_mean_exp
 from models.spec import DataSpec
 from service.core import tasks
@@ -68,12 +68,48 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class CalibrationUsed:
+    """The calibration an anomaly request's p-values compare with."""
+
+    method: str  # "conformal"
+    n: int  # calibration records of complete records
+    missing: Missing | None = None  # how absent features were handled (record models)
+    samples: int | None = None  # importance samples per record of a marginal likelihood (missing="marginal")
+
+    @property
+    def p_value_resolution(self) -> float:
+        """The smallest p-value of a complete record, ``1/(n + 1)``."""
+        return 1.0 / (self.n + 1)
+
+
+@dataclass(frozen=True)
 class AnomalyReport:
     entry: ModelEntry
     statistic: str
-    results: list[dict]
-    missing: Missing | None = None  # how absent features were handled (record models)
+    results: list[Assessment]  # one per record, in request order
+    calibration: CalibrationUsed
     drift: dict | None = None  # the stream's drift reading after these records (service.core.drift.reading_dict)
+
+
+def impute(spec: DataSpec, fill: list[float] | None, x: np.ndarray, observed: np.ndarray, field: str) -> np.ndarray:
+    """Records ``x (N, D)`` with their absent features (``observed (N, D)`` False) set to ``fill`` (the calibration
+    medians, per feature; rounded to a level for integer-valued features). A record needs at least one observed
+    feature, and absent features need a ``fill`` (``None``: the model's calibration did not store one)."""
+    observed = np.asarray(observed, dtype=bool)
+    if observed.all():
+        return x
+    names = spec.feature_names or []
+    empty = np.flatnonzero(~observed.any(1))
+    if len(empty):
+        raise BadRequest(f"{field}[{int(empty[0])}]: no features (all absent or null); send at least one of {names}")
+    if fill is None:
+        i = int(np.flatnonzero(~observed.all(1))[0])
+        raise BadRequest(f"{field}[{i}]: missing feature(s) {[n for n, seen in zip(names, observed[i]) if not seen]}; "
+                         "this model's calibration has no fill values for absent features: send complete records")
+    fill = np.asarray(fill, dtype=np.float64)
+    if spec.discrete_features:
+        fill[spec.discrete_features] = np.rint(fill[spec.discrete_features])
+    return np.where(observed, x, fill[None, :]).astype(x.dtype)
 
 
 def _out_of_range(spec: DataSpec, row: np.ndarray) -> list[str]:
@@ -123,21 +159,21 @@ class InferenceCore:
     def ready_entry(self, name: str, version: str | None = None) -> ModelEntry:
         """As :meth:`entry`, and 503 unless the model is ready."""
         entry = self.entry(name, version)
-        entry.batcher("score")
+        entry.check_ready()
         return entry
 
     def _check_rows(self, n: int, field: str) -> None:
         if n > self.settings.max_rows:
             raise BadRequest(f"{field}: {n} rows exceed the limit of {self.settings.max_rows}")
 
-    async def score(self, name: str, x: np.ndarray, seed: int = 0, iw_samples: int = 1, version: str | None = None,
-                    field: str = "instances", gone: Gone | None = None) -> Scores:
+    async def score(self, entry: ModelEntry, x: np.ndarray, seed: int = 0, iw_samples: int = 1, field: str = "instances",
+                    gone: Gone | None = None) -> Scores:
         """``log p(x)`` of validated rows ``x (N, *shape)`` through the model's batcher.
 
         Discrete data: the variational bound with noise from ``seed``, or with ``iw_samples`` S > 1
         the importance-weighted bound ``log (1/S) Σ_s p(x + u_s)/q(u_s|x)`` (float64 log-sum-exp).
+        ``entry`` is the :meth:`ready_entry` the codec decoded ``x`` for.
         """
-        entry = self.ready_entry(name, version)
         spec = entry.manifest.data_spec
         self._check_rows(len(x), field)
         rows = x
@@ -159,9 +195,8 @@ class InferenceCore:
         bound: Bound = ("iw" if iw_samples > 1 else "variational") if spec.dequantized else "exact"
         return Scores(entry, np.asarray(lp, dtype=np.float64), bound, iw_samples)
 
-    async def sample(self, name: str, n: int, temperature: float, seed: int, gone: Gone | None = None) -> tuple[ModelEntry, np.ndarray]:
-        """``n`` samples ``(n, *shape)`` in data space at ``temperature``, latents drawn from ``seed``."""
-        entry = self.ready_entry(name)
+    async def sample(self, entry: ModelEntry, n: int, temperature: float, seed: int, gone: Gone | None = None) -> np.ndarray:
+        """``n`` samples ``(n, *shape)`` in data space at ``temperature``, latents drawn from ``seed``, from a :meth:`ready_entry`."""
         if n > self.settings.max_samples:
             raise BadRequest(f"n: {n} samples exceed the limit of {self.settings.max_samples}")
         batcher = entry.batcher("sample")
@@ -173,7 +208,7 @@ class InferenceCore:
                 while True:
                     z = gen.send(await batcher.submit({"z": z}, self.settings.request_timeout_s, gone))
             except StopIteration as done:
-                return entry, done.value
+                return done.value
             except sampling.SamplingError as e:
                 raise BadRequest(f"temperature: {e}") from None
         z = tasks.latent(entry.manifest, n, temperature, seed)
@@ -181,7 +216,13 @@ class InferenceCore:
         if not np.isfinite(x).all():
             raise BadRequest(f"temperature: {temperature:g} takes this model's inverse outside what float32 represents; "
                              "use a lower temperature")
-        return entry, x
+        return x
+
+    def anomaly_entry(self, name: str) -> ModelEntry:
+        """The ready entry of a model with an anomaly calibration (400 for one without: checked before its input is read)."""
+        entry = self.ready_entry(name)
+        self.anomaly_scorer(entry)
+        return entry
 
     def anomaly_scorer(self, entry: ModelEntry) -> AnomalyScorer:
         """The entry's calibrated scorer (400 for models without an anomaly calibration)."""
@@ -257,7 +298,7 @@ class InferenceCore:
             self.metrics.pattern_builds.labels(entry.name).inc()
         return scorer
 
-    async def anomaly(self, name: str, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
+    async def anomaly(self, entry: ModelEntry, x: np.ndarray, target_fpr: float = 0.01, statistic: str | None = None,
                       explain: Explain = "anomalies", segments: int = 16, top: int = 5, field: str = "records",
                       gone: Gone | None = None, observed: np.ndarray | None = None, missing: Missing = "marginal",
                       stream: str | None = None) -> AnomalyReport:
@@ -269,8 +310,8 @@ class InferenceCore:
         ``top`` features, feature groups or time segments: nats of the statistic that disappear
         when that part is made typical) for the rows ``explain`` picks.
 
-        Records: ``observed (N, D)`` marks the features the client sent (absent ones hold the
-        calibration medians). ``missing="marginal"`` scores them by the marginal likelihood of the
+        Records: ``observed (N, D)`` marks the features the client sent; absent ones (any value, NaN
+        included) are filled here with the calibration medians. ``missing="marginal"`` scores them by the marginal likelihood of the
         observed features against calibration records masked to the same pattern
         (:mod:`models.anomaly.missing`); ``"median"`` scores the median-filled record against the complete
         records' calibration. Only observed features are attributed. All rows of a request, of
@@ -279,14 +320,15 @@ class InferenceCore:
         Drift (``FLOWSERVE_DRIFT``): the rows' p-values, in request order, then feed the detector of
         ``stream`` (``"default"`` when none is named) and the report carries its reading (:meth:`drift`).
         """
-        entry = self.ready_entry(name)
-        manifest, spec = entry.manifest, entry.manifest.data_spec
+        name, manifest, spec = entry.name, entry.manifest, entry.manifest.data_spec
         scorer = self.anomaly_scorer(entry)
         try:
             statistic = scorer.resolve(statistic)
         except ValueError as e:
             raise BadRequest(f"statistic: {e}") from None
         self._check_rows(len(x), field)
+        if spec.kind == "record" and observed is not None:
+            x = impute(spec, manifest.calibration.get("fill"), x, observed, field)
         pcal = self.pattern_calibrations(entry) if spec.kind == "record" else None
         groups: dict[Pattern, np.ndarray] = {tuple(range(spec.dims)) if spec.kind == "record" else (): np.arange(len(x))}
         if spec.kind == "record" and observed is not None:  # records grouped by their pattern of observed features
@@ -313,7 +355,7 @@ class InferenceCore:
             return rows, noise, lambda lp: -np.asarray(lp, dtype=np.float64)
 
         nll_by = await self._nll_many(entry, [plan(p, x[idx]) for p, idx in groups.items()], gone)
-        results: list[dict] = [{}] * len(x)
+        results: list[Assessment] = [None] * len(x)  # type: ignore[list-item]
         cal_n = np.zeros((2, len(x)), dtype=np.int64)  # calibration scores behind each row's p-value, and their units
         explained: list[tuple[Pattern, AnomalyScorer, np.ndarray, np.ndarray]] = []  # pattern, scorer, request rows, base NLL
         for (pattern, idx), nll in zip(groups.items(), nll_by):
@@ -323,18 +365,22 @@ class InferenceCore:
             part = sc.assess(nll, len(pattern) if marginal(pattern) else spec.dims, target_fpr, statistic, x[idx])
             for i, r in zip(idx, part):
                 if spec.kind == "record":
-                    r.update(calibration_n=sc.n, p_value_resolution=1.0 / (sc.n + 1))
+                    r.absent = [] if observed is None else [n for n, seen in zip(spec.feature_names or [], observed[i]) if not seen]
+                    r.imputed = r.absent if missing == "median" else None
                 results[i] = r
-            pick = [k for k, r in enumerate(part) if explain == "all" or (explain == "anomalies" and r["is_anomaly"])]
+            pick = [k for k, r in enumerate(part) if explain == "all" or (explain == "anomalies" and r.is_anomaly)]
             if pick:
                 explained.append((pattern, sc, idx[pick], nll[pick]))
         if explained and (spec.kind == "waveform" or "reference" in manifest.calibration):
             await self._explain(entry, explained, x, statistic, segments, top, plan, gone, results)
         drift = None
         if self.settings.drift:
-            p = np.array([r["p_value"] for r in results], dtype=np.float64)
+            p = np.array([r.p_value for r in results], dtype=np.float64)
             drift = (await self.drift(entry, "update", stream or DEFAULT_STREAM, p, *cal_n))[0]
-        return AnomalyReport(entry, statistic, results, missing if spec.kind == "record" else None, drift)
+        n = int(manifest.calibration["n"])
+        used = CalibrationUsed(method=manifest.calibration["method"], n=n, missing=missing if spec.kind == "record" else None,
+                               samples=pcal.samples if pcal is not None and spec.kind == "record" and missing == "marginal" else None)
+        return AnomalyReport(entry, statistic, results, used, drift)
 
     # --- drift ---------------------------------------------------------------------------------
 
@@ -342,9 +388,7 @@ class InferenceCore:
         """The ready entry of a model with an anomaly calibration, for the drift routes (404 when drift tracking is off)."""
         if not self.settings.drift:
             raise NotFound("drift tracking is off on this server (FLOWSERVE_DRIFT=false)")
-        entry = self.ready_entry(name)
-        self.anomaly_scorer(entry)
-        return entry
+        return self.anomaly_entry(name)
 
     async def drift(self, entry: ModelEntry, action: DriftAction, stream: str | None = None, p: np.ndarray | None = None,
                     n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:
@@ -391,7 +435,7 @@ class InferenceCore:
         return [p[2](v) for p, v in zip(plans, lp)]
 
     async def _explain(self, entry: ModelEntry, explained: list, x: np.ndarray, statistic: str, segments: int, top: int,
-                       plan: Callable, gone: Gone | None, results: list[dict]) -> None:
+                       plan: Callable, gone: Gone | None, results: list[Assessment]) -> None:
         """Attributions for the chosen rows of each pattern, all variants scored as one stream."""
         manifest, spec = entry.manifest, entry.manifest.data_spec
         jobs, plans, extra = [], [], 0
@@ -412,7 +456,7 @@ class InferenceCore:
             base = sc.statistic(nll, statistic, x[idx])
             v_stat = np.where(np.isfinite(v_nll), sc.statistic(np.nan_to_num(v_nll, posinf=0.0), statistic, variants), np.inf)
             for i, a in zip(idx, describe(base, v_stat)):
-                results[i]["attribution"] = a
+                results[i].attribution = a
 
 
 def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int,

@@ -173,6 +173,7 @@ class Executor:
         arena = self._arena(h.shm, peer)
         payload = {k: arena.view(ref, h.at).copy() for k, ref in h.inputs.items()}  # the region may be reused once we answer
         entry = self.repository.get_version(h.model, h.version)
+        entry.check_ready()
         arena.view(h.output, h.at)[...] = await entry.batcher(h.task).submit(payload, h.timeout_s)
         return Done(id=h.id)
 

@@ -106,47 +106,33 @@ def _refuse(x: np.ndarray, spec: DataSpec, field: str) -> None:
     raise BadRequest(f"{field}[{idx[0]}]: value {x[idx]:g} at {list(idx[1:])} is not an integer level in 0..{hi}")
 
 
-def records_to_array(records: list[Any], spec: DataSpec, field: str) -> np.ndarray:
-    """``[{feature: value}]`` → ``(N, D)`` in ``spec.feature_names`` order; unknown or missing features are errors."""
+def records_to_array(records: list[Any], spec: DataSpec, field: str, absent_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``[{feature: value}]`` → values ``(N, D)`` in ``spec.feature_names`` order and the mask ``(N, D)`` of the
+    features each record has. Unknown features are errors; so are absent (or null) ones unless ``absent_ok``,
+    when they hold 0 until the inference core fills them (:func:`service.core.inference.impute`)."""
     names = spec.feature_names or []
     index = {n: i for i, n in enumerate(names)}
-    out = np.empty((len(records), len(names)), dtype=np.float64)
+    out = np.zeros((len(records), len(names)), dtype=np.float64)
+    observed = np.ones((len(records), len(names)), dtype=bool)
     for r, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
         unknown = set(rec) - set(index)
         if unknown:
             raise BadRequest(f"{field}[{r}]: unknown feature(s) {sorted(unknown)}; expected {names}")
-        missing = [n for n in names if n not in rec or rec[n] is None]
-        if missing:
-            raise BadRequest(f"{field}[{r}]: missing feature(s) {missing}; scoring takes complete records (the anomaly "
-                             "route takes records with absent features and scores their marginal likelihood)")
+        if len(rec) < len(names) or None in rec.values():
+            missing = [n for n in names if rec.get(n) is None]
+            if not absent_ok:
+                raise BadRequest(f"{field}[{r}]: missing feature(s) {missing}; scoring takes complete records (the anomaly "
+                                 "route takes records with absent features and scores their marginal likelihood)")
+            observed[r, [index[n] for n in missing]] = False
         for n, v in rec.items():
+            if v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise BadRequest(f"{field}[{r}].{n}: expected a number, got {type(v).__name__}")
             out[r, index[n]] = v
-    return out
-
-
-def impute_records(records: list[Any], spec: DataSpec, fill: list[float], field: str) -> tuple[list[Any], list[list[str]]]:
-    """Fill absent or null features of ``{feature: value}`` records with ``fill`` (per-feature values); returns the names
-    filled per record. A record must have at least one feature: with none there is nothing to score."""
-    names = spec.feature_names or []
-    out, imputed = [], []
-    for r, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise BadRequest(f"{field}[{r}]: expected an object {{feature: value}}")
-        missing = [k for k, n in enumerate(names) if rec.get(n) is None]
-        if len(missing) == len(names) and set(rec) <= set(names):  # (unknown names are refused by name below)
-            raise BadRequest(f"{field}[{r}]: no features (all absent or null); send at least one of {names}")
-        out.append({**rec, **{names[k]: _level(fill[k], k, spec) for k in missing}})
-        imputed.append([names[k] for k in missing])
-    return out, imputed
-
-
-def _level(value: float, feature: int, spec: DataSpec) -> float:
-    """A fill value, rounded to a level for integer-valued features (a median can fall between two)."""
-    return float(np.rint(value)) if spec.discrete_features and feature in spec.discrete_features else value
+    return out, observed
 
 
 def instances_to_array(instances: Any, spec: DataSpec, field: str = "instances") -> np.ndarray:
@@ -154,13 +140,22 @@ def instances_to_array(instances: Any, spec: DataSpec, field: str = "instances")
     if not isinstance(instances, list) or not instances:
         raise BadRequest(f"{field}: expected a non-empty list")
     if spec.kind == "record" and isinstance(instances[0], dict):
-        x = records_to_array(instances, spec, field)
+        x = records_to_array(instances, spec, field)[0]
     else:
         try:
             x = np.asarray(instances, dtype=np.float64)
         except (ValueError, TypeError):
             raise BadRequest(f"{field}: expected a rectangular array of numbers with shape (N, {', '.join(map(str, spec.shape))})") from None
     return check_values(x, spec, field)
+
+
+def anomaly_records(records: Any, spec: DataSpec, field: str = "records") -> tuple[np.ndarray, np.ndarray | None]:
+    """Records or windows of the anomaly route → validated ``(N, *shape)`` float32, and for ``{feature: value}``
+    records the mask ``(N, D)`` of the features sent (absent ones may be left out or null; the core fills them)."""
+    if spec.kind != "record" or not isinstance(records, list) or not records or not isinstance(records[0], dict):
+        return instances_to_array(records, spec, field), None
+    x, observed = records_to_array(records, spec, field, absent_ok=True)
+    return check_values(x, spec, field), observed
 
 
 def decode_upload(body: bytes, content_type: str, spec: DataSpec) -> np.ndarray:

@@ -19,8 +19,8 @@ from service.core.inference import Bound
 from service.errors import BadRequest
 from service.frontend.api.deps import core, state
 from service.frontend.api.inputs import (
+    anomaly_records,
     decode_upload,
-    impute_records,
     instances_to_array,
     media_type,
     parse_json,
@@ -248,7 +248,8 @@ async def score(name: str, request: Request) -> ScoreResponse:
     """Log-likelihood per instance: JSON ``{"instances": [...]}``, or a PNG/JPEG/NPY body
     (with ``seed`` and ``iw_samples`` as query parameters)."""
     c = core(request)
-    spec = c.ready_entry(name).manifest.data_spec
+    entry = c.ready_entry(name)
+    spec = entry.manifest.data_spec
     body = await read_body(request, c.settings.max_body_bytes)
     ctype = media_type(request)
     if ctype == "application/json":
@@ -257,8 +258,8 @@ async def score(name: str, request: Request) -> ScoreResponse:
     else:
         opts = parse(UploadOptions, dict(request.query_params), "query")
         x = decode_upload(body, ctype, spec)
-    s = await c.score(name, x, opts.seed, opts.iw_samples, gone=request.is_disconnected)
-    return ScoreResponse(model=name, version=s.entry.version, bound=s.bound, iw_samples=s.iw_samples,
+    s = await c.score(entry, x, opts.seed, opts.iw_samples, gone=request.is_disconnected)
+    return ScoreResponse(model=name, version=entry.version, bound=s.bound, iw_samples=s.iw_samples,
                          results=[ScoreResult(log_prob=lp, bits_per_dim=b) for lp, b in zip(s.log_prob.tolist(), s.bits_per_dim.tolist())])
 
 
@@ -269,13 +270,14 @@ async def score(name: str, request: Request) -> ScoreResponse:
 async def sample(name: str, request: Request) -> Response | SampleResponse:
     """``n`` samples at ``temperature`` from ``seed``: JSON, or a PNG grid with ``Accept: image/png``."""
     c = core(request)
-    spec = c.ready_entry(name).manifest.data_spec
+    entry = c.ready_entry(name)
+    spec = entry.manifest.data_spec
     body = await read_body(request, c.settings.max_body_bytes)
     opts = parse(SampleRequest, parse_json(body) if body.strip() else {})
     wants_png = _wants_png(request, spec, name)
     if wants_png and spec.kind == "waveform" and opts.n > MAX_PANELS:
         raise BadRequest(f"n: a plot shows at most {MAX_PANELS} windows; ask for fewer or for JSON")
-    entry, x = await c.sample(name, opts.n, opts.temperature, opts.seed, request.is_disconnected)
+    x = await c.sample(entry, opts.n, opts.temperature, opts.seed, request.is_disconnected)
     if wants_png and spec.kind == "waveform":
         titles = [f"sample {i} (seed {opts.seed}, T = {opts.temperature:g})" for i in range(len(x))]
         return Response(waveform_png(x, spec.feature_names or [], spec.units, titles), media_type="image/png")
@@ -304,39 +306,31 @@ async def anomaly(name: str, request: Request) -> Response | AnomalyResponse:
     conformal p-value, decision at the target false-positive rate, attribution, the absent
     features and the calibration the p-value used; for waveform models a PNG plot with ``Accept: image/png``."""
     c = core(request)
-    entry = c.ready_entry(name)
-    manifest, spec = entry.manifest, entry.manifest.data_spec
-    c.anomaly_scorer(entry)
+    entry = c.anomaly_entry(name)
+    spec = entry.manifest.data_spec
     wants_png = _wants_png(request, spec, name)
     body = await read_body(request, c.settings.max_body_bytes)
     opts = parse(AnomalyRequest, parse_json(body))
     if wants_png and len(opts.records) > MAX_PANELS:
         raise BadRequest(f"records: a plot shows at most {MAX_PANELS} windows; send fewer or ask for JSON")
-    records, absent, observed = opts.records, None, None
-    if spec.kind == "record" and isinstance(records[0], dict) and "fill" in manifest.calibration:
-        records, absent = impute_records(records, spec, manifest.calibration["fill"], "records")
-        names = spec.feature_names or []
-        observed = np.array([[n not in set(a) for n in names] for a in absent], dtype=bool)
-    x = instances_to_array(records, spec, "records")
-    report = await c.anomaly(name, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
+    x, observed = anomaly_records(opts.records, spec)
+    report = await c.anomaly(entry, x, opts.target_fpr, opts.statistic, opts.explain, opts.segments, opts.top,
                              gone=request.is_disconnected, observed=observed, missing=opts.missing, stream=opts.stream)
     if wants_png:
-        titles = [f"window {i}: p = {r['p_value']:.3g}, {report.statistic} {'ANOMALY' if r['is_anomaly'] else 'normal'} "
+        titles = [f"window {i}: p = {r.p_value:.3g}, {report.statistic} {'ANOMALY' if r.is_anomaly else 'normal'} "
                   f"at {opts.target_fpr:g}" for i, r in enumerate(report.results)]
-        shaded = [r.get("attribution") or [] for r in report.results]
+        shaded = [r.attribution or [] for r in report.results]
         return Response(waveform_png(x, spec.feature_names or [], spec.units, titles, shaded), media_type="image/png")
-    results = []
-    for i, r in enumerate(report.results):
-        if spec.kind == "record":
-            r = {**r, "absent": absent[i] if absent else [], "imputed": (absent[i] if absent else []) if opts.missing == "median" else None}
-        results.append(AnomalyResult(**r))
-    n = int(manifest.calibration["n"])
-    marginal = spec.kind == "record" and opts.missing == "marginal"
-    pcal = c.pattern_calibrations(entry) if marginal else None
-    return AnomalyResponse(model=name, version=report.entry.version, target_fpr=opts.target_fpr, statistic=report.statistic,
-                           calibration=CalibrationUsed(method=manifest.calibration["method"], n=n, p_value_resolution=1 / (n + 1),
-                                                       missing=opts.missing if spec.kind == "record" else None,
-                                                       samples=pcal.samples if pcal else None),
+    record = spec.kind == "record"
+    results = [AnomalyResult(nll=r.nll, nll_per_dim=r.nll_per_dim, percentile=r.percentile, statistic=r.statistic,
+                             p_value=r.p_value, is_anomaly=r.is_anomaly, threshold=r.threshold, attribution=r.attribution,
+                             absent=r.absent, imputed=r.imputed, calibration_n=r.calibration_n if record else None,
+                             p_value_resolution=r.p_value_resolution if record else None)
+               for r in report.results]
+    cal = report.calibration
+    return AnomalyResponse(model=name, version=entry.version, target_fpr=opts.target_fpr, statistic=report.statistic,
+                           calibration=CalibrationUsed(method=cal.method, n=cal.n, p_value_resolution=cal.p_value_resolution,
+                                                       missing=cal.missing, samples=cal.samples),
                            results=results, drift=None if report.drift is None else DriftReading(**report.drift))
 
 

@@ -253,7 +253,8 @@ def encode_outputs(req: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[l
              openapi_extra=json_body(InferRequest))
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     c = core(request)
-    spec = c.ready_entry(name, version).manifest.data_spec
+    entry = c.ready_entry(name, version)
+    spec = entry.manifest.data_spec
     body = await read_body(request, c.settings.max_body_bytes)
     head, binary = split_body(body, request.headers.get(HEADER))
     req = parse(InferRequest, parse_json(head))
@@ -262,10 +263,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     if end != len(binary):
         raise BadRequest(f"body: {len(binary) - end} bytes after the JSON header that no input's binary_data_size accounts for")
     x = check_values(arr.astype(np.float64), spec, f"inputs.{tensor.name}")
-    s = await c.score(name, x, (req.parameters or InferParameters()).seed, 1, version, f"inputs.{tensor.name}",
-                      request.is_disconnected)
+    s = await c.score(entry, x, (req.parameters or InferParameters()).seed, 1, f"inputs.{tensor.name}", request.is_disconnected)
     tensors, blobs = encode_outputs(req, {"log_prob": s.log_prob, "bits_per_dim": s.bits_per_dim})
-    resp = InferResponse(model_name=name, model_version=s.entry.version, id=req.id, outputs=tensors)
+    resp = InferResponse(model_name=name, model_version=entry.version, id=req.id, outputs=tensors)
     head_bytes = orjson.dumps(resp.model_dump(exclude_none=True))
     if not blobs:
         return Response(head_bytes, media_type="application/json")
