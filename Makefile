@@ -35,7 +35,7 @@ serve: $(STAMP)
 	$(BIN)/flowserve serve --repository model_repository --host 127.0.0.1 --port 8000
 
 bundle: $(STAMP)
-	$(BIN)/python -m models.artifacts.bundle model_repository
+	$(BIN)/python -m models.training.bundle model_repository
 
 # alibi-detect 0.11.x (Apache-2.0), for bench/drift.py only: it pins numpy < 2, so it gets its own environment.
 alibi-env:

@@ -154,16 +154,17 @@ def vitals(art: Path, rng: np.random.Generator) -> None:
           f"{100 * np.mean([t.get('feature') == 'Heart Rate' for t, k in zip(tops, kinds) if k == 'hypotension']):.1f}%)")
 
 
-def record_calibration_of(model, scorer_cal: dict) -> dict:  # noqa: ANN001
+def record_calibration_of(model, scorer_cal):  # noqa: ANN001, ANN201 - Calibration
     """The artifact's calibration, with the absent-feature parts computed here when it predates them."""
-    if "proposal" in scorer_cal:
+    if scorer_cal.proposal is not None:
         return scorer_cal
     from models.anomaly.calibration import record_calibration
     from models.data import load_dataset
 
     data = load_dataset(model.manifest.metrics.get("data", "mimic-vitals"))
     print("(the artifact predates absent-feature calibration: proposal and calibration records computed here)")
-    return {**scorer_cal, **record_calibration(model, data.split("val"), data.split("train"), data.known["val"] if data.known else None)}
+    return scorer_cal.model_copy(update=record_calibration(model, data.split("val"), data.split("train"),
+                                                           data.known["val"] if data.known else None))
 
 
 def pattern_p_values(pcal, score, x: np.ndarray, observed: np.ndarray, stat: str | None = None):  # noqa: ANN001, ANN201
@@ -233,7 +234,7 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
     full = np.concatenate([x, anom]).astype(np.float32)
     obs = np.concatenate([measured, anom_obs])
     labels = np.array(["normal"] * len(x) + kinds)
-    fill = np.asarray(cal["fill"], dtype=np.float32)
+    fill = np.asarray(cal.fill, dtype=np.float32)
     median = np.where(obs, full, fill).astype(np.float32)
     t0 = time.monotonic()
     _, _, rank_marginal, _ = pattern_p_values(pcal, score, full, obs)

@@ -201,7 +201,7 @@ def export(
 
     _logging(False)
     graphs = export_artifact(artifact_dir, opset=opset, prefer=prefer)
-    typer.echo(f"exported score.onnx and sample.onnx to {artifact_dir} (parity vs PyTorch: {graphs['parity']})")
+    typer.echo(f"exported score.onnx and sample.onnx to {artifact_dir} (parity vs PyTorch: {graphs.parity})")
     if triton is not None:
         typer.echo(f"Triton model repository: {export_triton(artifact_dir, triton, name)}")
 

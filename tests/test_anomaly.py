@@ -10,6 +10,7 @@ import pytest
 
 from models import load
 from models.anomaly.scoring import AnomalyScorer, atom_design, find_atoms
+from models.artifacts.manifest import Calibration
 from models.training.loop import TrainConfig, train
 from tests.server import running_server
 
@@ -36,25 +37,25 @@ def record_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_conformal_p_values_and_threshold() -> None:
-    scorer = AnomalyScorer({"scores": list(range(1, 100))})  # n = 99
+    scorer = AnomalyScorer(Calibration(scores=list(range(1, 100))))  # n = 99
     res = scorer.assess(np.array([0.0, 50.0, 99.0, 1000.0]), dims=1, target_fpr=0.05)
     assert [r.p_value for r in res] == [1.0, 0.51, 0.02, 0.01]
     assert [r.is_anomaly for r in res] == [False, False, True, True]
     assert scorer.threshold(0.05) == 95.0  # k = ceil(100 · 0.95) = 95th smallest
     assert res[1].percentile == pytest.approx(100 * 50 / 99)
-    assert AnomalyScorer({"scores": [1.0, 2.0]}).threshold(0.01) == float("inf")
+    assert AnomalyScorer(Calibration(scores=[1.0, 2.0])).threshold(0.01) == float("inf")
 
 
 def test_typicality_flags_both_tails() -> None:
-    scorer = AnomalyScorer({"scores": list(range(1, 100)), "mean": 50.0})
+    scorer = AnomalyScorer(Calibration(scores=list(range(1, 100)), mean=50.0))
     p = scorer.p_values(np.array([50.0, 1.0, 99.0, -200.0, 300.0]), "typicality")
     assert p[0] == 1.0 and p[3] == p[4] == 0.01  # too likely is as suspicious as too unlikely
     assert scorer.p_values(np.array([-200.0]), "nll")[0] == 1.0  # the one-sided NLL test misses it
 
 
 def test_the_calibration_names_the_default_statistic() -> None:
-    cal = {"scores": list(range(1, 100)), "mean": 50.0}
-    scorer = AnomalyScorer({**cal, "statistic": "typicality"})
+    cal = Calibration(scores=list(range(1, 100)), mean=50.0)
+    scorer = AnomalyScorer(cal.model_copy(update={"statistic": "typicality"}))
     assert scorer.resolve(None) == "typicality" and scorer.resolve("nll") == "nll"
     assert scorer.p_values(np.array([-200.0]))[0] == 0.01 and scorer.assess(np.array([-200.0]), 1)[0].statistic == "typicality"
     assert AnomalyScorer(cal).resolve(None) == "nll"  # calibrations written before the default was stored
@@ -75,8 +76,8 @@ def test_conditional_statistic_removes_the_point_mass_effect() -> None:
     assert atoms == [(0, float(np.float32(0.21)))]
     design = atom_design(x, atoms)
     beta = np.linalg.lstsq(design, nll, rcond=None)[0]
-    cal = {"scores": sorted(nll), "mean": float(nll.mean()), "statistic": "conditional", "atoms": [list(a) for a in atoms],
-           "atom_effects": beta.tolist(), "conditional_scores": sorted(nll - design @ beta)}
+    cal = Calibration(scores=sorted(nll), mean=float(nll.mean()), statistic="conditional", atoms=atoms,
+                      atom_effects=beta.tolist(), conditional_scores=sorted(nll - design @ beta))
     scorer = AnomalyScorer(cal)
     odd = np.array([[0.45, 3.5], [0.21, 3.5]], dtype=np.float32)  # |x_1| = 3.5: anomalous whatever x_0 is
     odd_nll = np.array([1.0 + 0.5 * 3.5**2, -6.0 + 0.5 * 3.5**2])
@@ -91,8 +92,8 @@ def test_training_stores_calibration_and_fpr_holds(record_run: Path) -> None:
 
     model = load(str(record_run))
     cal = model.manifest.calibration
-    assert cal["method"] == "conformal" and cal["n"] == 150 and cal["scores"] == sorted(cal["scores"])
-    assert cal["statistic"] == "nll"
+    assert cal.method == "conformal" and cal.n == 150 and cal.scores == sorted(cal.scores)
+    assert cal.statistic == "nll"
     scorer = AnomalyScorer(cal)
     fresh = normal_records(4000, 99)
     nll = -model.log_prob(torch.from_numpy(fresh)).detach().numpy()
@@ -184,12 +185,12 @@ def test_small_csv_holds_out_a_minimum_and_calibrate_cli_recalibrates(tmp_path: 
            "train": {"steps": 30, "batch_size": 64, "eval_every": 30, "init_batch": 64}}
     m = train(TrainConfig.model_validate(cfg), tmp_path / "run", progress=False)
     assert m["calibration_records"] == 100  # csv's 5% (15) raised to min_records
-    assert load(str(tmp_path / "run" / "artifact")).manifest.calibration["n"] == 100
+    assert load(str(tmp_path / "run" / "artifact")).manifest.calibration.n == 100
     with caplog.at_level(logging.WARNING, logger="models.training.loop"):
         m = train(TrainConfig.model_validate({**cfg, "calibration": {"min_records": 40}}), tmp_path / "run40", progress=False)
     assert m["calibration_records"] == 40 and "resolution of 1/41" in caplog.text
     cal40 = load(str(tmp_path / "run40" / "artifact")).manifest.calibration
-    assert cal40["p_value_resolution"] == pytest.approx(1 / 41) and "proposal" in cal40
+    assert cal40.p_value_resolution == pytest.approx(1 / 41) and cal40.proposal is not None
     other = tmp_path / "calibration.csv"
     other.write_text(",".join(FEATURES) + "\n" + "\n".join(",".join(f"{v:.3f}" for v in r) for r in normal_records(400, 2)) + "\n")
     art = tmp_path / "run40" / "artifact"
@@ -199,7 +200,7 @@ def test_small_csv_holds_out_a_minimum_and_calibrate_cli_recalibrates(tmp_path: 
     assert "calibrated on 400 records" in r.stdout
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["calibration"]["n"] == 400 and manifest["calibration"]["split"].startswith(f"csv:{other}")
-    assert load(str(art)).manifest.calibration["n"] == 400  # the artifact still verifies and loads
+    assert load(str(art)).manifest.calibration.n == 400  # the artifact still verifies and loads
     bad = subprocess.run([sys.executable, "-m", "models.cli", "calibrate", str(art), "--data", "mimic-vitals"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "the model expects" in bad.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from models import load
 from models.anomaly.scoring import AnomalyScorer
-from models.artifacts.bundle import BUNDLE
+from models.training.bundle import BUNDLE
 from models.data import load_dataset
 from models.data.cohort import generate_vitals, generate_waveforms
 from models.training.evaluate import evaluate
@@ -116,9 +116,10 @@ def test_manifest_is_written_compactly_and_reads_back_unchanged(tmp_path: Path) 
 
     shutil.copy(ROOT / "mimic-vitals" / "1" / "manifest.json", tmp_path / "manifest.json")
     manifest = read_manifest(tmp_path)
-    cal = {**manifest.calibration, "scores": [-1.5, 2e-07, 3, 1.25e+30], "nested": [[1, 2], [3.5, -4]]}
+    cal = manifest.calibration.model_copy(update={"scores": [-1.5, 2e-07, 3, 1.25e+30]})
     manifest = manifest.model_copy(update={"calibration": cal})
     write_manifest(tmp_path, manifest)
     text = (tmp_path / "manifest.json").read_text()
-    assert '"scores": [-1.5, 2e-07, 3, 1.25e+30]' in text and '"shape": [17]' in text
-    assert json.loads(text) == manifest.model_dump(mode="json") and read_manifest(tmp_path) == manifest
+    assert '"scores": [-1.5, 2e-07, 3.0, 1.25e+30]' in text and '"shape": [17]' in text
+    assert '"reference": [\n' in text  # a nested list keeps its layout
+    assert json.loads(text)["calibration"] == cal.model_dump(mode="json", exclude_none=True) and read_manifest(tmp_path) == manifest

@@ -261,7 +261,7 @@ def test_service_scores_and_samples_flowpp_on_both_backends(tmp_path: Path) -> N
     version.parent.mkdir(parents=True)
     (tmp_path / "run" / "artifact").rename(version)
     graphs = export_artifact(version)
-    assert graphs["score"]["inputs"][1]["distribution"] == "normal(0,1)"
+    assert graphs.score.inputs[1].distribution == "normal(0,1)"
     rows = load_dataset("digits").split("test")[:5]
     body = {"instances": rows.tolist(), "seed": 7}
     results = {}

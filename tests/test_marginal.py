@@ -29,6 +29,7 @@ from models.anomaly.missing import (
     frequent_patterns,
 )
 from models.anomaly.scoring import AnomalyScorer, pattern_calibration
+from models.artifacts.manifest import Calibration
 from models.flows import data_init
 
 
@@ -190,8 +191,8 @@ def test_pattern_calibration_holds_the_false_positive_rate_per_pattern(cold_reco
     on first use (200), the realised rate holds per pattern."""
     score, draw = gaussian_world()
     train, normal = draw(4000, 1), draw(1000, 2)
-    cal = {"statistic": "nll", "proposal": Proposal(GaussianFit.fit(train)).to_dict(), "records": normal.tolist(),
-           "known": np.ones(normal.shape, dtype=int).tolist()}
+    cal = Calibration(scores=[0.0], proposal=Proposal(GaussianFit.fit(train)).to_dict(), records=normal.tolist(),
+                      known=np.ones(normal.shape, dtype=int).tolist())
     pcal = PatternCalibrations(cal, None, samples=32, cold_records=cold_records)
     fresh = draw(4000, 3)
     for pattern in [(0,), (1, 3), (0, 1, 2)]:
@@ -211,8 +212,8 @@ def test_pattern_calibration_uses_only_records_that_measured_the_pattern() -> No
     normal = draw(100, 2)
     known = np.ones(normal.shape, dtype=bool)
     known[:90, 3] = False  # feature 3 never measured in 90 of the calibration records
-    cal = {"statistic": "nll", "proposal": Proposal(GaussianFit.fit(draw(1000, 1))).to_dict(), "records": normal.tolist(),
-           "known": known.astype(int).tolist()}
+    cal = Calibration(scores=[0.0], proposal=Proposal(GaussianFit.fit(draw(1000, 1))).to_dict(), records=normal.tolist(),
+                      known=known.astype(int).tolist())
     pcal = PatternCalibrations(cal, None, samples=8, min_records=5)
     assert pcal.scorer((0, 1), score).n == 100 and pcal.scorer((0, 3), score).n == 10
     with pytest.raises(NoPatternCalibration, match="only 10 calibration records"):
@@ -222,18 +223,18 @@ def test_pattern_calibration_uses_only_records_that_measured_the_pattern() -> No
 def test_pattern_calibration_refits_the_atoms_of_observed_features() -> None:
     records = np.c_[np.where(np.arange(200) % 2, 0.21, 0.5), np.arange(200.0)].astype(np.float32)
     nll = np.where(records[:, 0] == np.float32(0.21), -5.0, 2.0) + 0.01 * records[:, 1]
-    base = {"statistic": "conditional", "atoms": [[0, float(np.float32(0.21))]], "split": "val"}
+    base = Calibration(scores=[0.0], statistic="conditional", atoms=[(0, float(np.float32(0.21)))])
     with_atom = pattern_calibration(base, (0, 1), nll, records)
-    assert with_atom["atoms"] == [[0, float(np.float32(0.21))]] and with_atom["atom_effects"][1] == pytest.approx(-7.0, abs=0.02)
+    assert with_atom.atoms == [(0, float(np.float32(0.21)))] and with_atom.atom_effects[1] == pytest.approx(-7.0, abs=0.02)
     without = pattern_calibration(base, (1,), nll, records)
-    assert without["atoms"] == [] and len(without["atom_effects"]) == 1
-    assert AnomalyScorer(with_atom).resolve(None) == "conditional" and with_atom["n"] == 200
+    assert without.atoms == [] and len(without.atom_effects) == 1
+    assert AnomalyScorer(with_atom).resolve(None) == "conditional" and with_atom.n == 200
 
 
 def test_patterns_of_masks() -> None:
     assert pattern_of(np.array([True, False, True])) == (0, 2)
     with pytest.raises(ValueError, match="recalibrate"):
-        PatternCalibrations({"scores": [1.0]}, None)
+        PatternCalibrations(Calibration(scores=[1.0]), None)
 
 
 def test_frequent_patterns_leave_out_complete_and_empty_records() -> None:
@@ -247,10 +248,10 @@ def test_stored_patterns_are_used_without_scoring_and_only_at_their_k() -> None:
     record; stored with another K it is ignored (its scores would compare a different estimator)."""
     score, draw = gaussian_world()
     normal = draw(300, 2)
-    cal = {"statistic": "nll", "proposal": Proposal(GaussianFit.fit(draw(2000, 1))).to_dict(), "records": normal.tolist(),
-           "known": np.ones(normal.shape, dtype=int).tolist()}
-    cal["patterns"] = calibrate_patterns(cal, None, [(0, 2), (1,)], score, samples=16)
-    assert [p["pattern"] for p in cal["patterns"]] == [[0, 2], [1]] and all(p["n"] == 300 and p["samples"] == 16 for p in cal["patterns"])
+    cal = Calibration(scores=[0.0], proposal=Proposal(GaussianFit.fit(draw(2000, 1))).to_dict(), records=normal.tolist(),
+                      known=np.ones(normal.shape, dtype=int).tolist())
+    cal.patterns = calibrate_patterns(cal, None, [(0, 2), (1,)], score, samples=16)
+    assert [p.pattern for p in cal.patterns] == [[0, 2], [1]] and all(p.n == 300 and p.samples == 16 for p in cal.patterns)
 
     def no_flow(rows: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         raise AssertionError("a stored pattern must not be built again")
@@ -273,5 +274,5 @@ def test_the_bundled_vitals_model_starts_warm_at_the_services_k() -> None:
 
     cal = artifact.read_manifest(Path(__file__).resolve().parent.parent / "model_repository" / "mimic-vitals" / "1").calibration
     k = Settings().anomaly_samples
-    assert len(cal["patterns"]) == STORED_PATTERNS and all(p["samples"] == k for p in cal["patterns"])
+    assert len(cal.patterns) == STORED_PATTERNS and all(p.samples == k for p in cal.patterns)
     assert len(PatternCalibrations(cal, [], samples=k).stored) == STORED_PATTERNS

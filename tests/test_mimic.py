@@ -257,7 +257,7 @@ def test_vitals_model_dequantizes_gcs_and_samples_integers(mimic_repository: Pat
     k = [INDEX[n] for n in VITAL_NAMES if n.startswith("Glascow")] + [INDEX["Capillary refill rate"]]
     assert sorted(model.spec.discrete_features) == sorted(k)
     cal = model.manifest.calibration
-    assert len(cal["fill"]) == 17 and np.array(cal["reference"]).shape == (17, 9)
+    assert len(cal.fill) == 17 and np.array(cal.reference).shape == (17, 9)
     x = model.sample(32, 0.8, torch.Generator().manual_seed(0)).numpy()
     np.testing.assert_array_equal(x[:, k], np.round(x[:, k]))
 

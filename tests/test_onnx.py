@@ -65,7 +65,7 @@ def test_onnx_parity(arch: str, tmp_path: Path) -> None:
         assert fresh["sample_err"] <= 0.01, fresh  # fraction of values on the other side of a level boundary
     else:
         assert fresh["sample_err"] <= 1e-4, fresh
-    assert graphs["score"]["inputs"][0]["shape"][0] == -1
+    assert graphs.score.inputs[0].shape[0] == -1
 
 
 def test_triton_repository_config_parses(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_optimised_graphs_are_cached_and_give_the_same_results(tmp_path: Path, c
 
     version = Path(__file__).resolve().parent.parent / "model_repository" / "digits" / "1"
     manifest = artifact.read_manifest(version)
-    entries = [cache_entry(tmp_path / "cache", manifest.files[manifest.graphs[t]["file"]]) for t in ("score", "sample")]
+    entries = [cache_entry(tmp_path / "cache", manifest.files[manifest.graphs.of(t).file]) for t in ("score", "sample")]
     x = manifest.data_spec.random_examples(7, seed=2).astype(np.float32)
     noise = np.random.default_rng(0).random(x.shape, dtype=np.float32)
     z = np.random.default_rng(1).standard_normal((3, manifest.data_spec.dims)).astype(np.float32)

@@ -268,11 +268,11 @@ def test_a_new_missingness_pattern_is_built_once_for_every_frontend(two_frontend
 
     s, repo = two_frontends
     cal = read_manifest(repo / "mimic-vitals" / "1").calibration
-    stored = {tuple(p["pattern"]) for p in cal["patterns"]}
+    stored = {tuple(p.pattern) for p in cal.patterns}
     new = next(p for p in (tuple(j for j in range(17) if j != k) for k in range(17)) if p not in stored)
 
     def body(pattern: tuple[int, ...]) -> bytes:
-        return json.dumps({"records": [{VITAL_NAMES[j]: cal["fill"][j] for j in pattern}], "explain": "none"}).encode()
+        return json.dumps({"records": [{VITAL_NAMES[j]: cal.fill[j] for j in pattern}], "explain": "none"}).encode()
 
     async def burst(content: bytes, n: int) -> list[httpx.Response]:
         async def one() -> httpx.Response:

@@ -151,11 +151,11 @@ def test_preset_from_the_command_line(tmp_path: Path) -> None:
     metrics = json.loads(run.stdout[: run.stdout.rindex("}") + 1])
     assert metrics["selected"] in ("gaussian", "flow") and metrics["data"] == data
     trained = artifact.read_manifest(tmp_path / "run" / "artifact").calibration
-    assert trained["n"] == metrics["calibration_records"] == 50  # a quarter of the records, at least 50
+    assert trained.n == metrics["calibration_records"] == 50  # a quarter of the records, at least 50
     calibrate = [sys.executable, "-m", "models.cli", "calibrate", str(tmp_path / "run" / "artifact")]
     again = subprocess.run([*calibrate, "--data", data], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert again.returncode == 0 and "calibrated on 50 records" in again.stdout, again.stderr
-    assert artifact.read_manifest(tmp_path / "run" / "artifact").calibration["scores"] == trained["scores"]  # the same records
+    assert artifact.read_manifest(tmp_path / "run" / "artifact").calibration.scores == trained.scores  # the same records
     other = write_csv(tmp_path / "normal.csv", ["a", "b", "c", "d"], np.random.default_rng(6).standard_normal((120, 4)) * [1, 10, 100, 1000])
     cal = subprocess.run([*calibrate, "--data", other], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert cal.returncode == 0 and "calibrated on 120 records" in cal.stdout, cal.stderr

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..artifacts.manifest import Calibration
 from ..data.mimic_schema import SAMPLE_RATE_HZ
 
 ReferenceValues = np.ndarray  # (D, M)
@@ -184,7 +185,7 @@ def attribute(score: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarr
     return feature_attribution(nll, v, d, m) if x.ndim == 2 else segment_attribution(nll, v, segments)
 
 
-def record_parts(spec, calibration: dict, observed: np.ndarray | None = None,  # noqa: ANN001 - DataSpec
+def record_parts(spec, calibration: Calibration, observed: np.ndarray | None = None,  # noqa: ANN001 - DataSpec
                  x: np.ndarray | None = None) -> tuple[list[tuple[list[int], np.ndarray]], list[dict], list[list[int] | None]]:
     """The parts attributed for records ``x (B, D)`` of one pattern (``observed`` feature indices; all when ``None``).
 
@@ -199,11 +200,11 @@ def record_parts(spec, calibration: dict, observed: np.ndarray | None = None,  #
     """
     names = spec.feature_names or [str(k) for k in range(spec.dims)]
     seen = list(range(spec.dims)) if observed is None else [int(j) for j in observed]
-    ref = np.asarray(calibration["reference"], dtype=np.float64)  # (D, M)
+    ref = np.asarray(calibration.reference, dtype=np.float64)  # (D, M)
     specs: list[tuple[list[int], np.ndarray]] = [([j], ref[j][:, None]) for j in seen]
     labels: list[dict] = [{"feature": names[j]} for j in seen]
     members: list[list[int] | None] = [None] * len(seen)
-    for group, tuples in (calibration.get("group_reference") or {}).items():
+    for group, tuples in (calibration.group_reference or {}).items():
         feats = [names.index(f) for f in (spec.feature_groups or {}).get(group, [])]
         keep = [i for i, j in enumerate(feats) if j in seen]
         if len(keep) < 2 or len(feats) != np.asarray(tuples).shape[1]:
@@ -211,7 +212,7 @@ def record_parts(spec, calibration: dict, observed: np.ndarray | None = None,  #
         specs.append(([feats[i] for i in keep], np.asarray(tuples, dtype=np.float64)[:, keep]))
         labels.append({"group": group, "features": [names[feats[i]] for i in keep]})
         members.append([seen.index(feats[i]) for i in keep])
-    fit = calibration.get("proposal")
+    fit = calibration.proposal
     if x is None or fit is None:
         return specs, labels, members
     mean, cov = np.asarray(fit["mean"], dtype=np.float64), np.asarray(fit["cov"], dtype=np.float64)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..artifacts import store as artifact
+from ..artifacts.manifest import Calibration
 from ..data import load_dataset
 from ..errors import DataError
 from .attribution import group_reference, reference_values
@@ -62,7 +63,7 @@ def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarra
 
 def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
               train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None,
-              units: int | None = None) -> dict:
+              units: int | None = None) -> Calibration:
     """Score held-out normal records (or windows); returns the calibration stored in the manifest.
 
     ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
@@ -98,11 +99,12 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
         cal["conditional_scores"] = sorted_sample(nll - design @ beta).tolist()
         if train is not None:
             cal.update(record_calibration(model, normal, train, known))
-            if measured is not None:
-                cal["patterns"] = calibrate_patterns(cal, model.spec.discrete_features, frequent_patterns(measured),
-                                                     model_scorer(model, batch_size=8192))
     cal["p_value_resolution"] = 1.0 / (len(s) + 1)
-    return cal
+    out = Calibration.model_validate(cal)
+    if model.spec.kind == "record" and train is not None and measured is not None:
+        out.patterns = calibrate_patterns(out, model.spec.discrete_features, frequent_patterns(measured),
+                                          model_scorer(model, batch_size=8192))
+    return out
 
 
 def recalibrate(directory, data: str | None = None, statistic: str | None = None, split: str | None = None) -> dict:  # noqa: ANN001
@@ -148,13 +150,12 @@ def recalibrate(directory, data: str | None = None, statistic: str | None = None
     if ds.spec.feature_names == spec.feature_names and ds.spec.shape == spec.shape:
         spec = spec.model_copy(update={"feature_groups": ds.spec.feature_groups, "derived": ds.spec.derived})
         model.spec = spec
-    old = manifest.calibration or {}
     units = sum(ds.units[n] for n in names) if ds.units else None
-    cal = calibrate(model, normal, statistic=statistic or old.get("statistic", "nll"), train=train, known=known, measured=measured,
-                    units=units)
-    cal["split"] = ",".join(names) if same else f"{data} ({','.join(names)})"
-    if cal["n"] < FEW_CALIBRATION:
-        log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal["n"], cal["n"] + 1)
+    cal = calibrate(model, normal, statistic=statistic or (manifest.calibration.statistic if manifest.calibration else "nll"),
+                    train=train, known=known, measured=measured, units=units)
+    cal.split = ",".join(names) if same else f"{data} ({','.join(names)})"
+    if cal.n < FEW_CALIBRATION:
+        log.warning("only %d calibration records: p-values have a resolution of 1/%d", cal.n, cal.n + 1)
     artifact.write_manifest(directory, manifest.model_copy(update={"calibration": cal, "data_spec": spec}))
-    return {"n": cal["n"], "statistic": cal["statistic"], "split": cal["split"], "p_value_resolution": cal["p_value_resolution"],
-            "patterns_supported": "proposal" in cal, "patterns_stored": len(cal.get("patterns", []))}
+    return {"n": cal.n, "statistic": cal.statistic, "split": cal.split, "p_value_resolution": cal.p_value_resolution,
+            "patterns_supported": cal.proposal is not None, "patterns_stored": len(cal.patterns or [])}

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..artifacts.manifest import Calibration
 from .marginal import DEFAULT_SAMPLES, MarginalPlan, Pattern, Proposal, pattern_of, plan
 from .scoring import AnomalyScorer, pattern_calibration, pattern_records
 
@@ -51,21 +52,20 @@ def frequent_patterns(measured: np.ndarray, top: int = STORED_PATTERNS) -> list[
     return [p for p, _ in counts.most_common(top)]
 
 
-def calibrate_patterns(calibration: dict, discrete: list[int] | None, patterns: list[Pattern], score: Score,
-                       samples: int = DEFAULT_SAMPLES) -> list[dict]:
-    """Pattern calibrations (:func:`~models.anomaly.scoring.pattern_calibration` dicts, ``samples`` = K recorded) for
+def calibrate_patterns(calibration: Calibration, discrete: list[int] | None, patterns: list[Pattern], score: Score,
+                       samples: int = DEFAULT_SAMPLES) -> list[Calibration]:
+    """Pattern calibrations (:func:`~models.anomaly.scoring.pattern_calibration`, ``samples`` = K recorded) for
     ``patterns``, from every usable calibration record; patterns with too few usable records are left out."""
     pcal = PatternCalibrations(calibration, discrete, samples=samples, cache=len(patterns), cold_records=None)
     out = []
     for pattern in patterns:
         try:
-            cal = dict(pcal.scorer(pattern, score).calibration)
+            cal = pcal.scorer(pattern, score).calibration
         except NoPatternCalibration:
             continue
-        for key in ("scores", "conditional_scores"):  # µnat resolution keeps the manifest small
-            if key in cal:
-                cal[key] = np.round(cal[key], 6).tolist()
-        out.append({**cal, "samples": samples})
+        rounded = {key: np.round(getattr(cal, key), 6).tolist() for key in ("scores", "conditional_scores")  # µnat resolution
+                   if getattr(cal, key) is not None}  # keeps the manifest small
+        out.append(cal.model_copy(update=rounded))
     return out
 
 
@@ -74,12 +74,12 @@ class NoPatternCalibration(ValueError):
 
 
 class PatternCalibrations:
-    """Per-pattern scorers for one model's calibration (the manifest's ``calibration`` dict)."""
+    """Per-pattern scorers for one model's calibration (the manifest's :class:`Calibration`)."""
 
-    def __init__(self, calibration: dict, discrete: list[int] | None, samples: int = DEFAULT_SAMPLES,
+    def __init__(self, calibration: Calibration, discrete: list[int] | None, samples: int = DEFAULT_SAMPLES,
                  cache: int = CACHE_PATTERNS, min_records: int = MIN_PATTERN_RECORDS,
                  cold_records: int | None = COLD_PATTERN_RECORDS) -> None:
-        if "proposal" not in calibration or "records" not in calibration:
+        if calibration.proposal is None or calibration.records is None:
             raise ValueError("this model's calibration has no proposal and records for absent features "
                              "(calibrated before they existed); recalibrate it with `flowserve calibrate`")
         self.calibration = calibration
@@ -87,10 +87,10 @@ class PatternCalibrations:
         self.samples = samples
         self.min_records = min_records
         self.cold_records = cold_records
-        self.proposal = Proposal.from_dict(calibration["proposal"])
-        self.records = np.asarray(calibration["records"], dtype=np.float32)
+        self.proposal = Proposal.from_dict(calibration.proposal)
+        self.records = np.asarray(calibration.records, dtype=np.float32)
         self.stored: dict[Pattern, AnomalyScorer] = {  # built with the same K: the same estimator as the requests'
-            tuple(int(j) for j in c["pattern"]): AnomalyScorer(c) for c in calibration.get("patterns", []) if c.get("samples") == samples}
+            tuple(c.pattern or ()): AnomalyScorer(c) for c in calibration.patterns or [] if c.samples == samples}
         self._cache: OrderedDict[Pattern, AnomalyScorer] = OrderedDict()
         self._size = cache
         self._lock = threading.Lock()
@@ -123,9 +123,9 @@ class PatternCalibrations:
     def build(self, pattern: Pattern, plan_: MarginalPlan, records: np.ndarray, log_p_rows: np.ndarray) -> AnomalyScorer:
         """The pattern's scorer from the flow's log-densities of ``plan_.rows``; cached (LRU)."""
         nll = -plan_.combine(log_p_rows)
-        return self.adopt(pattern, pattern_calibration(self.calibration, pattern, nll, records))
+        return self.adopt(pattern, pattern_calibration(self.calibration, pattern, nll, records, self.samples))
 
-    def adopt(self, pattern: Pattern, calibration: dict) -> AnomalyScorer:
+    def adopt(self, pattern: Pattern, calibration: Calibration) -> AnomalyScorer:
         """Cache (LRU) and return the scorer of a pattern calibration built here or elsewhere (the service's executor)."""
         scorer = AnomalyScorer(calibration)
         with self._lock:

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..artifacts.manifest import Calibration
+
 if TYPE_CHECKING:  # torch stays out of the service's HTTP front-ends, which score through executors
     from ..density import DensityModel
     from ..spec import DataSpec
@@ -121,33 +123,33 @@ def model_scorer(model: DensityModel, batch_size: int = 4096):  # noqa: ANN201 -
     return score
 
 
-def pattern_calibration(calibration: dict, pattern: tuple[int, ...], nll: np.ndarray, records: np.ndarray) -> dict:
+def pattern_calibration(calibration: Calibration, pattern: tuple[int, ...], nll: np.ndarray, records: np.ndarray,
+                        samples: int | None = None) -> Calibration:
     """The calibration for one missingness pattern: ``nll (n,)`` are the marginal NLLs of the calibration
     ``records (n, D)`` masked to ``pattern`` (the observed features), scored as requests of that pattern are.
 
     The statistic, atoms (those among the observed features) and their least-squares effects are
-    refitted on these scores, so a p-value compares like with like.
+    refitted on these scores, so a p-value compares like with like. ``samples``: the K of the marginal
+    likelihood that scored them.
     """
     nll = np.asarray(nll, dtype=np.float64)
     if not np.isfinite(nll).all():
         raise ValueError("pattern calibration scores contain non-finite values")
     observed = set(pattern)
-    cal = {"method": "conformal", "score": "marginal_nll_nats", "statistic": calibration.get("statistic", "nll"),
-           "split": calibration.get("split", "val"), "n": int(len(nll)), "mean": float(nll.mean()), "scores": sorted_sample(nll).tolist(),
-           "pattern": list(pattern)}
-    if calibration.get("units") is not None:
-        cal["units"] = int(min(calibration["units"], len(nll)))
-    if calibration.get("atoms") is not None:
-        atoms = [(int(j), float(v)) for j, v in calibration["atoms"] if int(j) in observed]
+    cal = Calibration(score="marginal_nll_nats", statistic=calibration.statistic, split=calibration.split, n=len(nll),
+                      mean=float(nll.mean()), scores=sorted_sample(nll).tolist(), pattern=list(pattern), samples=samples,
+                      units=None if calibration.units is None else int(min(calibration.units, len(nll))))
+    if calibration.atoms is not None:
+        atoms = [(int(j), float(v)) for j, v in calibration.atoms if int(j) in observed]
         design = atom_design(records, atoms)
         beta = np.linalg.lstsq(design, nll, rcond=None)[0]
-        cal.update(atoms=[[j, v] for j, v in atoms], atom_effects=beta.tolist(), conditional_scores=sorted_sample(nll - design @ beta).tolist())
+        cal.atoms, cal.atom_effects, cal.conditional_scores = atoms, beta.tolist(), sorted_sample(nll - design @ beta).tolist()
     return cal
 
 
-def pattern_records(calibration: dict, pattern: tuple[int, ...]) -> np.ndarray:
+def pattern_records(calibration: Calibration, pattern: tuple[int, ...]) -> np.ndarray:
     """Indices of the calibration records usable for ``pattern``: those whose cells in it are all known."""
-    known = np.asarray(calibration["known"], dtype=bool)
+    known = np.asarray(calibration.known, dtype=bool)
     return np.flatnonzero(known[:, list(pattern)].all(1)) if len(pattern) else np.arange(len(known))
 
 
@@ -186,17 +188,17 @@ class AnomalyScorer:
     ``x (N, D)`` (their atom indicators).
     """
 
-    def __init__(self, calibration: dict) -> None:
+    def __init__(self, calibration: Calibration) -> None:
         self.calibration = calibration  # what it was built from (a pattern's travels from the executor to the front-ends)
-        self.scores = np.asarray(calibration["scores"], dtype=np.float64)
+        self.scores = np.asarray(calibration.scores, dtype=np.float64)
         self.n = len(self.scores)
-        self.units = int(min(calibration.get("units", self.n), self.n))  # independent units behind the scores (patients)
-        self.mean = float(calibration.get("mean", self.scores.mean()))
+        self.units = self.n if calibration.units is None else int(min(calibration.units, self.n))  # independent units (patients)
+        self.mean = float(self.scores.mean() if calibration.mean is None else calibration.mean)
         self.typical = np.sort(np.abs(self.scores - self.mean))
-        self.default = calibration.get("statistic", "nll")
-        self.atoms = calibration.get("atoms")
-        self.atom_effects = np.asarray(calibration.get("atom_effects", []), dtype=np.float64)
-        self.conditional = np.asarray(calibration.get("conditional_scores", []), dtype=np.float64)
+        self.default = calibration.statistic
+        self.atoms = calibration.atoms
+        self.atom_effects = np.asarray(calibration.atom_effects or [], dtype=np.float64)
+        self.conditional = np.asarray(calibration.conditional_scores or [], dtype=np.float64)
 
     def resolve(self, statistic: str | None) -> str:
         statistic = statistic or self.default

@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import store as artifact
+from .manifest import Graph, Graphs, TensorInfo
 from ..density import DensityModel
 from ..seeding import noise_distribution
 from ..errors import ArtifactError
@@ -104,7 +104,7 @@ def parity(model: DensityModel, directory: Path, n: int = 16, seed: int = 1) -> 
     return {"log_prob_rel_err": lp_err, "sample_err": x_err}
 
 
-def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4, prefer: bool = False) -> dict[str, Any]:
+def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4, prefer: bool = False) -> Graphs:
     """Add ``score.onnx`` and ``sample.onnx`` to the artifact at ``directory`` and list them in its manifest.
 
     ``prefer`` marks ONNX Runtime as the backend the service picks under ``FLOWSERVE_BACKEND=auto``.
@@ -127,18 +127,17 @@ def export_artifact(directory: str | Path, opset: int = DEFAULT_OPSET, tolerance
     if errors["log_prob_rel_err"] > tolerance:
         raise ArtifactError(f"{directory}: ONNX scoring graph differs from PyTorch (relative error {errors['log_prob_rel_err']:.2e} > {tolerance:g})")
     shape = list(spec.shape)
-    inputs = [{"name": "x", "datatype": "FP32", "shape": [-1, *shape]}]
+    inputs = [TensorInfo(name="x", datatype="FP32", shape=[-1, *shape])]
     if spec.dequantized:
-        inputs.append({"name": "noise", "datatype": "FP32", "shape": [-1, *shape], "distribution": noise_distribution(manifest.architecture)})
-    graphs = {
-        "score": {"file": SCORE, "opset": opset, "inputs": inputs, "outputs": [{"name": "log_prob", "datatype": "FP32", "shape": [-1], "unit": "nats"}]},
-        "sample": {"file": SAMPLE, "opset": opset,
-                   "inputs": [{"name": "z", "datatype": "FP32", "shape": [-1, spec.dims]}, {"name": "temperature", "datatype": "FP32", "shape": []}],
-                   "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *shape]}]},
-        "parity": errors,
-    }
-    if prefer:
-        graphs["preferred_backend"] = "onnxruntime"
+        inputs.append(TensorInfo(name="noise", datatype="FP32", shape=[-1, *shape], distribution=noise_distribution(manifest.architecture)))
+    graphs = Graphs(
+        score=Graph(file=SCORE, opset=opset, inputs=inputs, outputs=[TensorInfo(name="log_prob", datatype="FP32", shape=[-1], unit="nats")]),
+        sample=Graph(file=SAMPLE, opset=opset,
+                     inputs=[TensorInfo(name="z", datatype="FP32", shape=[-1, spec.dims]), TensorInfo(name="temperature", datatype="FP32", shape=[])],
+                     outputs=[TensorInfo(name="x", datatype="FP32", shape=[-1, *shape])]),
+        parity=errors,
+        preferred_backend="onnxruntime" if prefer else "torch",
+    )
     files = dict(manifest.files)
     for name in (SCORE, SAMPLE):
         files[name] = artifact.sha256(directory / name)
@@ -151,7 +150,7 @@ def export_triton(directory: str | Path, out: str | Path, name: str | None = Non
     """Write a Triton model repository ``out/<name>/1/model.onnx`` + ``config.pbtxt`` for the scoring graph."""
     directory, out = Path(directory), Path(out)
     manifest = artifact.read_manifest(directory)
-    if "score" not in manifest.graphs:
+    if manifest.graphs.score is None:
         raise ArtifactError(f"{directory}: no ONNX scoring graph; run `flowserve export {directory}` first")
     artifact.verify(directory, manifest)
     name = name or directory.parent.name if directory.parent.name not in ("", ".") else "model"
@@ -160,7 +159,7 @@ def export_triton(directory: str | Path, out: str | Path, name: str | None = Non
     (dest / "model.onnx").write_bytes((directory / SCORE).read_bytes())
     dims = ", ".join(str(d) for d in manifest.data_spec.shape)
     inputs = "\n".join(
-        f'  {{ name: "{i["name"]}" data_type: TYPE_FP32 dims: [ {dims} ] }},' for i in manifest.graphs["score"]["inputs"]
+        f'  {{ name: "{i.name}" data_type: TYPE_FP32 dims: [ {dims} ] }},' for i in manifest.graphs.score.inputs
     ).rstrip(",")
     config = f'''name: "{name}"
 backend: "onnxruntime"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..density import DensityModel
 from ..errors import ArtifactError
-from .manifest import FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, flowserve_version, read_manifest, sha256, verify, write_manifest
+from .manifest import FORMAT_VERSION, Calibration, MANIFEST, WEIGHTS, Manifest, flowserve_version, read_manifest, sha256, verify, write_manifest
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Manifest", "flowserve_version", "load", "read_manifest", "save", "sha256",
            "verify", "write_manifest"]
@@ -29,7 +29,7 @@ def save(
     architecture: dict[str, Any],
     directory: str | Path,
     metrics: dict[str, Any] | None = None,
-    calibration: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write ``model`` as an artifact directory (replacing one that exists) and return its path."""
     directory = Path(directory)

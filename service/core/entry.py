@@ -8,7 +8,7 @@ batchers compute (:mod:`service.executor.batching`). Both answer ``batcher(task)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +18,22 @@ import numpy as np
 from models.artifacts.manifest import Manifest
 from service.errors import ClientClosed, Unavailable
 
-Payload = dict[str, np.ndarray]
+Payload = dict[str, np.ndarray]  # a task's inputs by name, each with rows first
+
+
+def rows_of(payload: Payload) -> int:
+    """The rows of a payload (every array has the same first dimension)."""
+    return len(next(iter(payload.values())))
+
+
+def row_chunks(payload: Payload, step: int) -> Iterator[Payload]:
+    """``payload`` in consecutive chunks of at most ``step`` rows; the payload itself when it fits in one."""
+    rows = rows_of(payload)
+    if rows <= step:
+        yield payload
+        return
+    for i in range(0, rows, step):
+        yield {k: v[i : i + step] for k, v in payload.items()}
 Gone = Callable[[], Awaitable[bool]]  # e.g. Starlette's request.is_disconnected
 GONE_POLL_S = 0.25
 
@@ -60,6 +75,9 @@ class Submitter(Protocol):
     """What the inference core needs of a (model, task) batcher."""
 
     async def submit(self, payload: Payload, timeout_s: float, gone: Gone | None = None) -> np.ndarray: ...
+
+# what a model's description leaves out of its calibration: the arrays behind it (the manifest has them)
+BULKY_CALIBRATION = {"scores", "reference", "group_reference", "conditional_scores", "records", "known", "proposal", "patterns"}
 
 
 @dataclass
@@ -103,8 +121,8 @@ class ModelEntry:
                 architecture=self.manifest.architecture.get("name"),
                 data_spec=spec.model_dump(mode="json"),
                 metrics=self.manifest.metrics,
-                calibration=None if not self.manifest.calibration else
-                {k: v for k, v in self.manifest.calibration.items() if k not in ("scores", "reference")},
+                calibration=None if self.manifest.calibration is None else self.manifest.calibration.model_dump(
+                    mode="json", exclude_none=True, exclude=BULKY_CALIBRATION),
                 tasks=sorted(self.batchers),
             )
         if self.devices:

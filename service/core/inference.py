@@ -31,10 +31,11 @@ from models.anomaly.marginal import Pattern, pattern_of
 from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
 from models.anomaly.scoring import AnomalyScorer, Assessment, scoring_noise
 from models.logspace import log_mean_exp
+from models.artifacts.manifest import Calibration
 from models.spec import DataSpec
 from service.core import tasks
 from service.core.drift import DEFAULT_STREAM, DriftMonitor, reading_dict
-from service.core.entry import Gone, ModelEntry, Repository
+from service.core.entry import Gone, ModelEntry, Repository, row_chunks
 from service.errors import BadRequest, NotFound
 from service.metrics import Metrics
 from service.settings import Settings
@@ -235,8 +236,8 @@ class InferenceCore:
 
     def pattern_calibrations(self, entry: ModelEntry) -> PatternCalibrations | None:
         """The entry's per-pattern calibrations for records with absent features (``None`` when its calibration predates them)."""
-        cal = entry.manifest.calibration or {}
-        if "proposal" not in cal:
+        cal = entry.manifest.calibration
+        if cal is None or cal.proposal is None:
             return None
         if "pattern_calibrations" not in entry.extras:
             entry.extras["pattern_calibrations"] = PatternCalibrations(cal, entry.manifest.data_spec.discrete_features,
@@ -247,15 +248,13 @@ class InferenceCore:
 
     async def _log_p(self, entry: ModelEntry, rows: np.ndarray, noise: np.ndarray | None, gone: Gone | None) -> np.ndarray:
         """``log p`` of any number of rows through the entry's score batcher, in chunks of a quarter of its queue."""
+        if not len(rows):
+            return np.zeros(0)
         batcher = entry.batcher("score")
-        chunk = max(1, self.settings.max_queue_rows // 4)
-        out = []
-        for i in range(0, len(rows), chunk):
-            payload = {"x": rows[i : i + chunk]}
-            if noise is not None:
-                payload["noise"] = noise[i : i + chunk]
-            out.append(await batcher.submit(payload, self.settings.request_timeout_s, gone))
-        return np.concatenate(out) if out else np.zeros(0)
+        payload = {"x": rows} if noise is None else {"x": rows, "noise": noise}
+        out = [await batcher.submit(chunk, self.settings.request_timeout_s, gone)
+               for chunk in row_chunks(payload, max(1, self.settings.max_queue_rows // 4))]
+        return np.concatenate(out)
 
     async def pattern_scorer(self, entry: ModelEntry, pcal: PatternCalibrations, pattern: Pattern) -> AnomalyScorer:
         """The pattern's calibrated scorer: stored in the artifact, cached, or built once for the whole server.
@@ -328,7 +327,7 @@ class InferenceCore:
             raise BadRequest(f"statistic: {e}") from None
         self._check_rows(len(x), field)
         if spec.kind == "record" and observed is not None:
-            x = impute(spec, manifest.calibration.get("fill"), x, observed, field)
+            x = impute(spec, manifest.calibration.fill, x, observed, field)
         pcal = self.pattern_calibrations(entry) if spec.kind == "record" else None
         groups: dict[Pattern, np.ndarray] = {tuple(range(spec.dims)) if spec.kind == "record" else (): np.arange(len(x))}
         if spec.kind == "record" and observed is not None:  # records grouped by their pattern of observed features
@@ -371,14 +370,13 @@ class InferenceCore:
             pick = [k for k, r in enumerate(part) if explain == "all" or (explain == "anomalies" and r.is_anomaly)]
             if pick:
                 explained.append((pattern, sc, idx[pick], nll[pick]))
-        if explained and (spec.kind == "waveform" or "reference" in manifest.calibration):
+        if explained and (spec.kind == "waveform" or manifest.calibration.reference is not None):
             await self._explain(entry, explained, x, statistic, segments, top, plan, gone, results)
         drift = None
         if self.settings.drift:
             p = np.array([r.p_value for r in results], dtype=np.float64)
             drift = (await self.drift(entry, "update", stream or DEFAULT_STREAM, p, *cal_n))[0]
-        n = int(manifest.calibration["n"])
-        used = CalibrationUsed(method=manifest.calibration["method"], n=n, missing=missing if spec.kind == "record" else None,
+        used = CalibrationUsed(method=manifest.calibration.method, n=manifest.calibration.n, missing=missing if spec.kind == "record" else None,
                                samples=pcal.samples if pcal is not None and spec.kind == "record" and missing == "marginal" else None)
         return AnomalyReport(entry, statistic, results, used, drift)
 
@@ -459,7 +457,7 @@ class InferenceCore:
                 results[i].attribution = a
 
 
-def _attribution_plan(spec: DataSpec, calibration: dict, x: np.ndarray, segments: int, top: int,
+def _attribution_plan(spec: DataSpec, calibration: Calibration, x: np.ndarray, segments: int, top: int,
                       observed: np.ndarray | None = None):  # noqa: ANN202
     """Variant rows to score and a function (statistic, variant statistic) → attribution lists.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.core.entry import Gone, Payload, watch_client
+from service.core.entry import Gone, Payload, row_chunks, rows_of, watch_client
 from service.errors import ClientClosed, Unavailable
 from service.executor.workers import DeviceWorker
 from service.metrics import Metrics
@@ -144,7 +144,7 @@ class Batcher:
         ``gone`` (e.g. Starlette's ``request.is_disconnected``, see :func:`~service.core.entry.watch_client`):
         when the client left, the rows leave the queue and the request ends with :class:`ClientClosed` (499).
         """
-        rows = len(next(iter(payload.values())))
+        rows = rows_of(payload)
         if self._rows + rows > self.max_queue_rows:
             self.metrics.rejections.labels(self.model, "queue_full").inc()
             wait = self._mean_batch_s * max(1.0, self._rows / self.max_batch_size)
@@ -212,13 +212,10 @@ class Batcher:
     async def _compute_in_chunks(self, replica: Replica, payload: Payload, batch: list[_Item]) -> np.ndarray | None:
         """Never hand the device more than ``max_batch_size`` rows at once. Chunks of an oversized
         request run one device call each, and stop (``None``) once every request of the batch gave up."""
-        rows = len(next(iter(payload.values())))
-        step = self.max_batch_size
         parts = []
-        for i in range(0, rows, step):
+        for chunk in row_chunks(payload, self.max_batch_size):
             if all(item.future.done() for item in batch):
                 return None
-            chunk = payload if rows <= step else {k: v[i : i + step] for k, v in payload.items()}
             parts.append(await replica.worker.run(self._compute_halving_on_oom, replica, chunk))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -227,7 +224,7 @@ class Batcher:
         try:
             return self.compute(replica.runner, payload)
         except torch.cuda.OutOfMemoryError:
-            rows = len(next(iter(payload.values())))
+            rows = rows_of(payload)
             if rows <= 1:
                 raise
             torch.cuda.empty_cache()

@@ -185,7 +185,7 @@ class Executor:
         if pcal is None:
             raise BadRequest(f"model {h.model!r} has no calibration for records with absent features")
         scorer = await self.core.pattern_scorer(entry, pcal, h.pattern)
-        return PatternBuilt(id=h.id, calibration=scorer.calibration)
+        return PatternBuilt(id=h.id, calibration=scorer.calibration.model_dump(exclude_none=True))
 
     async def _drift(self, h: DriftAction) -> DriftReadings:
         """A drift action (``update``, ``readings``, ``reset``) on a model version's monitor, which lives here for every

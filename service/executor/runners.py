@@ -359,7 +359,7 @@ class OnnxRunner:
 
         self.manifest = read_manifest(path)
         verify(path, self.manifest)
-        if "score" not in self.manifest.graphs or "sample" not in self.manifest.graphs:
+        if self.manifest.graphs.score is None or self.manifest.graphs.sample is None:
             raise ArtifactError(f"{path}: no ONNX graphs; run `flowserve export {path}` or use FLOWSERVE_BACKEND=torch")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings.ort_threads or torch.get_num_threads()
@@ -370,7 +370,7 @@ class OnnxRunner:
             providers = [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
         self.sessions = {}
         for task in ("score", "sample"):
-            file = self.manifest.graphs[task]["file"]
+            file = self.manifest.graphs.of(task).file
             sess = open_session(path / file, self.manifest.files.get(file), opts, providers, settings.ort_cache_dir)
             if device.startswith("cuda") and "CUDAExecutionProvider" not in sess.get_providers():
                 if settings.require_gpu:
@@ -418,7 +418,7 @@ def choose_backend(manifest: Manifest, setting: str) -> str:
     """``FLOWSERVE_BACKEND`` wins; ``auto`` takes the manifest's ``preferred_backend``, else torch."""
     if setting != "auto":
         return setting
-    return str(manifest.graphs.get("preferred_backend", "torch"))
+    return manifest.graphs.preferred_backend
 
 
 def check_onnx(runner: OnnxRunner, path: Path) -> Fallback | None:

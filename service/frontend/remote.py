@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.artifacts.manifest import Manifest, read_manifest
+from models.artifacts.manifest import Calibration, Manifest, read_manifest
 from service.core import tasks
 from service.core.drift import read_table, table_path
-from service.core.entry import Gone, ModelEntry, Payload, manifest_mtime, watch_client
+from service.core.entry import Gone, ModelEntry, Payload, manifest_mtime, row_chunks, rows_of, watch_client
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable
 from service.heap import freeze_heap
 from service.ipc.children import ChildSpec
@@ -190,7 +190,7 @@ class ExecutorLink:
     async def run(self, model: str, version: str, task: str, arrays: Payload, layout: Layout, timeout_s: float,
                   gone: Gone | None) -> np.ndarray:
         """Run ``task`` on ``arrays`` in the executor; the result has ``layout.output``'s shape and dtype."""
-        rows = len(next(iter(arrays.values())))
+        rows = rows_of(arrays)
         if not self.live:
             raise Unavailable(f"the executor for {self.device} is not available; it is restarting", _RESTARTING, 2)
         try:
@@ -243,7 +243,7 @@ class RemoteBatcher:
         if not links:
             raise Unavailable(f"model {self.model!r} is not ready on any executor (restarting?)", "not_ready", 2)
         link = links[0] if len(links) == 1 else min(links, key=lambda link: link.rows)
-        rows = len(next(iter(payload.values())))
+        rows = rows_of(payload)
         out_shape, out_dtype = tasks.output_of(self.task, self.manifest, rows)
         layout = Layout.plan(payload, out_shape, out_dtype)
         quarter = link.arena.size // 4
@@ -257,9 +257,8 @@ class RemoteBatcher:
         parts: list[asyncio.Task] = []
         try:
             async with asyncio.TaskGroup() as group:
-                for i in range(0, rows, step):
-                    chunk = {k: v[i : i + step] for k, v in payload.items()}
-                    shape, _ = tasks.output_of(self.task, self.manifest, len(next(iter(chunk.values()))))
+                for chunk in row_chunks(payload, step):
+                    shape, _ = tasks.output_of(self.task, self.manifest, rows_of(chunk))
                     parts.append(group.create_task(link.run(self.model, self.version, self.task, chunk,
                                                             Layout.plan(chunk, shape, out_dtype), timeout_s, gone)))
         except* ServiceError as eg:
@@ -319,8 +318,8 @@ class RemoteRepository:
             return "every model executor is restarting"
         return None
 
-    async def pattern_calibration(self, entry: ModelEntry, pattern: tuple[int, ...]) -> dict:
-        """A missingness pattern's calibration (:func:`models.anomaly.scoring.pattern_calibration`'s dict), built by an executor
+    async def pattern_calibration(self, entry: ModelEntry, pattern: tuple[int, ...]) -> Calibration:
+        """A missingness pattern's calibration (:func:`models.anomaly.scoring.pattern_calibration`), built by an executor
         serving ``entry`` (chosen by the pattern, so a server with several executors builds each pattern once) and
         shared by every front-end that asks."""
         links = [link for link in self.serving(entry.name, entry.version) if link.live]
@@ -331,7 +330,7 @@ class RemoteRepository:
                                self.settings.request_timeout_s)
         if not isinstance(h, PatternBuilt):
             raise Unavailable(f"the pattern calibration for model {entry.name!r} was cancelled", "cancelled", 1)
-        return h.calibration
+        return Calibration.model_validate(h.calibration)
 
     async def drift(self, entry: ModelEntry, action: str, stream: str | None = None, p: np.ndarray | None = None,
                     n: np.ndarray | None = None, units: np.ndarray | None = None) -> list[dict]:

@@ -149,7 +149,7 @@ class Reloaded(Message, tag="reloaded"):
 
 
 class PatternBuilt(Message, tag="pattern_built"):
-    """A pattern's calibration (:func:`models.anomaly.scoring.pattern_calibration`'s dict)."""
+    """A pattern's calibration (:class:`models.artifacts.manifest.Calibration`, as its fields)."""
 
     id: int
     calibration: dict[str, Any]

@@ -1,4 +1,4 @@
-"""Rebuild the bundled default models that ``make serve`` serves: ``python -m models.artifacts.bundle ROOT``.
+"""Rebuild the bundled default models that ``make serve`` serves: ``python -m models.training.bundle ROOT``.
 
 Each entry trains one shipped config with its seed, writes ``ROOT/<name>/1/``, adds the ONNX
 graphs and marks ONNX Runtime as the preferred backend (faster than eager PyTorch on CPU;
@@ -12,8 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .export import export_artifact
-from ..training.loop import load_config, train
+from ..artifacts.export import export_artifact
+from .loop import load_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
