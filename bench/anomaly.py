@@ -128,12 +128,7 @@ def vitals(art: Path, rng: np.random.Generator) -> None:
     print("\n" + realised_fpr(model, scorer, fresh.astype(np.float32), 120))
 
     # attribution as the route computes it (features and the schema's groups, models.anomaly.attribution)
-    from models.anomaly.attribution import (
-        describe_parts,
-        part_attribution,
-        part_variants,
-        record_parts,
-    )
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
 
     cal = record_calibration_of(model, model.manifest.calibration)
     parts, plabels, members = record_parts(model.spec, cal, None, anom.astype(np.float32))
@@ -273,12 +268,7 @@ def missing_data(art: Path, rng: np.random.Generator, samples: int, pattern_reco
           f"(≤ {pattern_records or pcal.records.shape[0]} records each)")
 
     # Attribution of the flagged anomalies, as the route computes it: observed parts only, marginal variants.
-    from models.anomaly.attribution import (
-        describe_parts,
-        part_attribution,
-        part_variants,
-        record_parts,
-    )
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
     from models.anomaly.marginal import pattern_of
 
     p_all = np.exp(-np.floor(rank_marginal * 1e6) / 1e6)  # undo the tie-break: the per-pattern p-values
@@ -323,12 +313,7 @@ def hypotension_ceiling(art: Path, cases: int = 600) -> None:
     from scipy.special import logsumexp
     from sklearn.mixture import GaussianMixture
 
-    from models.anomaly.attribution import (
-        describe_parts,
-        part_attribution,
-        part_variants,
-        record_parts,
-    )
+    from models.anomaly.attribution import describe_parts, part_attribution, part_variants, record_parts
     from models.anomaly.scoring import AnomalyScorer, model_scorer
     from models.artifacts import store as artifact
     from models.data import load_dataset

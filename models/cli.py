@@ -59,7 +59,8 @@ def train(
     """Train a flow; writes OUT/artifact, OUT/metrics.jsonl and OUT/samples.png (images)."""
     from . import presets
     from .errors import ConfigError
-    from .training.loop import load_config, train as run
+    from .training.loop import load_config
+    from .training.loop import train as run
 
     _logging(verbose)
     if (config is None) == (preset is None):

@@ -25,14 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Container
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -32,13 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.ipc.children import (
-    CHILD_ENV,
-    ChildSpec,
-    available_cores,
-    default_http_workers,
-    reuse_port_socket,
-)
+from service.ipc.children import CHILD_ENV, ChildSpec, available_cores, default_http_workers, reuse_port_socket
 from service.ipc.transport import shm_root
 from service.metrics import MULTIPROC_DIR
 from service.settings import Settings

@@ -10,15 +10,7 @@ import pytest
 import torch
 
 from service.errors import Unavailable
-from service.executor.batching import (
-    AUTO_DELAY_CAP_S,
-    AUTO_DELAY_PROBE_ROWS,
-    Batcher,
-    QueueWait,
-    Replica,
-    auto_queue_wait,
-    describe,
-)
+from service.executor.batching import AUTO_DELAY_CAP_S, AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
 from service.executor.workers import DeviceWorker
 from service.metrics import Metrics
 

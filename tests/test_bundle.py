@@ -10,9 +10,9 @@ import pytest
 
 from models import load
 from models.anomaly.scoring import AnomalyScorer
-from models.training.bundle import BUNDLE
 from models.data import load_dataset
 from models.data.cohort import generate_vitals, generate_waveforms
+from models.training.bundle import BUNDLE
 from models.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent / "model_repository"

@@ -12,14 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from models.anomaly.drift import (
-    Bet,
-    DriftConfig,
-    DriftDetector,
-    DriftFamily,
-    dirichlet_quantile,
-    first_alarms,
-)
+from models.anomaly.drift import Bet, DriftConfig, DriftDetector, DriftFamily, dirichlet_quantile, first_alarms
 from service.core.drift import DriftMonitor
 from service.errors import NotFound
 

@@ -35,3 +35,32 @@ def test_the_model_commands_run_without_the_service() -> None:
            "except SystemExit:\n    pass\nprint(sorted(m for m in sys.modules if m == 'service' or m.startswith('service.')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# Which rooms of service/ each room may import (besides itself, the leaves and the model library).
+SERVICE_ROOMS = {
+    "frontend": {"core", "ipc"},
+    "executor": {"core", "ipc"},
+    "core": set(),
+    "ipc": set(),
+}
+LEAVES = {"service.settings", "service.errors", "service.metrics", "service.heap"}
+
+
+def test_service_rooms_import_only_downwards() -> None:
+    """A front-end and an executor share only the core, the IPC modules and the leaves; the core and the IPC modules
+    import no process's room (so neither process can reach into the other's)."""
+    offenders = {}
+    for room, allowed in SERVICE_ROOMS.items():
+        for path in sorted((ROOT / "service" / room).rglob("*.py")):
+            bad = sorted(n for n in imported_modules(path) if n.startswith("service.") and n not in LEAVES
+                         and n.split(".")[1] != room and n.split(".")[1] not in allowed)
+            if bad:
+                offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders
+
+
+def test_the_leaves_import_no_room() -> None:
+    for leaf in LEAVES:
+        path = ROOT / (leaf.replace(".", "/") + ".py")
+        assert not [n for n in imported_modules(path) if n.startswith("service.") and n not in LEAVES], leaf

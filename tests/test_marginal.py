@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.anomaly.marginal import (
-    Conditional,
-    Draws,
-    GaussianFit,
-    Proposal,
-    Spike,
-    find_spikes,
-    log_marginal,
-    pattern_of,
-    plan,
-)
+from models.anomaly.marginal import Conditional, Draws, GaussianFit, Proposal, Spike, find_spikes, log_marginal, pattern_of, plan
 from models.anomaly.missing import (
     COLD_PATTERN_RECORDS,
     STORED_PATTERNS,

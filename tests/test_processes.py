@@ -30,14 +30,7 @@ import pytest
 from models.data import load_dataset
 from service.ipc.children import reuse_port_socket
 from service.ipc.transport import Arena, ArenaFull
-from tests.server import (
-    Server,
-    children,
-    executor_pids,
-    metric_value,
-    running_server,
-    wait_for_metric,
-)
+from tests.server import Server, children, executor_pids, metric_value, running_server, wait_for_metric
 
 BUNDLED = Path(__file__).resolve().parent.parent / "model_repository"
 

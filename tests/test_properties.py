@@ -14,14 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from models.spec import DataSpec
-from service.errors import ServiceError
 from service.core.inference import impute
-from service.frontend.api.inputs import (
-    anomaly_records,
-    decode_upload,
-    instances_to_array,
-    parse_json,
-)
+from service.errors import ServiceError
+from service.frontend.api.inputs import anomaly_records, decode_upload, instances_to_array, parse_json
 from service.frontend.api.schemas import parse
 from service.frontend.api.v2 import DTYPES, InferRequest, decode_tensor, split_body
 

@@ -18,13 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import load
 from models.data import load_dataset
-from tests.server import (
-    Server,
-    metric_samples,
-    metric_value,
-    running_server,
-    wait_for_metric,
-)
+from tests.server import Server, metric_samples, metric_value, running_server, wait_for_metric
 
 TEST = load_dataset("digits").split("test")
 

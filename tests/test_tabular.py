@@ -19,11 +19,7 @@ from models.artifacts import store as artifact
 from models.data import load_dataset
 from models.density import DensityModel
 from models.flows import GaussianWhitening, Sequential, data_init
-from models.flows.normalization import (
-    cv_shrinkage,
-    gaussian_log_likelihood,
-    shrunk_covariance,
-)
+from models.flows.normalization import cv_shrinkage, gaussian_log_likelihood, shrunk_covariance
 from models.spec import DataSpec
 from models.training.loop import load_config, train
 

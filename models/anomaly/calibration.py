@@ -26,8 +26,7 @@ from ..errors import DataError
 from .attribution import group_reference, reference_values
 from .marginal import GaussianFit, Proposal, find_spikes
 from .missing import calibrate_patterns, frequent_patterns
-from .scoring import (FEW_CALIBRATION, MAX_PATTERN_RECORDS, STATISTICS, atom_design, find_atoms, model_scorer,
-                      sorted_sample)
+from .scoring import FEW_CALIBRATION, MAX_PATTERN_RECORDS, STATISTICS, atom_design, find_atoms, model_scorer, sorted_sample
 
 if TYPE_CHECKING:
     from ..density import DensityModel

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..density import DensityModel
+from ..errors import ArtifactError
+from ..seeding import noise_distribution
 from . import store as artifact
 from .manifest import Graph, Graphs, TensorInfo
-from ..density import DensityModel
-from ..seeding import noise_distribution
-from ..errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

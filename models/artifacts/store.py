@@ -18,7 +18,18 @@ from safetensors.torch import load_file, save_file
 
 from ..density import DensityModel
 from ..errors import ArtifactError
-from .manifest import FORMAT_VERSION, Calibration, MANIFEST, WEIGHTS, Manifest, flowserve_version, read_manifest, sha256, verify, write_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    Calibration,
+    Manifest,
+    flowserve_version,
+    read_manifest,
+    sha256,
+    verify,
+    write_manifest,
+)
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Manifest", "flowserve_version", "load", "read_manifest", "save", "sha256",
            "verify", "write_manifest"]

@@ -30,8 +30,8 @@ from models.anomaly import attribution as attr
 from models.anomaly.marginal import Pattern, pattern_of
 from models.anomaly.missing import NoPatternCalibration, PatternCalibrations
 from models.anomaly.scoring import AnomalyScorer, Assessment, scoring_noise
-from models.logspace import log_mean_exp
 from models.artifacts.manifest import Calibration
+from models.logspace import log_mean_exp
 from models.spec import DataSpec
 from service.core import tasks
 from service.core.drift import DEFAULT_STREAM, DriftMonitor, reading_dict

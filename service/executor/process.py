@@ -34,32 +34,9 @@ from service.core.drift import TABLE_EVERY_S, table_path, write_table
 from service.errors import BadRequest, ServiceError
 from service.executor.selfcheck import Quarantine, is_device_fault
 from service.heap import apply_heap_settings, trim_malloc_every
-from service.ipc.children import (
-    EXIT_DEVICE_FAULT,
-    ChildSpec,
-    child_logging,
-    die_with_parent,
-    read_child_spec,
-)
-from service.ipc.messages import (
-    Answer,
-    BuildPattern,
-    Cancel,
-    Cancelled,
-    Codec,
-    Done,
-    DriftAction,
-    DriftReadings,
-    Failed,
-    Hello,
-    PatternBuilt,
-    Reload,
-    Reloaded,
-    Run,
-    Table,
-    TableAck,
-    ToExecutor,
-)
+from service.ipc.children import EXIT_DEVICE_FAULT, ChildSpec, child_logging, die_with_parent, read_child_spec
+from service.ipc.messages import Answer, BuildPattern, Cancel, Cancelled, Codec, Done, DriftAction, DriftReadings, Failed
+from service.ipc.messages import Hello, PatternBuilt, Reload, Reloaded, Run, Table, TableAck, ToExecutor
 from service.ipc.transport import Arena, Channel
 from service.metrics import Metrics
 

@@ -18,14 +18,7 @@ from service.core import tasks
 from service.core.entry import ModelEntry, manifest_mtime
 from service.errors import NotFound, Unavailable
 from service.executor import compute
-from service.executor.batching import (
-    AUTO_DELAY_PROBE_ROWS,
-    Batcher,
-    QueueWait,
-    Replica,
-    auto_queue_wait,
-    describe,
-)
+from service.executor.batching import AUTO_DELAY_PROBE_ROWS, Batcher, QueueWait, Replica, auto_queue_wait, describe
 from service.executor.compute import check_batch_invariance
 from service.executor.runners import open_runner
 from service.executor.selfcheck import DeviceFault, Quarantine

@@ -22,12 +22,7 @@ from service.core.inference import InferenceCore
 from service.errors import ServiceError, json_error
 from service.frontend.api import v1, v2
 from service.frontend.api.deps import ServiceState
-from service.frontend.middleware import (
-    REQUEST_ID,
-    GuardMiddleware,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-)
+from service.frontend.middleware import REQUEST_ID, GuardMiddleware, MetricsMiddleware, RequestIdMiddleware
 from service.heap import freeze_heap, trim_malloc_every
 from service.metrics import Metrics
 from service.settings import Settings

@@ -12,13 +12,7 @@ from service.frontend.app import build_app
 from service.frontend.http import run_uvicorn
 from service.frontend.remote import RemoteRepository
 from service.heap import apply_heap_settings
-from service.ipc.children import (
-    ChildSpec,
-    child_logging,
-    die_with_parent,
-    read_child_spec,
-    reuse_port_socket,
-)
+from service.ipc.children import ChildSpec, child_logging, die_with_parent, read_child_spec, reuse_port_socket
 from service.metrics import Metrics
 
 

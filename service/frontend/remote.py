@@ -30,26 +30,8 @@ from service.core.entry import Gone, ModelEntry, Payload, manifest_mtime, row_ch
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable
 from service.heap import freeze_heap
 from service.ipc.children import ChildSpec
-from service.ipc.messages import (
-    Answer,
-    BuildPattern,
-    Cancel,
-    Cancelled,
-    Codec,
-    Done,
-    DriftAction,
-    DriftReadings,
-    Failed,
-    Hello,
-    Message,
-    ModelRow,
-    PatternBuilt,
-    Reload,
-    Run,
-    Table,
-    TableAck,
-    ToFrontend,
-)
+from service.ipc.messages import Answer, BuildPattern, Cancel, Cancelled, Codec, Done, DriftAction, DriftReadings, Failed
+from service.ipc.messages import Hello, Message, ModelRow, PatternBuilt, Reload, Run, Table, TableAck, ToFrontend
 from service.ipc.transport import Arena, Channel, Layout
 from service.settings import Settings
 

@@ -33,16 +33,26 @@ class Message(msgspec.Struct, tag_field="op", omit_defaults=True):
 # --- front-end → executor --------------------------------------------------------------------
 
 
+class _Request(Message):
+    """A request the executor answers, by ``id`` (unique among the sender's requests in flight)."""
+
+    id: int
+
+
+class _ModelRequest(_Request):
+    """A request about one version of a model."""
+
+    model: str
+    version: str
+
+
 class Hello(Message, tag="hello"):
     """A front-end connected: the executor answers with its :class:`Table`."""
 
 
-class Run(Message, tag="run"):
+class Run(_ModelRequest, tag="run"):
     """Compute ``task`` for the tensors at ``inputs`` (region ``at`` of arena ``shm``) into ``output``."""
 
-    id: int
-    model: str
-    version: str
     task: str
     timeout_s: float
     shm: str  # the arena file
@@ -51,16 +61,12 @@ class Run(Message, tag="run"):
     output: TensorRef
 
 
-class Cancel(Message, tag="cancel"):
+class Cancel(_Request, tag="cancel"):
     """The front-end gave up request ``id``; it is answered :class:`Cancelled` (or with its result, if late)."""
 
-    id: int
 
-
-class Reload(Message, tag="reload"):
+class Reload(_Request, tag="reload"):
     """Reload the repository; answered :class:`Reloaded` once every front-end has the new table."""
-
-    id: int
 
 
 class TableAck(Message, tag="table_ack"):
@@ -69,23 +75,17 @@ class TableAck(Message, tag="table_ack"):
     generation: int
 
 
-class BuildPattern(Message, tag="pattern"):
+class BuildPattern(_ModelRequest, tag="pattern"):
     """The calibration of a missingness ``pattern`` (observed feature indices) of a model version."""
 
-    id: int
-    model: str
-    version: str
     pattern: tuple[int, ...]
 
 
-class DriftAction(Message, tag="drift"):
+class DriftAction(_ModelRequest, tag="drift"):
     """A drift action on a model version's monitor: ``update`` (``p``: p-values in request order; ``n`` and
     ``units``: calibration scores and patients behind each), ``readings`` or ``reset`` (one ``stream``, or all)."""
 
-    id: int
     action: Literal["update", "readings", "reset"]
-    model: str
-    version: str
     stream: str | None = None
     p: list[float] | None = None
     n: list[int] | None = None
@@ -96,6 +96,12 @@ ToExecutor = Union[Hello, Run, Cancel, Reload, TableAck, BuildPattern, DriftActi
 
 
 # --- executor → front-end --------------------------------------------------------------------
+
+
+class _Reply(Message):
+    """The answer to request ``id``."""
+
+    id: int
 
 
 class ModelRow(msgspec.Struct, omit_defaults=True):
@@ -123,42 +129,38 @@ class Table(Message, tag="table"):
     models: list[ModelRow]
 
 
-class Done(Message, tag="done"):
+class Done(_Reply, tag="done"):
     """Request ``id``'s result is in its region of the arena."""
 
-    id: int
 
-
-class Failed(Message, tag="error"):
+class Failed(_Reply, tag="error"):
     """Request ``id`` failed: the HTTP ``status``, a short ``reason`` and the ``message`` for the client."""
 
-    id: int
     status: int
     reason: str
     message: str
     headers: dict[str, str] = {}
 
 
-class Cancelled(Message, tag="cancelled"):
-    id: int
+class Cancelled(_Reply, tag="cancelled"):
+    """Request ``id`` was cancelled before it finished."""
 
 
-class Reloaded(Message, tag="reloaded"):
-    id: int
+class Reloaded(_Reply, tag="reloaded"):
+    """The repository reloaded: what changed, per model."""
+
     changes: dict[str, str]
 
 
-class PatternBuilt(Message, tag="pattern_built"):
+class PatternBuilt(_Reply, tag="pattern_built"):
     """A pattern's calibration (:class:`models.artifacts.manifest.Calibration`, as its fields)."""
 
-    id: int
     calibration: dict[str, Any]
 
 
-class DriftReadings(Message, tag="drift_readings"):
+class DriftReadings(_Reply, tag="drift_readings"):
     """The readings a :class:`DriftAction` returned (:func:`service.core.drift.reading_dict`)."""
 
-    id: int
     readings: list[dict[str, Any]]
 
 

@@ -32,6 +32,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from service.ipc.messages import Codec, Message, TensorRef

@@ -14,12 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from models.errors import DataError
 from models.spec import DataSpec
-from service.errors import (
-    BadRequest,
-    ClientClosed,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
+from service.errors import BadRequest, ClientClosed, PayloadTooLarge, UnsupportedMediaType
 
 NPY_TYPES = {"application/x-npy", "application/octet-stream", "application/npy"}
 IMAGE_TYPES = {"image/png", "image/jpeg"}

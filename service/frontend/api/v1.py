@@ -18,23 +18,9 @@ from service.core.drift import STREAM_PATTERN
 from service.core.inference import Bound
 from service.errors import BadRequest
 from service.frontend.api.deps import core, state
-from service.frontend.api.inputs import (
-    anomaly_records,
-    decode_upload,
-    instances_to_array,
-    media_type,
-    parse_json,
-    read_body,
-)
+from service.frontend.api.inputs import anomaly_records, decode_upload, instances_to_array, media_type, parse_json, read_body
 from service.frontend.api.routing import CodecRoute
-from service.frontend.api.schemas import (
-    INFERENCE_ERRORS,
-    METADATA_ERRORS,
-    Strict,
-    error_responses,
-    json_body,
-    parse,
-)
+from service.frontend.api.schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, error_responses, json_body, parse
 
 router = APIRouter(prefix="/v1", tags=["v1"], route_class=CodecRoute)
 

@@ -22,13 +22,7 @@ from service.errors import BadRequest
 from service.frontend.api.deps import core, state
 from service.frontend.api.inputs import check_values, parse_json, read_body
 from service.frontend.api.routing import CodecRoute
-from service.frontend.api.schemas import (
-    INFERENCE_ERRORS,
-    METADATA_ERRORS,
-    Strict,
-    json_body,
-    parse,
-)
+from service.frontend.api.schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, json_body, parse
 
 router = APIRouter(prefix="/v2", tags=["v2"], route_class=CodecRoute)
 
