@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 from typing import Literal
 
@@ -149,6 +149,22 @@ class InferenceCore:
         self.repository = repository
         self.metrics = metrics
         self.noise = tasks.NoiseCache()
+
+    def models(self) -> list[ModelEntry]:
+        """Every served model (any state), by name."""
+        return [self.repository.models[k] for k in sorted(self.repository.models)]
+
+    def model_names(self) -> KeysView[str]:
+        """The served models' names (a view, for membership tests on the request path)."""
+        return self.repository.models.keys()
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready to serve (``None`` when it is): models still loading, every executor restarting."""
+        return self.repository.not_ready_reason()
+
+    async def reload(self) -> dict[str, str]:
+        """Load new or changed model versions, warm them, swap atomically, drain the old ones; what changed, per model."""
+        return await self.repository.reload()
 
     def entry(self, name: str, version: str | None = None) -> ModelEntry:
         """The served entry for ``name`` (any state); 404 when another ``version`` is asked for."""

@@ -41,7 +41,7 @@ class DrainingServer(uvicorn.Server):
 
     def _on_sighup(self, sig: int, frame) -> None:  # noqa: ANN001
         log.info("SIGHUP: reloading the model repository")
-        self._schedule(self.service.repository.reload())
+        self._schedule(self.service.core.reload())
 
     def _schedule(self, coro) -> None:  # noqa: ANN001
         """Run ``coro`` on the server's loop (signal handlers run between bytecodes of the main thread)."""

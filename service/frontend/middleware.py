@@ -77,7 +77,7 @@ class MetricsMiddleware:
         finally:
             self.service.inflight -= 1
             metrics.inflight.dec()
-            model, endpoint = metrics.model_label(m["model"], self.service.repository.models), m["endpoint"]
+            model, endpoint = metrics.model_label(m["model"], self.service.core.model_names()), m["endpoint"]
             metrics.requests.labels(model, endpoint, str(status["code"])).inc()
             metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - t0)
 

@@ -17,7 +17,7 @@ from models.plots import MAX_PANELS, waveform_png
 from service.core.drift import STREAM_PATTERN
 from service.core.inference import Bound
 from service.errors import BadRequest
-from service.frontend.api.deps import core, state
+from service.frontend.api.deps import core
 from service.frontend.api.inputs import anomaly_records, decode_upload, instances_to_array, media_type, parse_json, read_body
 from service.frontend.api.routing import CodecRoute
 from service.frontend.api.schemas import INFERENCE_ERRORS, METADATA_ERRORS, Strict, error_responses, json_body, parse
@@ -219,8 +219,7 @@ def _wants_png(request: Request, spec: Any, name: str) -> bool:
 
 @router.get("/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> ModelList:
-    repo = state(request).repository
-    return ModelList(models=[ModelInfo(**e.describe()) for e in repo.models.values()])
+    return ModelList(models=[ModelInfo(**e.describe()) for e in core(request).models()])
 
 
 @router.get("/models/{name}", response_model=ModelInfo, response_model_exclude_none=True, responses=METADATA_ERRORS)
@@ -279,7 +278,7 @@ async def sample(name: str, request: Request) -> Response | SampleResponse:
              responses=error_responses(401, 500, 503))
 async def reload(request: Request) -> ReloadResponse:
     """Load new or changed model versions, warm them, swap atomically, drain the old ones."""
-    return ReloadResponse(changes=await state(request).repository.reload())
+    return ReloadResponse(changes=await core(request).reload())
 
 
 @router.post("/models/{name}/anomaly", response_model=AnomalyResponse, response_model_exclude_none=True,

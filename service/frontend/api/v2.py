@@ -152,7 +152,7 @@ async def live() -> Live:
 @router.get("/health/ready", response_model=Ready, responses=_not_ready(Ready))
 async def ready(request: Request) -> JSONResponse:
     s = state(request)
-    error = "server is shutting down" if s.draining else s.repository.not_ready_reason()
+    error = "server is shutting down" if s.draining else s.core.not_ready_reason()
     ok = error is None
     body = Ready(ready=ok, error=error)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
