@@ -152,3 +152,85 @@ def test_checkpoint_every_is_validated(bad: str, tmp_path: Path) -> None:
 
     with pytest.raises(Exception, match="checkpoint_every"):
         TrainConfig.model_validate({**TINY, "train": {**TINY["train"], "checkpoint_every": int(bad)}})
+
+
+class _ThreadRanks:
+    """``size`` ranks as threads of this process: ``reduce`` sums a tensor over them, as ``all_reduce`` does."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.barrier, self.parts = size, threading.Barrier(size), {}
+
+    def reducer(self, rank: int):  # noqa: ANN201
+        def reduce(t):  # noqa: ANN001, ANN202
+            self.parts[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.parts[r] for r in range(self.size))
+            self.barrier.wait()  # every rank has read every part before the next reduction overwrites them
+            t.copy_(total)
+            return t
+        return reduce
+
+
+@pytest.mark.parametrize("model_cfg", [
+    {"name": "glow", "levels": 2, "steps": 2, "hidden": 16},
+    {"name": "flowpp", "filters": 8, "blocks": 1, "components": 3, "heads": 2, "dropout": 0.0, "dequant_couplings": 1,
+     "dequant_filters": 8, "dequant_blocks": 1, "context_channels": 4, "context_blocks": 1},
+], ids=["glow", "flowpp"])
+def test_initialisation_on_each_ranks_part_with_summed_moments_equals_one_process(model_cfg: dict) -> None:
+    """ActNorm, Flow++'s Norm and its data-initialised convolutions, each rank on its part of the init batch with the
+    moments summed over the ranks, set the parameters one process sets from the whole batch."""
+    import copy
+
+    import torch
+
+    from models.architectures import build, parse_config
+    from models.data import load_dataset
+    from models.flows import data_init
+    from models.flows.base import reducible_init
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    fresh = build(parse_config(model_cfg), data.spec)
+    assert reducible_init(fresh)
+    x = torch.from_numpy(data.split("train")[:48]).float()
+    noise = fresh.noise(len(x))
+    one = copy.deepcopy(fresh)
+    with data_init(one), torch.no_grad():
+        one.log_prob(x, noise)
+    ranks, models = _ThreadRanks(3), [copy.deepcopy(fresh) for _ in range(3)]
+
+    def run(rank: int) -> None:
+        part = slice(rank * 16, (rank + 1) * 16)
+        with data_init(models[rank], ranks.reducer(rank)), torch.no_grad():
+            models[rank].log_prob(x[part], noise[part])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    want = one.state_dict()
+    for m in models:
+        got = m.state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert sum(1 for k in want if k.endswith("initialized")) >= 4  # the data-initialised layers were there to compare
+
+
+def test_a_tabular_flow_initialises_on_the_whole_batch_on_every_rank() -> None:
+    """The Yeo-Johnson fit and the cross-validated whitening are not sums of moments: such a model is not reducible,
+    and asking for a summed initialisation is an error rather than a different model."""
+    import torch
+
+    from models.architectures import build, parse_config
+    from models.flows import data_init
+    from models.flows.base import reducible_init
+    from models.spec import DataSpec
+
+    model = build(parse_config({"name": "tabular", "steps": 1, "hidden": 8}), DataSpec(kind="record", shape=(3,), feature_names=["a", "b", "c"]))
+    assert not reducible_init(model)
+    with pytest.raises(ValueError, match="whole batch"), data_init(model, lambda t: t):
+        pass
+    with data_init(model), torch.no_grad():
+        model.log_prob(torch.randn(64, 3))
+    assert all(bool(m.initialized) for m in model.modules() if isinstance(getattr(m, "initialized", None), torch.Tensor))

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..moments import Reduce
+
 
 class Bijector(nn.Module):
     """An invertible map ``x ↦ z`` with a tractable log-determinant."""
@@ -23,8 +25,21 @@ class Bijector(nn.Module):
         raise NotImplementedError
 
 
+def _waiting(module: nn.Module) -> list[nn.Module]:
+    """The data-initialised layers of ``module`` not initialised yet."""
+    return [m for m in module.modules()
+            if hasattr(m, "initialize") and isinstance(getattr(m, "initialized", None), Tensor) and not bool(m.initialized)]
+
+
+def reducible_init(module: nn.Module) -> bool:
+    """Whether every data-initialised layer of ``module`` still waiting sets itself from moments (means and variances)
+    that add up over ranks (``REDUCIBLE_INIT``): then each rank of a data-parallel job can initialise on its part
+    of the batch, with the moments all-reduced (:func:`data_init` with ``reduce``)."""
+    return all(getattr(m, "REDUCIBLE_INIT", False) for m in _waiting(module))
+
+
 @contextmanager
-def data_init(module: nn.Module) -> Iterator[None]:
+def data_init(module: nn.Module, reduce: Reduce | None = None) -> Iterator[None]:
     """Inside the block, every data-initialised layer of ``module`` not initialised yet sets its
     parameters from the first input it sees (before computing on it), once.
 
@@ -32,16 +47,25 @@ def data_init(module: nn.Module) -> Iterator[None]:
     Norm and its convolutions, the Gaussian whitening). Training runs one forward pass on
     ``train.init_batch`` examples inside this block before its first step; ``forward`` itself never
     looks at ``initialized``, so a training step reads nothing back from the device.
+
+    ``reduce`` (a data-parallel job, every layer :func:`reducible_init`): each rank passes its part of
+    the batch, and the layers' moments are summed over the ranks, so every rank sets the parameters
+    one process would set from the whole batch (:func:`moments`).
     """
     handles: dict[nn.Module, torch.utils.hooks.RemovableHandle] = {}
+    waiting = _waiting(module)
+    if reduce is not None and not reducible_init(module):
+        raise ValueError("a layer's data-dependent initialisation cannot be summed over ranks; initialise on the whole batch")
 
     def hook(layer: nn.Module, args: tuple) -> None:
-        layer.initialize(args[0])
+        if reduce is None:
+            layer.initialize(args[0])
+        else:
+            layer.initialize(args[0], reduce)
         handles.pop(layer).remove()
 
-    for m in module.modules():
-        if hasattr(m, "initialize") and isinstance(getattr(m, "initialized", None), Tensor) and not bool(m.initialized):
-            handles[m] = m.register_forward_pre_hook(hook)
+    for m in waiting:
+        handles[m] = m.register_forward_pre_hook(hook)
     try:
         yield
     finally:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..moments import Reduce, moments
 from .base import Bijector
 
 
@@ -32,11 +33,16 @@ class ActNorm(Bijector):
         self.register_buffer("initialized", torch.tensor(False))
         self.eps = eps
 
+    REDUCIBLE_INIT = True  # from moments: a data-parallel job sums them over its ranks
+
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dim=dims)
-        std = x.std(dim=dims, unbiased=False)
+    def initialize(self, x: Tensor, reduce: Reduce | None = None) -> None:
+        dims = tuple(d for d in range(x.dim()) if d != 1)
+        if reduce is None:
+            mean, std = x.mean(dim=dims), x.std(dim=dims, unbiased=False)
+        else:
+            mean, var = moments(x, dims, reduce)
+            std = var.sqrt()
         self.loc.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
@@ -66,11 +72,14 @@ class PositionNorm(Bijector):
         self.b = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
 
+    REDUCIBLE_INIT = True
+
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        scale = torch.rsqrt(x.var(0, unbiased=False) + 1e-8)
+    def initialize(self, x: Tensor, reduce: Reduce | None = None) -> None:
+        mean, var = moments(x, (0,), reduce)
+        scale = torch.rsqrt(var + 1e-8)
         self.g.copy_(scale)
-        self.b.copy_(-x.mean(0) * scale)
+        self.b.copy_(-mean * scale)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..moments import Reduce, moments
+
 
 def concat_elu(x: Tensor) -> Tensor:
     """``elu([x, −x])`` over channels: ``(B, C, ...) -> (B, 2C, ...)``."""
@@ -84,10 +86,12 @@ class DataInitConv2d(nn.Conv2d):
         self.init_scale = init_scale
         self.register_buffer("initialized", torch.tensor(False))
 
+    REDUCIBLE_INIT = True
+
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor, reduce: Reduce | None = None) -> None:
         y = F.conv2d(x, self.weight, None, padding=self.padding)
-        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        mean, var = moments(y, (0, 2, 3), reduce)
         scale = self.init_scale * torch.rsqrt(var + 1e-8)
         self.weight.mul_(scale.view(-1, 1, 1, 1))
         self.bias.copy_(-mean * scale)

@@ -28,6 +28,7 @@ from .ema import EMA
 from ..errors import ConfigError, FlowserveError
 from .evaluate import evaluate
 from ..flows import data_init
+from ..flows.base import reducible_init
 from ..precision import Precision, enable_tf32, set_precision
 
 log = logging.getLogger(__name__)
@@ -325,8 +326,14 @@ def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -
     rng = np.random.default_rng(cfg.seed)
     init_idx = rng.choice(len(train_x), size=min(oc.init_batch, len(train_x)), replace=False)
     model.train()
-    with data_init(model), torch.no_grad():  # an explicit pass; no layer checks for it in its forward
-        model.log_prob(torch.from_numpy(train_x[init_idx]).to(device))
+    init_x = torch.from_numpy(train_x[init_idx]).to(device)
+    noise = model.noise(len(init_x))  # drawn as log_prob draws it, for the whole batch on every rank (same seed)
+    # A data-parallel job initialises on each rank's part of the batch, the layers' moments summed over the ranks; a
+    # model with a layer whose init is not a sum of moments (the tabular flow's Yeo-Johnson fit and cross-validated
+    # whitening) initialises on the whole batch on every rank. Either way every rank sets what one process sets.
+    part = world.share(len(init_x)) if world.distributed and reducible_init(model) else slice(None)
+    with data_init(model, world.all_sum if part != slice(None) else None), torch.no_grad():  # no layer checks for it
+        model.log_prob(init_x[part], None if noise is None else noise[part])
     set_precision(model, cfg.precision)
 
     # Fused Adam skips a step on the device when told the gradients are not finite (``found_inf``):
@@ -346,7 +353,7 @@ def _prepare(cfg: TrainConfig, out: Path, max_steps: int | None, resume: bool) -
     if not oc.micro_batch:
         run.micro, tight = plan_micro_batch(run.loss_fn, model, batches(np.arange(min(PROBE_ROWS, len(train_x)))), oc, device)
         run.micro = world.min(run.micro, device)  # every rank takes the smallest plan: the ranks step in the same micro-batches
-    if world.distributed:  # wrapped after the data-dependent initialisation, which every rank ran on the global init batch
+    if world.distributed:  # wrapped after the data-dependent initialisation
         from torch.nn.parallel import DistributedDataParallel
 
         run.ddp = DistributedDataParallel(_Objective(model), device_ids=[device.index] if device.type == "cuda" else None)
