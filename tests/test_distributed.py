@@ -234,3 +234,26 @@ def test_a_tabular_flow_initialises_on_the_whole_batch_on_every_rank() -> None:
     with data_init(model), torch.no_grad():
         model.log_prob(torch.randn(64, 3))
     assert all(bool(m.initialized) for m in model.modules() if isinstance(getattr(m, "initialized", None), torch.Tensor))
+
+
+def test_two_ranks_calibrate_records_as_one_process(tmp_path: Path) -> None:
+    """A record model's anomaly calibration is scored on every rank's share of the calibration records and gathered:
+    the calibration stored equals one process's (the vector flow, whose init sums moments over ranks)."""
+    from models.artifacts.manifest import read_manifest
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((240, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]]) + [60, 120, 37]
+    csv = tmp_path / "records.csv"
+    csv.write_text("hr,sbp,temp\n" + "\n".join(",".join(f"{v:.3f}" for v in r) for r in rows) + "\n")
+    cfg = {**TINY, "data": f"csv:{csv}", "model": {"name": "vector", "steps": 2, "hidden": 8},
+           "train": {**TINY["train"], "steps": 10, "eval_every": 5}}
+    path = tmp_path / "records.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train(1, path, tmp_path / "one")
+    r = train(2, path, tmp_path / "two")
+    assert any("[rank 1]" in line and "each rank scoring its share" in line for line in r.stderr.splitlines())
+    one, two = (read_manifest(tmp_path / run / "artifact").calibration for run in ("one", "two"))
+    assert one.n == two.n >= 50 and one.proposal is not None and two.proposal is not None
+    np.testing.assert_allclose(two.scores, one.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(two.conditional_scores or [], one.conditional_scores or [], rtol=1e-5, atol=1e-5)
+    assert final(tmp_path / "two")["world_size"] == 2

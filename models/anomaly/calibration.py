@@ -25,7 +25,7 @@ from ..data import load_dataset
 from ..errors import DataError
 from .attribution import group_reference, reference_values
 from .marginal import GaussianFit, Proposal, find_spikes
-from .missing import calibrate_patterns, frequent_patterns
+from .missing import Score, calibrate_patterns, frequent_patterns
 from .scoring import FEW_CALIBRATION, MAX_PATTERN_RECORDS, STATISTICS, atom_design, find_atoms, model_scorer, sorted_sample
 
 if TYPE_CHECKING:
@@ -41,16 +41,17 @@ def group_references(spec, normal: np.ndarray) -> dict[str, list[list[float]]]: 
 
 
 def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarray, known: np.ndarray | None = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, score: Score | None = None) -> dict:
     """What scoring records with absent features needs: the proposal and a sample of calibration records.
 
     ``normal (N, D)`` held-out normal records, ``train (M, D)`` training records (the proposal's
     fit), ``known (N, D)`` which cells of ``normal`` were measured (or carried forward from a
-    measurement), all true when omitted.
+    measurement), all true when omitted. ``score``: log p of rows through ``model`` (default
+    :func:`~models.anomaly.scoring.model_scorer`; a data-parallel job passes one sharded over its ranks).
     """
     discrete = model.spec.discrete_features
     model.eval()
-    spikes = find_spikes(model_scorer(model), train, discrete, find_atoms(train))
+    spikes = find_spikes(score or model_scorer(model), train, discrete, find_atoms(train))
     proposal = Proposal(GaussianFit.fit(train, discrete), tuple(spikes))
     known = np.ones(normal.shape, dtype=bool) if known is None else np.asarray(known, dtype=bool)
     idx = np.arange(len(normal))
@@ -62,7 +63,7 @@ def record_calibration(model: DensityModel, normal: np.ndarray, train: np.ndarra
 
 def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, statistic: str = "nll",
               train: np.ndarray | None = None, known: np.ndarray | None = None, measured: np.ndarray | None = None,
-              units: int | None = None) -> Calibration:
+              units: int | None = None, score: Score | None = None) -> Calibration:
     """Score held-out normal records (or windows); returns the calibration stored in the manifest.
 
     ``statistic`` (one of :data:`STATISTICS`) is the one requests get unless they name another.
@@ -72,13 +73,16 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
     frequent missingness patterns (``patterns``: :func:`models.anomaly.missing.calibrate_patterns`).
     ``units``: the patients (or episodes) the records come from, when several records share one
     (stored as ``units``; the drift detector's guarantee counts them, :mod:`models.anomaly.drift`).
+    ``score``: log p of rows through ``model``, for every scoring here (default
+    :func:`~models.anomaly.scoring.model_scorer`; a data-parallel job passes one sharded over its ranks,
+    :meth:`models.training.distributed.World.sharded`).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; use one of {STATISTICS}")
     if statistic == "conditional" and model.spec.kind != "record":
         raise ValueError("the conditional statistic is for record models (point masses of features)")
     model.eval()
-    nll = -model_scorer(model, batch_size)(np.asarray(normal, dtype=np.float32), None)
+    nll = -(score or model_scorer(model, batch_size))(np.asarray(normal, dtype=np.float32), None)
     if not np.isfinite(nll).all():
         raise ValueError("calibration scores contain non-finite values")
     s = sorted_sample(nll)
@@ -97,12 +101,12 @@ def calibrate(model: DensityModel, normal: np.ndarray, batch_size: int = 1024, s
         cal["atom_effects"] = beta.tolist()
         cal["conditional_scores"] = sorted_sample(nll - design @ beta).tolist()
         if train is not None:
-            cal.update(record_calibration(model, normal, train, known))
+            cal.update(record_calibration(model, normal, train, known, score=score))
     cal["p_value_resolution"] = 1.0 / (len(s) + 1)
     out = Calibration.model_validate(cal)
     if model.spec.kind == "record" and train is not None and measured is not None:
         out.patterns = calibrate_patterns(out, model.spec.discrete_features, frequent_patterns(measured),
-                                          model_scorer(model, batch_size=8192))
+                                          score or model_scorer(model, batch_size=8192))
     return out
 
 

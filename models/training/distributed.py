@@ -27,10 +27,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+Score = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # log p (nats) of rows, given their noise
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,27 @@ class World:
         t = torch.tensor([float(value)], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
+
+    def gather_rows(self, part: np.ndarray) -> np.ndarray:
+        """Every rank's ``part`` (rows first), concatenated in rank order, on every rank (``part`` in one process)."""
+        if not self.distributed:
+            return part
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, part)
+        return np.concatenate(parts)
+
+    def sharded(self, score: Score) -> Score:
+        """``score(rows, noise)`` with each rank scoring its share of the rows and every rank getting all the results,
+        in order. Every rank must call it with the same rows (the anomaly calibration does: its work is the same on
+        every rank but for the scoring)."""
+        if not self.distributed:
+            return score
+
+        def run(rows: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+            part = self.share(len(rows))
+            return self.gather_rows(score(rows[part], None if noise is None else noise[part]))
+
+        return run
 
     def barrier(self) -> None:
         if self.distributed:

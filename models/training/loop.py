@@ -516,19 +516,23 @@ def _finish(run: _Run) -> dict[str, Any]:
     if run.initial_model is not None:  # which of the two the artifact holds, and the initial model's validation bits/dim
         metrics["selected"] = run.initial_model if run.best["step"] == 0 else "flow"
         metrics["initial_val_bits_per_dim"] = run.best.get("initial_val_bits_per_dim")
-    if not run.world.main:  # rank 0 alone calibrates and writes; the others wait until the artifact is there
-        run.world.barrier()
-        return metrics
     calibration = None
-    if data.spec.kind in ("record", "waveform"):
+    if data.spec.kind in ("record", "waveform"):  # every rank scores its share of the calibration's rows
         from ..anomaly.calibration import calibrate
+        from ..anomaly.scoring import model_scorer
 
         metrics["calibration_records"] = len(data.split("val"))
+        if run.world.distributed:
+            log.info("anomaly calibration: %d records, each rank scoring its share", len(data.split("val")))
         calibration = calibrate(final, data.split("val"), statistic=cfg.anomaly_statistic,
                                 train=data.split("train") if data.spec.kind == "record" else None,
                                 known=data.known["val"] if data.known else None,
                                 measured=data.measured["train"] if data.measured else None,
-                                units=data.units["val"] if data.units else None)
+                                units=data.units["val"] if data.units else None,
+                                score=run.world.sharded(model_scorer(final, oc.eval_batch)) if run.world.distributed else None)
+    if not run.world.main:  # rank 0 alone writes; the others wait until the artifact is there
+        run.world.barrier()
+        return metrics
     artifact.save(final, cfg.model.model_dump(), run.out / "artifact", metrics=metrics, calibration=calibration)
     if data.spec.kind == "image":
         sample_grid(final, run.out / "samples.png")
