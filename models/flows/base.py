@@ -54,7 +54,7 @@ def data_init(module: nn.Module, reduce: Reduce | None = None) -> Iterator[None]
     """
     handles: dict[nn.Module, torch.utils.hooks.RemovableHandle] = {}
     waiting = _waiting(module)
-    if reduce is not None and not reducible_init(module):
+    if reduce is not None and not all(getattr(m, "REDUCIBLE_INIT", False) for m in waiting):
         raise ValueError("a layer's data-dependent initialisation cannot be summed over ranks; initialise on the whole batch")
 
     def hook(layer: nn.Module, args: tuple) -> None:

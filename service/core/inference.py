@@ -325,11 +325,11 @@ class InferenceCore:
         ``top`` features, feature groups or time segments: nats of the statistic that disappear
         when that part is made typical) for the rows ``explain`` picks.
 
-        Records: ``observed (N, D)`` marks the features the client sent; absent ones (any value, NaN
-        included) are filled here with the calibration medians. ``missing="marginal"`` scores them by the marginal likelihood of the
-        observed features against calibration records masked to the same pattern
-        (:mod:`models.anomaly.missing`); ``"median"`` scores the median-filled record against the complete
-        records' calibration. Only observed features are attributed. All rows of a request, of
+        Records: ``observed (N, D)`` marks the features the client sent; absent ones (whatever ``x``
+        holds there) are filled here with the calibration medians (:func:`impute`). ``missing="marginal"``
+        scores them by the marginal likelihood of the observed features against calibration records
+        masked to the same pattern (:mod:`models.anomaly.missing`); ``"median"`` scores the median-filled
+        record against the complete records' calibration. Only observed features are attributed. All rows of a request, of
         every pattern, go to the batcher as one stream of rows.
 
         Drift (``FLOWSERVE_DRIFT``): the rows' p-values, in request order, then feed the detector of
@@ -373,15 +373,15 @@ class InferenceCore:
         results: list[Assessment] = [None] * len(x)  # type: ignore[list-item]
         cal_n = np.zeros((2, len(x)), dtype=np.int64)  # calibration scores behind each row's p-value, and their units
         explained: list[tuple[Pattern, AnomalyScorer, np.ndarray, np.ndarray]] = []  # pattern, scorer, request rows, base NLL
+        names = spec.feature_names or []
         for (pattern, idx), nll in zip(groups.items(), nll_by):
             check_support(spec, x[idx], -nll, field, idx)
             sc = scorers.get(pattern, scorer)
             cal_n[:, idx] = [[sc.n], [sc.units]]
             part = sc.assess(nll, len(pattern) if marginal(pattern) else spec.dims, target_fpr, statistic, x[idx])
+            absent = [n for j, n in enumerate(names) if j not in set(pattern)] if spec.kind == "record" else None
             for i, r in zip(idx, part):
-                if spec.kind == "record":
-                    r.absent = [] if observed is None else [n for n, seen in zip(spec.feature_names or [], observed[i]) if not seen]
-                    r.imputed = r.absent if missing == "median" else None
+                r.absent, r.imputed = absent, (absent if missing == "median" else None)
                 results[i] = r
             pick = [k for k, r in enumerate(part) if explain == "all" or (explain == "anomalies" and r.is_anomaly)]
             if pick:
@@ -392,8 +392,9 @@ class InferenceCore:
         if self.settings.drift:
             p = np.array([r.p_value for r in results], dtype=np.float64)
             drift = (await self.drift(entry, "update", stream or DEFAULT_STREAM, p, *cal_n))[0]
-        used = CalibrationUsed(method=manifest.calibration.method, n=manifest.calibration.n, missing=missing if spec.kind == "record" else None,
-                               samples=pcal.samples if pcal is not None and spec.kind == "record" and missing == "marginal" else None)
+        record = spec.kind == "record"
+        used = CalibrationUsed(method=manifest.calibration.method, n=manifest.calibration.n, missing=missing if record else None,
+                               samples=pcal.samples if pcal is not None and missing == "marginal" else None)
         return AnomalyReport(entry, statistic, results, used, drift)
 
     # --- drift ---------------------------------------------------------------------------------
